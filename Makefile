@@ -1,0 +1,100 @@
+# Makefile: builds the Sparse Transformer for an NVIDIA GPU or, from the same sources, for the CPU.
+#
+#   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise
+#   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h)
+#   make gpu        force the GPU build (sm_80 and sm_90; compiles without a GPU, warnings are errors)
+#   make test       build, then run ./test_kernels
+#   make bench      build, then time the attention (tools/bench.c)
+#   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
+#   make clean
+#
+# Binaries (train, test_kernels) land in this folder; objects in build/<target>/.
+
+CC ?= gcc
+CXX ?= g++
+NVCC ?= nvcc
+CFLAGS = -O2 -std=c11 -Wall -Wextra -Werror
+CPU_FLAGS = -O3 -std=c++17 -fopenmp -Wall -Wextra -Werror -x c++
+GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
+            -Xcompiler -Wall,-Wextra
+LIBS = -lm
+
+HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
+HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+ifeq ($(TARGET),)
+  ifeq ($(HAVE_NVCC),)
+    TARGET := cpu
+    WHY := nvcc was not found
+  else ifeq ($(HAVE_GPU),0)
+    TARGET := cpu
+    WHY := nvcc was found but nvidia-smi -L lists no GPU
+  else
+    TARGET := gpu
+    WHY := nvcc was found and nvidia-smi -L lists a GPU
+  endif
+else
+  WHY := asked for with TARGET=$(TARGET)
+endif
+
+BUILD = build/$(TARGET)
+BINARIES = train test_kernels
+# The binaries are relinked whenever the target changes (build/target holds the last one).
+$(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
+
+.PHONY: all cpu gpu test bench asan clean announce
+all: announce $(BINARIES)
+
+announce:
+	@echo "building for the $(TARGET) ($(WHY))"
+
+cpu:
+	@$(MAKE) --no-print-directory TARGET=cpu all
+gpu:
+	@$(MAKE) --no-print-directory TARGET=gpu all
+
+$(BUILD)/%.o: %.c sparse_transformer.h
+	@mkdir -p $(BUILD)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/bench.o: tools/bench.c sparse_transformer.h
+	@mkdir -p $(BUILD)
+	$(CC) $(CFLAGS) -I. -c $< -o $@
+
+ifeq ($(TARGET),gpu)
+$(BUILD)/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h
+	@mkdir -p $(BUILD)
+	$(NVCC) $(GPU_FLAGS) -c $< -o $@
+LINK = $(NVCC) $(GPU_ARCHS)
+else
+$(BUILD)/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
+	@mkdir -p $(BUILD)
+	$(CXX) $(CPU_FLAGS) $(SANITIZE) -c $< -o $@
+LINK = $(CXX) -fopenmp $(SANITIZE)
+endif
+
+train: $(BUILD)/train.o $(BUILD)/sparse_transformer.o build/target
+	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+
+test_kernels: $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o build/target
+	$(LINK) $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+
+$(BUILD)/bench: $(BUILD)/bench.o $(BUILD)/sparse_transformer.o build/target
+	$(LINK) $(BUILD)/bench.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+
+test: all
+	./test_kernels
+
+bench: announce $(BUILD)/bench
+	$(BUILD)/bench
+
+# Sanitizer build of the tests, kept apart from the normal binaries.
+asan:
+	@$(MAKE) --no-print-directory TARGET=cpu BUILD=build/asan CFLAGS="$(CFLAGS) -g -fsanitize=address,undefined" \
+	  SANITIZE="-g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer" build/asan/test_kernels
+
+build/asan/test_kernels: build/asan/test_kernels.o build/asan/sparse_transformer.o
+	$(LINK) $^ -o $@ $(LIBS)
+
+clean:
+	rm -rf build $(BINARIES)

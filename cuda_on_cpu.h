@@ -1,0 +1,273 @@
+// cuda_on_cpu.h: runs the CUDA subset that sparse_transformer.cu uses on a CPU.
+//
+// The same sparse_transformer.cu is compiled by nvcc for the GPU and, through this header, by g++
+// as plain C++ for the CPU, so the real kernels (not a hand-kept CPU copy) run in CI and on laptops.
+//
+// How it works:
+//   - A launch runs the grid's blocks in parallel over OpenMP threads, one block per OS thread at a time.
+//   - The threads of a block run as fibers (ucontext): each runs until it reaches __syncthreads(),
+//     then the next one runs; when every live thread waits at the same barrier they are all released.
+//     A block whose threads wait at different barriers is a bug on the GPU: it aborts with file:line.
+//   - Kernels without barriers are run as plain function calls, thread after thread (much cheaper).
+//     The choice is made per block: thread 0 runs as a fiber; if it finishes without meeting a barrier,
+//     the others run as plain calls, and a barrier met by one of them aborts with a clear message.
+//   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
+//     the block's fibers. Dynamic shared memory must be declared once at file scope as
+//     `extern __shared__ float smem[];` (this header defines that one name; g++ mishandles a
+//     block-scope extern thread_local inside a template).
+//   - CUDA_EMU_REVERSE=1 in the environment runs threads (and blocks) in reverse order: a kernel that
+//     forgot a barrier between writing and reading shared memory gives different results then.
+//   - cudaMalloc is an aligned malloc; copies are memcpy. Memory is host memory.
+#pragma once
+#ifdef __CUDACC__
+#error "cuda_on_cpu.h is for the CPU build only: nvcc uses the real CUDA runtime"
+#endif
+
+#include <cmath>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <utility>
+#include <vector>
+#include <omp.h>
+#include <ucontext.h>
+
+// ----------------------------------------------------------------------------
+// Keywords, built-in types and variables
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ thread_local
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 { unsigned x, y, z; };
+struct int4 { int x, y, z, w; };
+
+static thread_local uint3 threadIdx, blockIdx;
+static thread_local dim3 blockDim, gridDim;
+
+// Dynamic shared memory of the running block (the largest an H100/H200 block may opt in to).
+#define CUDA_EMU_MAX_SHARED_BYTES (227 * 1024)
+alignas(16) thread_local float smem[CUDA_EMU_MAX_SHARED_BYTES / sizeof(float)];
+
+// ----------------------------------------------------------------------------
+// Runtime API: errors, memory, synchronisation
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidValue = 1 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+struct cudaDeviceProp { char name[256]; size_t totalGlobalMem; int multiProcessorCount; };
+
+inline const char *cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    default: return "invalid value";
+    }
+}
+inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; }
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
+    snprintf(p->name, sizeof p->name, "CPU (CUDA emulated by cuda_on_cpu.h, %d OpenMP threads)",
+             omp_get_max_threads());
+    p->totalGlobalMem = 0;
+    p->multiProcessorCount = omp_get_max_threads();
+    return cudaSuccess;
+}
+inline cudaError_t cudaMalloc(void **ptr, size_t bytes) {
+    *ptr = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    return *ptr || bytes == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+template <typename T> inline cudaError_t cudaMalloc(T **ptr, size_t bytes) {
+    return cudaMalloc(reinterpret_cast<void **>(ptr), bytes);
+}
+inline cudaError_t cudaFree(void *ptr) { free(ptr); return cudaSuccess; }
+inline cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, cudaMemcpyKind) {
+    memcpy(dst, src, bytes);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void *dst, int value, size_t bytes) {
+    memset(dst, value, bytes);
+    return cudaSuccess;
+}
+template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int bytes) {
+    return bytes <= CUDA_EMU_MAX_SHARED_BYTES ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// ----------------------------------------------------------------------------
+// The block scheduler: threads as fibers, barriers as cooperative switches
+
+#define __syncthreads() cuda_emu::syncthreads(__FILE__, __LINE__)
+
+namespace cuda_emu {
+
+const size_t FIBER_STACK_BYTES = 256 * 1024;
+
+struct Fiber {
+    ucontext_t context;
+    std::vector<char> stack;
+    uint3 thread;
+    bool finished;
+    const char *barrier_file; // where it waits, or NULL while it runs
+    int barrier_line;
+};
+
+// Scheduler state of the block running on this OS thread.
+struct BlockState {
+    ucontext_t scheduler;
+    std::vector<Fiber> fibers;
+    Fiber *current;        // the fiber running now, NULL in plain mode
+    const char *kernel;    // for error messages
+    void (*body)(void *);  // runs the kernel for the current threadIdx
+    void *body_arg;
+};
+static thread_local BlockState block_state;
+
+inline bool reverse_order(void) {
+    static const bool reverse = getenv("CUDA_EMU_REVERSE") && atoi(getenv("CUDA_EMU_REVERSE")) != 0;
+    return reverse;
+}
+
+[[noreturn]] inline void fail(const char *what) {
+    fprintf(stderr, "cuda_on_cpu: kernel %s, block (%u,%u,%u): %s\n", block_state.kernel, blockIdx.x,
+            blockIdx.y, blockIdx.z, what);
+    exit(1);
+}
+
+inline void syncthreads(const char *file, int line) {
+    BlockState &bs = block_state;
+    if (!bs.current) {
+        char msg[512];
+        snprintf(msg, sizeof msg,
+                 "thread (%u,%u,%u) reached __syncthreads() at %s:%d, but thread 0 finished without "
+                 "reaching any barrier: a barrier must be reached by every live thread of the block",
+                 threadIdx.x, threadIdx.y, threadIdx.z, file, line);
+        fail(msg);
+    }
+    bs.current->barrier_file = file;
+    bs.current->barrier_line = line;
+    swapcontext(&bs.current->context, &bs.scheduler);
+}
+
+inline void fiber_entry(void) {
+    BlockState &bs = block_state;
+    bs.body(bs.body_arg);
+    bs.current->finished = true;
+    swapcontext(&bs.current->context, &bs.scheduler);
+}
+
+inline uint3 thread_of(unsigned t, dim3 block) {
+    return uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+}
+
+// Resumes `f` until it waits at a barrier or finishes.
+inline void resume(Fiber &f) {
+    BlockState &bs = block_state;
+    bs.current = &f;
+    threadIdx = f.thread;
+    f.barrier_file = NULL;
+    swapcontext(&bs.scheduler, &f.context);
+}
+
+inline void start_fiber(Fiber &f, uint3 thread) {
+    f.thread = thread;
+    f.finished = false;
+    f.stack.resize(FIBER_STACK_BYTES);
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.data();
+    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_link = NULL;
+    makecontext(&f.context, fiber_entry, 0);
+    resume(f);
+}
+
+// Runs every thread of the current block (blockIdx, blockDim already set).
+inline void run_block(void) {
+    BlockState &bs = block_state;
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+    const bool reverse = reverse_order();
+    auto nth = [&](unsigned k) { return reverse ? n - 1 - k : k; };
+    if (bs.fibers.size() < n) bs.fibers.resize(n);
+
+    // Thread 0 (in run order) as a fiber: it tells whether this kernel uses barriers.
+    start_fiber(bs.fibers[0], thread_of(nth(0), blockDim));
+    if (bs.fibers[0].finished) {
+        bs.current = NULL;
+        for (unsigned k = 1; k < n; k++) {
+            threadIdx = thread_of(nth(k), blockDim);
+            bs.body(bs.body_arg);
+        }
+        return;
+    }
+    for (unsigned k = 1; k < n; k++) start_fiber(bs.fibers[k], thread_of(nth(k), blockDim));
+    for (;;) {
+        // Every live thread now waits at a barrier, or all have finished.
+        const Fiber *waiting = NULL;
+        for (unsigned k = 0; k < n; k++) {
+            const Fiber &f = bs.fibers[k];
+            if (f.finished) continue;
+            if (waiting && (f.barrier_line != waiting->barrier_line ||
+                            strcmp(f.barrier_file, waiting->barrier_file) != 0)) {
+                char msg[512];
+                snprintf(msg, sizeof msg,
+                         "threads wait at different barriers: thread %u at %s:%d, thread %u at %s:%d",
+                         waiting->thread.x, waiting->barrier_file, waiting->barrier_line, f.thread.x,
+                         f.barrier_file, f.barrier_line);
+                fail(msg);
+            }
+            waiting = &f;
+        }
+        if (!waiting) return;
+        for (unsigned k = 0; k < n; k++)
+            if (!bs.fibers[k].finished) resume(bs.fibers[k]);
+    }
+}
+
+template <typename... Params, typename... Args>
+void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+            Args... args) {
+    if (shared_bytes > CUDA_EMU_MAX_SHARED_BYTES) {
+        fprintf(stderr, "cuda_on_cpu: kernel %s asks for %zu bytes of shared memory, more than %d\n",
+                name, shared_bytes, CUDA_EMU_MAX_SHARED_BYTES);
+        exit(1);
+    }
+    std::tuple<Params...> params(args...);
+    struct Call {
+        void (*kernel)(Params...);
+        std::tuple<Params...> *params;
+    } call = {kernel, &params};
+    auto body = [](void *p) {
+        Call *c = static_cast<Call *>(p);
+        std::apply(c->kernel, *c->params);
+    };
+    const long blocks = (long)grid.x * grid.y * grid.z;
+    const bool reverse = reverse_order();
+#pragma omp parallel for schedule(dynamic, 1)
+    for (long b = 0; b < blocks; b++) {
+        const long id = reverse ? blocks - 1 - b : b;
+        BlockState &bs = block_state;
+        bs.kernel = name;
+        bs.body = body;
+        bs.body_arg = &call;
+        gridDim = grid;
+        blockDim = block;
+        blockIdx = uint3{unsigned(id % grid.x), unsigned(id / grid.x % grid.y),
+                         unsigned(id / ((long)grid.x * grid.y))};
+        run_block();
+    }
+}
+
+} // namespace cuda_emu
+
+// kernel<<<grid, block, shared_bytes>>>(args...) spelled as a macro both builds understand.
+#define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \
+    cuda_emu::launch(#kernel, kernel, grid, block, shared_bytes, __VA_ARGS__)

@@ -1,0 +1,476 @@
+/*
+test_kernels.c: checks the sparse attention kernels of sparse_transformer.cu against a naive dense
+attention in double precision.
+
+Read it in this order:
+  1. the reference: an explicit n x n mask built by enumerating each step's keys (its own reading of
+     the pattern formulas), and a plain dense attention over it in double, forward and backward;
+  2. the checks of the reference itself: finite differences of its gradients, the masks against the
+     library's formulas, the number of allowed pairs against counting arguments;
+  3. the kernels against the reference, on every pattern and combination, odd sizes, several heads.
+
+Run: ./test_kernels [-v]. The last line is "N passed, M failed"; the exit code is 1 if any failed.
+CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
+*/
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sparse_transformer.h"
+
+static int passed = 0, failed = 0, verbose = 0;
+
+static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void check(int ok, const char *fmt, ...) {
+    if (ok) passed++; else failed++;
+    if (ok && !verbose) return;
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s ", ok ? "ok  " : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+// ----------------------------------------------------------------------------
+// Random numbers: splitmix64, uniform in [-1, 1)
+
+static uint64_t rng_state = 0x5eed;
+static double uniform(void) {
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) / 4503599627370496.0 - 1.0;
+}
+
+// ----------------------------------------------------------------------------
+// 1. Reference: explicit mask and dense attention in double
+
+// Marks in mask (n x n, row = query i) the keys of one step, by enumerating them.
+//   strided step 0: the l positions up to i;  step 1: i, i - l, i - 2l, ...
+//   fixed step 0: i's block up to i;  step 1: in every block, cells l-(g+1)c .. l-gc-1, up to i
+static void mark_step(unsigned char *mask, int n, StPatternKind kind, int step, int l, int c, int g) {
+    for (int i = 0; i < n; i++) {
+        unsigned char *row = mask + (size_t)i * n;
+        if (kind == ST_DENSE) {
+            for (int j = 0; j <= i; j++) row[j] = 1;
+        } else if (kind == ST_STRIDED && step == 0) {
+            for (int j = i; j >= 0 && j > i - l; j--) row[j] = 1;
+        } else if (kind == ST_STRIDED) {
+            for (int j = i; j >= 0; j -= l) row[j] = 1;
+        } else if (step == 0) {
+            for (int j = i - i % l; j <= i; j++) row[j] = 1;
+        } else {
+            for (int start = 0; start <= i; start += l)
+                for (int j = start + l - (g + 1) * c; j < start + l - g * c && j <= i; j++) row[j] = 1;
+        }
+    }
+}
+
+// The mask of head h in layer r: which steps the combination gives it.
+static void build_mask(unsigned char *mask, int n, const StPattern *p, int layer, int head) {
+    memset(mask, 0, (size_t)n * n);
+    const int g = p->kind == ST_FIXED ? head % p->groups : 0;
+    if (p->kind == ST_DENSE) { mark_step(mask, n, ST_DENSE, 0, 0, 0, 0); return; }
+    if (p->combine == ST_MERGED) {
+        mark_step(mask, n, p->kind, 0, p->stride, p->summary, g);
+        mark_step(mask, n, p->kind, 1, p->stride, p->summary, g);
+    } else {
+        const int step = p->combine == ST_INTERLEAVED ? layer % 2 : head % 2;
+        mark_step(mask, n, p->kind, step, p->stride, p->summary, g);
+    }
+}
+
+// Dense masked attention of one (batch, head) in double. x: (T, D) rows. A row with no allowed key
+// has output 0 and lse -inf.
+static void ref_forward(double *out, double *lse, const double *q, const double *k, const double *v,
+                        const unsigned char *mask, int n, int D) {
+    const double scale = 1.0 / sqrt((double)D);
+    double *s = malloc(n * sizeof(double));
+    for (int i = 0; i < n; i++) {
+        double top = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            s[j] = -INFINITY;
+            if (!mask[(size_t)i * n + j]) continue;
+            double dot = 0;
+            for (int x = 0; x < D; x++) dot += q[i * D + x] * k[j * D + x];
+            s[j] = dot * scale;
+            if (s[j] > top) top = s[j];
+        }
+        double sum = 0;
+        for (int j = 0; j < n; j++) sum += mask[(size_t)i * n + j] ? exp(s[j] - top) : 0.0;
+        lse[i] = sum > 0 ? top + log(sum) : -INFINITY;
+        for (int x = 0; x < D; x++) out[i * D + x] = 0;
+        for (int j = 0; j < n; j++) {
+            if (!mask[(size_t)i * n + j]) continue;
+            const double p = exp(s[j] - lse[i]);
+            for (int x = 0; x < D; x++) out[i * D + x] += p * v[j * D + x];
+        }
+    }
+    free(s);
+}
+
+// Backward of ref_forward, straight from the chain rule:
+//   P_ij = exp(s_ij - lse_i), dv_j += P_ij dout_i, dP_ij = dout_i . v_j,
+//   dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij'), dq_i += dS_ij k_j / sqrt(D), dk_j += dS_ij q_i / sqrt(D)
+static void ref_backward(double *dq, double *dk, double *dv, const double *dout, const double *lse,
+                         const double *q, const double *k, const double *v, const unsigned char *mask,
+                         int n, int D) {
+    const double scale = 1.0 / sqrt((double)D);
+    memset(dq, 0, n * D * sizeof(double));
+    memset(dk, 0, n * D * sizeof(double));
+    memset(dv, 0, n * D * sizeof(double));
+    double *P = malloc(n * sizeof(double)), *dP = malloc(n * sizeof(double));
+    for (int i = 0; i < n; i++) {
+        double weighted = 0;
+        for (int j = 0; j < n; j++) {
+            P[j] = dP[j] = 0;
+            if (!mask[(size_t)i * n + j]) continue;
+            double dot = 0, dpv = 0;
+            for (int x = 0; x < D; x++) dot += q[i * D + x] * k[j * D + x], dpv += dout[i * D + x] * v[j * D + x];
+            P[j] = exp(dot * scale - lse[i]);
+            dP[j] = dpv;
+            weighted += P[j] * dP[j];
+        }
+        for (int j = 0; j < n; j++) {
+            if (!mask[(size_t)i * n + j]) continue;
+            const double dS = P[j] * (dP[j] - weighted);
+            for (int x = 0; x < D; x++) {
+                dv[j * D + x] += P[j] * dout[i * D + x];
+                dq[i * D + x] += dS * k[j * D + x] * scale;
+                dk[j * D + x] += dS * q[i * D + x] * scale;
+            }
+        }
+    }
+    free(P);
+    free(dP);
+}
+
+// ----------------------------------------------------------------------------
+// 2. Checks of the reference itself
+
+// The reference gradients against central differences of L = sum(out * dout), all in double.
+// Tolerance 1e-6 relative: the truncation error of a central difference with step 1e-5 is O(1e-10)
+// and the rounding error O(1e-16 / 1e-5) = O(1e-11); 1e-6 leaves room and still catches any wrong term.
+static void test_reference_gradients(void) {
+    const int n = 19, D = 4;
+    StPattern p = {ST_FIXED, ST_MERGED, 6, 2, 2};
+    unsigned char *mask = malloc(n * n);
+    build_mask(mask, n, &p, 0, 1);
+    double *t = malloc(10 * n * D * sizeof(double));
+    double *q = t, *k = q + n * D, *v = k + n * D, *dout = v + n * D, *out = dout + n * D;
+    double *dq = out + n * D, *dk = dq + n * D, *dv = dk + n * D, *lse = dv + n * D;
+    for (int e = 0; e < 4 * n * D; e++) t[e] = uniform();
+    ref_forward(out, lse, q, k, v, mask, n, D);
+    ref_backward(dq, dk, dv, dout, lse, q, k, v, mask, n, D);
+    double *inputs[3] = {q, k, v}, *grads[3] = {dq, dk, dv}, worst = 0;
+    const double h = 1e-5;
+    for (int which = 0; which < 3; which++) {
+        for (int e = 0; e < n * D; e++) {
+            double loss[2];
+            const double saved = inputs[which][e];
+            for (int side = 0; side < 2; side++) {
+                inputs[which][e] = saved + (side ? -h : h);
+                ref_forward(out, lse, q, k, v, mask, n, D);
+                loss[side] = 0;
+                for (int x = 0; x < n * D; x++) loss[side] += out[x] * dout[x];
+            }
+            inputs[which][e] = saved;
+            const double fd = (loss[0] - loss[1]) / (2 * h), an = grads[which][e];
+            const double err = fabs(fd - an) / (fabs(fd) + fabs(an) + 1e-3);
+            if (err > worst) worst = err;
+        }
+    }
+    check(worst < 1e-6, "reference gradients match central differences (worst relative error %.1e)", worst);
+    free(t);
+    free(mask);
+}
+
+// Allowed keys of query i in each step, by counting arguments (not by looking at a mask).
+static long count_step(StPatternKind kind, int step, int l, int c, int g, int i) {
+    if (kind == ST_DENSE) return i + 1;
+    if (kind == ST_STRIDED) return step == 0 ? (i + 1 < l ? i + 1 : l) : i / l + 1;
+    if (step == 0) return i % l + 1;
+    const int own = i % l - (l - (g + 1) * c) + 1; // summary cells <= i in i's own block
+    return (long)(i / l) * c + (own < 0 ? 0 : own > c ? c : own);
+}
+
+// The number of pairs the pattern allows in head h of layer r. For merged, the two steps share only
+// j = i (strided) or the summary cells of the query's own block (fixed): subtract them once.
+static long expected_pairs(const StPattern *p, int n, int layer, int head) {
+    const int l = p->stride, c = p->summary, g = p->kind == ST_FIXED ? head % p->groups : 0;
+    long total = 0;
+    for (int i = 0; i < n; i++) {
+        if (p->kind == ST_DENSE) { total += i + 1; continue; }
+        if (p->combine != ST_MERGED) {
+            const int step = p->combine == ST_INTERLEAVED ? layer % 2 : head % 2;
+            total += count_step(p->kind, step, l, c, g, i);
+            continue;
+        }
+        const long shared = p->kind == ST_STRIDED ? 1 : count_step(ST_FIXED, 1, l, c, g, i) - (long)(i / l) * c;
+        total += count_step(p->kind, 0, l, c, g, i) + count_step(p->kind, 1, l, c, g, i) - shared;
+    }
+    return total;
+}
+
+// The library's formulas (st_pattern_allows) give exactly the reference mask, and the mask has the
+// expected number of pairs, for many settings including odd ones (l = 1, l = n, c = l).
+static void test_masks(void) {
+    const StPattern patterns[] = {
+        {ST_DENSE, ST_INTERLEAVED, 0, 0, 0}, {ST_STRIDED, ST_INTERLEAVED, 1, 0, 0},
+        {ST_STRIDED, ST_MERGED, 5, 0, 0},    {ST_STRIDED, ST_MULTIHEAD, 7, 0, 0},
+        {ST_STRIDED, ST_MERGED, 37, 0, 0},   {ST_FIXED, ST_INTERLEAVED, 6, 2, 3},
+        {ST_FIXED, ST_MERGED, 10, 3, 2},     {ST_FIXED, ST_MULTIHEAD, 9, 1, 1},
+        {ST_FIXED, ST_MERGED, 4, 4, 1},      {ST_FIXED, ST_MERGED, 37, 5, 7},
+    };
+    const int n = 37, H = 4;
+    unsigned char *mask = malloc(n * n);
+    for (size_t t = 0; t < sizeof patterns / sizeof patterns[0]; t++) {
+        const StPattern *p = &patterns[t];
+        int mismatches = 0, count_errors = 0;
+        for (int layer = 0; layer < 2; layer++) {
+            for (int head = 0; head < H; head++) {
+                build_mask(mask, n, p, layer, head);
+                long pairs = 0;
+                for (int i = 0; i < n; i++)
+                    for (int j = 0; j < n; j++) {
+                        pairs += mask[i * n + j];
+                        mismatches += mask[i * n + j] != st_pattern_allows(p, layer, head, i, j);
+                    }
+                count_errors += pairs != expected_pairs(p, n, layer, head);
+            }
+        }
+        check(mismatches == 0 && count_errors == 0,
+              "mask of %s/%s l=%d c=%d G=%d equals the formulas (%d mismatches) and the pair counts (%d wrong)",
+              st_pattern_kind_name(p->kind), st_combine_name(p->combine), p->stride, p->summary, p->groups,
+              mismatches, count_errors);
+    }
+    free(mask);
+}
+
+// Impossible settings are rejected with a message.
+static void test_rejections(void) {
+    const struct { StPattern p; int n, H, D; } bad[] = {
+        {{ST_STRIDED, ST_MERGED, 0, 0, 0}, 64, 2, 32},   // l < 1
+        {{ST_STRIDED, ST_MERGED, 65, 0, 0}, 64, 2, 32},  // l > n
+        {{ST_FIXED, ST_MERGED, 8, 0, 1}, 64, 2, 32},     // c < 1
+        {{ST_FIXED, ST_MERGED, 8, 3, 3}, 64, 2, 32},     // G c > l
+        {{ST_STRIDED, ST_MULTIHEAD, 8, 0, 0}, 64, 1, 32}, // multihead with one head
+        {{ST_DENSE, ST_MERGED, 0, 0, 0}, 64, 2, 48},     // unsupported head size
+        {{ST_DENSE, ST_MERGED, 0, 0, 0}, 0, 2, 32},      // empty context
+    };
+    for (size_t t = 0; t < sizeof bad / sizeof bad[0]; t++) {
+        const char *msg = st_pattern_check(&bad[t].p, bad[t].n, bad[t].H, bad[t].D);
+        check(msg != NULL, "bad setting %zu rejected: %s", t, msg ? msg : "(accepted)");
+    }
+    const StPattern good = {ST_FIXED, ST_MULTIHEAD, 8, 2, 4};
+    check(st_pattern_check(&good, 64, 2, 64) == NULL, "a valid fixed/multihead setting is accepted");
+}
+
+// ----------------------------------------------------------------------------
+// 3. Kernels against the reference
+
+// Tolerances, relative error ||kernel - ref|| / ||ref|| over a whole tensor. float32 rounds each
+// operation by 2^-24 = 6e-8; a dot product or a softmax sum over K <= 512 terms then errs by about
+// sqrt(K) 6e-8 <= 1.4e-6 in the worst row, and the norm over all rows averages that down. The
+// backward chains three such products (dP, dS, then dQ/dK/dV). Measured errors are 1e-7 to 1e-6;
+// the tolerances leave a 10x margin and still catch any wrong pair, which moves the error to 1e-2.
+#define TOL_FORWARD 1e-5
+#define TOL_BACKWARD 3e-5
+
+typedef struct { double sq_err, sq_ref; } RelErr;
+static void rel_add(RelErr *e, double got, double ref) {
+    e->sq_err += (got - ref) * (got - ref);
+    e->sq_ref += ref * ref;
+}
+static double rel_value(RelErr e) { return sqrt(e.sq_err / (e.sq_ref > 0 ? e.sq_ref : 1)); }
+
+static float *device_random(size_t count, float **host_copy) {
+    float *h = malloc(count * sizeof(float));
+    for (size_t e = 0; e < count; e++) h[e] = (float)uniform();
+    float *d = st_malloc(count * sizeof(float));
+    st_to_device(d, h, count * sizeof(float));
+    *host_copy = h;
+    return d;
+}
+static float *device_poisoned(size_t count) {
+    float *h = malloc(count * sizeof(float));
+    for (size_t e = 0; e < count; e++) h[e] = NAN;
+    float *d = st_malloc(count * sizeof(float));
+    st_to_device(d, h, count * sizeof(float));
+    free(h);
+    return d;
+}
+static float *to_host(const float *d, size_t count) {
+    float *h = malloc(count * sizeof(float));
+    st_to_host(h, d, count * sizeof(float));
+    return h;
+}
+
+typedef struct { StPattern p; int layer, n, H, D, B; } Case;
+
+// The work bound at small n: tiles are TILE = 32 wide, so beyond its allowed pairs a query tile pays
+// for the partly used key tiles at both ends of its rows' ranges (at most 4 tiles of TILE x TILE per
+// query tile and step; the stride step's column padding at most doubles the query tiles), and inside
+// the range a causal triangle of tiles is computed whole (at most 2x the allowed pairs).
+#define TILE 32
+static double work_bound(const Case *c, double allowed) {
+    const int steps = c->p.kind != ST_DENSE && c->p.combine == ST_MERGED ? 2 : 1;
+    const double query_tiles = ceil(2.0 * c->n / TILE);
+    return 2.0 * allowed + 4.0 * TILE * TILE * query_tiles * c->H * steps;
+}
+
+static void run_case(const Case *c) {
+    const int n = c->n, H = c->H, D = c->D, B = c->B;
+    const size_t rows = (size_t)B * H * n, count = rows * D;
+    float *hq, *hk, *hv, *hdout;
+    float *q = device_random(count, &hq), *k = device_random(count, &hk), *v = device_random(count, &hv);
+    float *dout = device_random(count, &hdout);
+    float *out = device_poisoned(count), *lse = device_poisoned(rows);
+    float *dq = device_poisoned(count), *dk = device_poisoned(count), *dv = device_poisoned(count);
+
+    StAttention *att = st_attention_create(&c->p, c->layer, n, H, D);
+    st_attention_forward(att, out, lse, q, k, v, B);
+    st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
+    float *g_out = to_host(out, count), *g_lse = to_host(lse, rows);
+    float *g_dq = to_host(dq, count), *g_dk = to_host(dk, count), *g_dv = to_host(dv, count);
+
+    // reference, head by head, in double
+    double *t = malloc(9 * (size_t)n * D * sizeof(double) + n * sizeof(double));
+    double *rq = t, *rk = rq + n * D, *rv = rk + n * D, *rdout = rv + n * D, *rout = rdout + n * D;
+    double *rdq = rout + n * D, *rdk = rdq + n * D, *rdv = rdk + n * D, *rlse = rdv + n * D;
+    unsigned char *mask = malloc((size_t)n * n);
+    RelErr e_out = {0, 0}, e_lse = {0, 0}, e_dq = {0, 0}, e_dk = {0, 0}, e_dv = {0, 0};
+    int lse_inf_mismatch = 0, unwritten = 0;
+    long allowed = 0;
+    for (int h = 0; h < H; h++) {
+        build_mask(mask, n, &c->p, c->layer, h);
+        for (size_t e = 0; e < (size_t)n * n; e++) allowed += mask[e];
+        for (int b = 0; b < B; b++) {
+            const size_t base = ((size_t)b * H + h) * n;
+            for (size_t e = 0; e < (size_t)n * D; e++) {
+                rq[e] = hq[base * D + e], rk[e] = hk[base * D + e], rv[e] = hv[base * D + e];
+                rdout[e] = hdout[base * D + e];
+            }
+            ref_forward(rout, rlse, rq, rk, rv, mask, n, D);
+            ref_backward(rdq, rdk, rdv, rdout, rlse, rq, rk, rv, mask, n, D);
+            for (size_t e = 0; e < (size_t)n * D; e++) {
+                const size_t at = base * D + e;
+                unwritten += isnan(g_out[at]) || isnan(g_dq[at]) || isnan(g_dk[at]) || isnan(g_dv[at]);
+                rel_add(&e_out, g_out[at], rout[e]);
+                rel_add(&e_dq, g_dq[at], rdq[e]);
+                rel_add(&e_dk, g_dk[at], rdk[e]);
+                rel_add(&e_dv, g_dv[at], rdv[e]);
+            }
+            for (int i = 0; i < n; i++) {
+                const float got = g_lse[base + i];
+                unwritten += isnan(got);
+                if (isinf(rlse[i]) || isinf(got)) lse_inf_mismatch += !(isinf(rlse[i]) && isinf(got));
+                else rel_add(&e_lse, got, rlse[i]);
+            }
+        }
+    }
+    const StAttentionStats stats = st_attention_stats(att);
+    const double err_fwd = fmax(rel_value(e_out), rel_value(e_lse));
+    const double err_bwd = fmax(rel_value(e_dq), fmax(rel_value(e_dk), rel_value(e_dv)));
+    char name[160];
+    snprintf(name, sizeof name, "%s/%s l=%d c=%d G=%d layer %d n=%d H=%d D=%d B=%d",
+             st_pattern_kind_name(c->p.kind), st_combine_name(c->p.combine), c->p.stride, c->p.summary,
+             c->p.groups, c->layer, n, H, D, B);
+    check(unwritten == 0 && lse_inf_mismatch == 0 && err_fwd < TOL_FORWARD,
+          "forward  %-52s rel err %.1e (out %.1e, lse %.1e), %d unwritten, %d empty-row mismatches", name,
+          err_fwd, rel_value(e_out), rel_value(e_lse), unwritten, lse_inf_mismatch);
+    check(unwritten == 0 && err_bwd < TOL_BACKWARD, "backward %-52s rel err %.1e (dq %.1e dk %.1e dv %.1e)",
+          name, err_bwd, rel_value(e_dq), rel_value(e_dk), rel_value(e_dv));
+    check(stats.pairs_allowed == (double)allowed && stats.pairs_computed <= work_bound(c, allowed),
+          "work     %-52s allowed %ld (layout %.0f), computed %.0f = %.2fx, bound %.0f", name, allowed,
+          stats.pairs_allowed, stats.pairs_computed, stats.pairs_computed / allowed, work_bound(c, allowed));
+
+    st_attention_free(att);
+    float *device[] = {q, k, v, dout, out, lse, dq, dk, dv};
+    for (size_t i = 0; i < sizeof device / sizeof device[0]; i++) st_free(device[i]);
+    float *host[] = {hq, hk, hv, hdout, g_out, g_lse, g_dq, g_dk, g_dv};
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
+    free(t);
+    free(mask);
+}
+
+static void test_kernels(void) {
+    const StPattern dense = {ST_DENSE, ST_INTERLEAVED, 0, 0, 0};
+    const Case cases[] = {
+        // dense: one tile, odd sizes, every head size
+        {dense, 0, 1, 1, 32, 1},
+        {dense, 0, 7, 2, 64, 2},
+        {dense, 0, 100, 2, 32, 2},
+        {dense, 0, 257, 3, 64, 1},
+        {dense, 0, 96, 2, 128, 2},
+        // strided: both layers of interleaved, merged, multihead; l not a power of two
+        {{ST_STRIDED, ST_INTERLEAVED, 12, 0, 0}, 0, 150, 2, 32, 2},
+        {{ST_STRIDED, ST_INTERLEAVED, 12, 0, 0}, 1, 150, 2, 32, 2},
+        {{ST_STRIDED, ST_MERGED, 7, 0, 0}, 0, 200, 2, 64, 2},
+        {{ST_STRIDED, ST_MERGED, 45, 0, 0}, 0, 300, 2, 32, 1},
+        {{ST_STRIDED, ST_MERGED, 3, 0, 0}, 0, 20, 2, 128, 2},
+        {{ST_STRIDED, ST_MERGED, 16, 0, 0}, 1, 256, 2, 64, 1},
+        {{ST_STRIDED, ST_MULTIHEAD, 10, 0, 0}, 0, 123, 4, 32, 2},
+        {{ST_STRIDED, ST_MERGED, 1, 0, 0}, 0, 40, 1, 32, 1},
+        {{ST_STRIDED, ST_INTERLEAVED, 5, 0, 0}, 1, 5, 1, 64, 1},
+        // fixed: block steps, summary groups per head, c and l not powers of two
+        {{ST_FIXED, ST_INTERLEAVED, 20, 3, 2}, 0, 130, 2, 32, 2},
+        {{ST_FIXED, ST_INTERLEAVED, 20, 3, 2}, 1, 130, 2, 32, 2},
+        {{ST_FIXED, ST_MERGED, 24, 5, 3}, 0, 200, 3, 64, 1},
+        {{ST_FIXED, ST_MERGED, 64, 16, 2}, 0, 300, 2, 32, 1},
+        {{ST_FIXED, ST_MERGED, 6, 2, 3}, 0, 17, 3, 128, 2},
+        {{ST_FIXED, ST_MULTIHEAD, 15, 4, 2}, 0, 111, 4, 32, 2},
+        {{ST_FIXED, ST_MERGED, 7, 7, 1}, 0, 50, 1, 32, 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+}
+
+// At a realistic size (n = 16384, l = 128 = sqrt(n), the paper's c = 32) the tile edges are small next
+// to a query's l + n/l keys, so the work must be within 3x the allowed pairs for every pattern (2x
+// for the diagonal triangle of tiles, the rest for the edges); an O(n^2) layout would be 40x here.
+// Only the layout is built (no kernel runs): it is what decides the work.
+static void test_work_at_scale(void) {
+    const int n = 16384, H = 4;
+    const StPattern patterns[] = {
+        {ST_DENSE, ST_INTERLEAVED, 0, 0, 0},   {ST_STRIDED, ST_INTERLEAVED, 128, 0, 0},
+        {ST_STRIDED, ST_MERGED, 128, 0, 0},    {ST_STRIDED, ST_MULTIHEAD, 128, 0, 0},
+        {ST_STRIDED, ST_MERGED, 100, 0, 0},    {ST_FIXED, ST_INTERLEAVED, 128, 32, 1},
+        {ST_FIXED, ST_MERGED, 128, 32, 4},     {ST_FIXED, ST_MULTIHEAD, 128, 32, 2},
+        {ST_FIXED, ST_MERGED, 100, 7, 3},
+    };
+    for (size_t t = 0; t < sizeof patterns / sizeof patterns[0]; t++) {
+        const StPattern *p = &patterns[t];
+        for (int layer = 0; layer < (p->combine == ST_INTERLEAVED && p->kind != ST_DENSE ? 2 : 1); layer++) {
+            StAttention *att = st_attention_create(p, layer, n, H, 64);
+            const StAttentionStats s = st_attention_stats(att);
+            long expected = 0;
+            for (int h = 0; h < H; h++) expected += expected_pairs(p, n, layer, h);
+            const double ratio = s.pairs_computed / s.pairs_allowed;
+            check(s.pairs_allowed == (double)expected && ratio <= 3.0,
+                  "work at n=%d %s/%s l=%d c=%d G=%d layer %d: allowed %.0f (expected %ld), computed %.2fx",
+                  n, st_pattern_kind_name(p->kind), st_combine_name(p->combine), p->stride, p->summary,
+                  p->groups, layer, s.pairs_allowed, expected, ratio);
+            st_attention_free(att);
+        }
+    }
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "-v") == 0) verbose = 1;
+        else { fprintf(stderr, "unknown flag %s: usage: ./test_kernels [-v]\n", argv[i]); return 1; }
+    }
+    printf("device: %s\n", st_device_init());
+    test_reference_gradients();
+    test_masks();
+    test_rejections();
+    test_kernels();
+    test_work_at_scale();
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
