@@ -61,7 +61,7 @@ const char *st_device_init(void) {
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess || count == 0) {
         fprintf(stderr, "no usable CUDA GPU (%s): this binary was built for the GPU; build for the CPU "
-                        "with: make clean && make cpu\n",
+                        "with: make cpu\n",
                 err != cudaSuccess ? cudaGetErrorString(err) : "no device found");
         exit(1);
     }
@@ -440,7 +440,7 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
 //   lse = log(e^lse1 + e^lse2),  out = e^(lse1 - lse) out1 + e^(lse2 - lse) out2.
 // Grid: (query tiles, B * heads of this step); block: THREADS.
 template <int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 4)
 attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, Step st,
                          const int4 *tiles, const int *heads, int n_heads, int H, int accumulate) {
     typedef TileShape<D> S;
@@ -496,11 +496,14 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         __syncthreads();
 
         // Pass 3: O = diag(alpha) O + P V
+        #pragma unroll
         for (int mi = 0; mi < S::OWN_ROWS; mi++) {
             const int row = warp + WARPS * mi;
+            #pragma unroll
             for (int u = 0; u < S::OWN_COLS; u++) {
                 const int col = lane + 32 * u;
                 float acc = 0.0f;
+                #pragma unroll 8
                 for (int c = 0; c < TILE; c++) acc += P_s[row * (TILE + 1) + c] * V_s[c * S::ROW + col];
                 o[mi][u] = o[mi][u] * alpha_s[row] + acc;
             }
@@ -520,9 +523,11 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         if (i >= 0) lse[i] = merged;
     }
     __syncthreads();
+    #pragma unroll
     for (int mi = 0; mi < S::OWN_ROWS; mi++) {
         const int row = warp + WARPS * mi, i = step_query_position(st, p0 + row);
         if (i < 0) continue;
+        #pragma unroll
         for (int u = 0; u < S::OWN_COLS; u++) {
             const size_t at = (size_t)i * D + lane + 32 * u;
             const float before = accumulate ? out[at] * w_old_s[row] : 0.0f;
@@ -558,7 +563,7 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 // a merged head's two steps touch the same keys.
 // Grid: (key tiles, B * heads of this step); block: THREADS.
 template <int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 4)
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                              const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                              const int *heads, int n_heads, int H) {
@@ -591,11 +596,14 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         probability_gradients<D>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, qt * TILE, s0, full);
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the rows of the key tile this thread owns
+        #pragma unroll
         for (int mi = 0; mi < S::OWN_ROWS; mi++) {
             const int c = warp + WARPS * mi;
+            #pragma unroll
             for (int u = 0; u < S::OWN_COLS; u++) {
                 const int col = lane + 32 * u;
                 float acc_v = 0.0f, acc_k = 0.0f;
+                #pragma unroll 4
                 for (int r = 0; r < TILE; r++) {
                     acc_v += P_s[r * (TILE + 1) + c] * dO_s[r * S::ROW + col];
                     acc_k += dS_s[r * (TILE + 1) + c] * Q_s[r * S::ROW + col];
@@ -606,9 +614,11 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         }
     }
     // Q_s carries log2(e) / sqrt(D); ln 2 takes the log2(e) back out
+    #pragma unroll
     for (int mi = 0; mi < S::OWN_ROWS; mi++) {
         const int j = step_key_position(st, s0 + warp + WARPS * mi);
         if (j < 0) continue;
+        #pragma unroll
         for (int u = 0; u < S::OWN_COLS; u++) {
             const size_t at = (size_t)j * D + lane + 32 * u;
             dk[at] += dk_acc[mi][u] * LN2;
@@ -621,7 +631,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 //   dQ_i = sum_j dS_ij k_j / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
 // Grid: (query tiles, B * heads of this step); block: THREADS.
 template <int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 4)
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
                             const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                             const int *heads, int n_heads, int H) {
@@ -654,20 +664,25 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
         probability_gradients<D>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, p0, kt * TILE, full);
         __syncthreads();
         // dQ += dS K, for the rows of the query tile this thread owns
+        #pragma unroll
         for (int mi = 0; mi < S::OWN_ROWS; mi++) {
             const int r = warp + WARPS * mi;
+            #pragma unroll
             for (int u = 0; u < S::OWN_COLS; u++) {
                 const int col = lane + 32 * u;
                 float acc = 0.0f;
+                #pragma unroll 8
                 for (int c = 0; c < TILE; c++) acc += dS_s[r * (TILE + 1) + c] * K_s[c * S::ROW + col];
                 dq_acc[mi][u] += acc;
             }
         }
     }
     const float scale = 1.0f / sqrtf((float)D);
+    #pragma unroll
     for (int mi = 0; mi < S::OWN_ROWS; mi++) {
         const int i = step_query_position(st, p0 + warp + WARPS * mi);
         if (i < 0) continue;
+        #pragma unroll
         for (int u = 0; u < S::OWN_COLS; u++) dq[(size_t)i * D + lane + 32 * u] += dq_acc[mi][u] * scale;
     }
 }
