@@ -43,7 +43,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ thread_local
-#pragma GCC diagnostic ignored "-Wunknown-pragmas" // #pragma unroll is for nvcc
 
 struct dim3 {
     unsigned x, y, z;
