@@ -5,7 +5,8 @@
 //
 // How it works:
 //   - A launch runs the grid's blocks in parallel over OpenMP threads, one block per OS thread at a time.
-//   - The threads of a block run as fibers (ucontext): each runs until it reaches __syncthreads(),
+//   - The threads of a block run as fibers (stacks of their own, switched with _setjmp/_longjmp; see
+//     switch_context): each runs until it reaches __syncthreads(),
 //     then the next one runs; when every live thread waits at the same barrier they are all released.
 //     A block whose threads wait at different barriers is a bug on the GPU: it aborts with file:line.
 //   - Kernels without barriers are run as plain function calls, thread after thread (much cheaper).
@@ -32,6 +33,7 @@
 #include <utility>
 #include <vector>
 #include <omp.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 // ----------------------------------------------------------------------------
@@ -111,9 +113,30 @@ template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribu
 namespace cuda_emu {
 
 const size_t FIBER_STACK_BYTES = 256 * 1024;
+const unsigned MAX_THREADS = 1024;
 
+// Switching between fibers. swapcontext also saves the signal mask, a system call each time;
+// _setjmp/_longjmp do not, and are about 20x cheaper, so they do the switching. A fresh stack can only
+// be entered with makecontext/swapcontext, which is used once per fiber. AddressSanitizer follows
+// swapcontext but not jumps between stacks, so the sanitizer build switches with swapcontext only.
+#if defined(__SANITIZE_ADDRESS__)
+typedef ucontext_t Context;
+inline void switch_context(Context *from, Context *to) { swapcontext(from, to); }
+inline void enter_new_stack(Context *from, ucontext_t *start) { swapcontext(from, start); }
+#else
+struct Context { jmp_buf jump; };
+inline void switch_context(Context *from, Context *to) {
+    if (_setjmp(from->jump) == 0) _longjmp(to->jump, 1);
+}
+inline void enter_new_stack(Context *from, ucontext_t *start) {
+    ucontext_t abandoned; // the fiber comes back with _longjmp to `from`, never to this
+    if (_setjmp(from->jump) == 0) swapcontext(&abandoned, start);
+}
+#endif
+
+// A fiber lives as long as its OS thread and runs one GPU thread after another.
 struct Fiber {
-    ucontext_t context;
+    Context context;
     std::vector<char> stack;
     uint3 thread;
     bool finished;
@@ -123,11 +146,11 @@ struct Fiber {
 
 // Scheduler state of the block running on this OS thread.
 struct BlockState {
-    ucontext_t scheduler;
-    std::vector<Fiber> fibers;
-    Fiber *current;        // the fiber running now, NULL in plain mode
-    const char *kernel;    // for error messages
-    void (*body)(void *);  // runs the kernel for the current threadIdx
+    Context scheduler;
+    Fiber *fibers[MAX_THREADS]; // created on first use
+    Fiber *current;             // the fiber running now, NULL in plain mode
+    const char *kernel;         // for error messages
+    void (*body)(void *);       // runs the kernel for the current threadIdx
     void *body_arg;
 };
 static thread_local BlockState block_state;
@@ -155,39 +178,54 @@ inline void syncthreads(const char *file, int line) {
     }
     bs.current->barrier_file = file;
     bs.current->barrier_line = line;
-    swapcontext(&bs.current->context, &bs.scheduler);
+    switch_context(&bs.current->context, &bs.scheduler);
 }
 
-inline void fiber_entry(void) {
+// The life of a fiber: wait to be given a thread, run the kernel for it, say so, wait again.
+inline void fiber_main(void) {
     BlockState &bs = block_state;
-    bs.body(bs.body_arg);
-    bs.current->finished = true;
-    swapcontext(&bs.current->context, &bs.scheduler);
+    Fiber *self = bs.current;
+    for (;;) {
+        switch_context(&self->context, &bs.scheduler);
+        bs.body(bs.body_arg);
+        self->finished = true;
+    }
+}
+
+inline Fiber *fiber(unsigned k) {
+    BlockState &bs = block_state;
+    if (!bs.fibers[k]) {
+        Fiber *f = bs.fibers[k] = new Fiber();
+        f->stack.resize(FIBER_STACK_BYTES);
+        ucontext_t start;
+        getcontext(&start);
+        start.uc_stack.ss_sp = f->stack.data();
+        start.uc_stack.ss_size = f->stack.size();
+        start.uc_link = NULL;
+        makecontext(&start, fiber_main, 0);
+        bs.current = f;
+        enter_new_stack(&bs.scheduler, &start); // returns when fiber_main first waits
+    }
+    return bs.fibers[k];
+}
+
+// Resumes `f` until it waits at a barrier or finishes.
+inline void resume(Fiber *f) {
+    BlockState &bs = block_state;
+    bs.current = f;
+    threadIdx = f->thread;
+    f->barrier_file = NULL;
+    switch_context(&bs.scheduler, &f->context);
+}
+
+inline void start_thread(Fiber *f, uint3 thread) {
+    f->thread = thread;
+    f->finished = false;
+    resume(f);
 }
 
 inline uint3 thread_of(unsigned t, dim3 block) {
     return uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
-}
-
-// Resumes `f` until it waits at a barrier or finishes.
-inline void resume(Fiber &f) {
-    BlockState &bs = block_state;
-    bs.current = &f;
-    threadIdx = f.thread;
-    f.barrier_file = NULL;
-    swapcontext(&bs.scheduler, &f.context);
-}
-
-inline void start_fiber(Fiber &f, uint3 thread) {
-    f.thread = thread;
-    f.finished = false;
-    f.stack.resize(FIBER_STACK_BYTES);
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack.data();
-    f.context.uc_stack.ss_size = f.stack.size();
-    f.context.uc_link = NULL;
-    makecontext(&f.context, fiber_entry, 0);
-    resume(f);
 }
 
 // Runs every thread of the current block (blockIdx, blockDim already set).
@@ -196,11 +234,10 @@ inline void run_block(void) {
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     const bool reverse = reverse_order();
     auto nth = [&](unsigned k) { return reverse ? n - 1 - k : k; };
-    if (bs.fibers.size() < n) bs.fibers.resize(n);
 
     // Thread 0 (in run order) as a fiber: it tells whether this kernel uses barriers.
-    start_fiber(bs.fibers[0], thread_of(nth(0), blockDim));
-    if (bs.fibers[0].finished) {
+    start_thread(fiber(0), thread_of(nth(0), blockDim));
+    if (fiber(0)->finished) {
         bs.current = NULL;
         for (unsigned k = 1; k < n; k++) {
             threadIdx = thread_of(nth(k), blockDim);
@@ -208,33 +245,37 @@ inline void run_block(void) {
         }
         return;
     }
-    for (unsigned k = 1; k < n; k++) start_fiber(bs.fibers[k], thread_of(nth(k), blockDim));
+    for (unsigned k = 1; k < n; k++) start_thread(fiber(k), thread_of(nth(k), blockDim));
     for (;;) {
         // Every live thread now waits at a barrier, or all have finished.
         const Fiber *waiting = NULL;
         for (unsigned k = 0; k < n; k++) {
-            const Fiber &f = bs.fibers[k];
-            if (f.finished) continue;
-            if (waiting && (f.barrier_line != waiting->barrier_line ||
-                            strcmp(f.barrier_file, waiting->barrier_file) != 0)) {
+            const Fiber *f = bs.fibers[k];
+            if (f->finished) continue;
+            if (waiting && (f->barrier_line != waiting->barrier_line ||
+                            strcmp(f->barrier_file, waiting->barrier_file) != 0)) {
                 char msg[512];
                 snprintf(msg, sizeof msg,
                          "threads wait at different barriers: thread %u at %s:%d, thread %u at %s:%d",
-                         waiting->thread.x, waiting->barrier_file, waiting->barrier_line, f.thread.x,
-                         f.barrier_file, f.barrier_line);
+                         waiting->thread.x, waiting->barrier_file, waiting->barrier_line, f->thread.x,
+                         f->barrier_file, f->barrier_line);
                 fail(msg);
             }
-            waiting = &f;
+            waiting = f;
         }
         if (!waiting) return;
         for (unsigned k = 0; k < n; k++)
-            if (!bs.fibers[k].finished) resume(bs.fibers[k]);
+            if (!bs.fibers[k]->finished) resume(bs.fibers[k]);
     }
 }
 
 template <typename... Params, typename... Args>
 void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
             Args... args) {
+    if (block.x * block.y * block.z > MAX_THREADS) {
+        fprintf(stderr, "cuda_on_cpu: kernel %s launched with more than %u threads per block\n", name, MAX_THREADS);
+        exit(1);
+    }
     if (shared_bytes > CUDA_EMU_MAX_SHARED_BYTES) {
         fprintf(stderr, "cuda_on_cpu: kernel %s asks for %zu bytes of shared memory, more than %d\n",
                 name, shared_bytes, CUDA_EMU_MAX_SHARED_BYTES);

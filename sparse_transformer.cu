@@ -23,8 +23,10 @@ All arithmetic is float32.
 #include <cuda_runtime.h>
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \
     kernel<<<grid, block, shared_bytes>>>(__VA_ARGS__)
+#define BUILT_FOR_GPU 1
 #else
 #include "cuda_on_cpu.h"
+#define BUILT_FOR_GPU 0
 #endif
 #include <float.h>
 #include <limits.h>
@@ -68,6 +70,8 @@ const char *st_device_init(void) {
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     return prop.name;
 }
+
+int st_device_is_gpu(void) { return BUILT_FOR_GPU; }
 
 void *st_malloc(size_t bytes) {
     void *ptr = NULL;

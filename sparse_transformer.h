@@ -18,6 +18,7 @@ extern "C" {
 // Checks that the device can run the kernels and returns its name. A GPU build started where no
 // GPU is usable prints one line saying so and how to build for the CPU, and exits 1.
 const char *st_device_init(void);
+int st_device_is_gpu(void);        // 1 in the GPU build, 0 in the CPU build
 void *st_malloc(size_t bytes); // exits 1 with the size asked for when memory runs out
 void st_free(void *ptr);
 void st_to_device(void *dst, const void *src, size_t bytes);

@@ -1,0 +1,131 @@
+/*
+bench.c: times forward + backward of the attention, dense against strided/merged with l = sqrt(n).
+
+Run with `make bench` (it builds for the CPU or the GPU like `make`). For each n it prints the pairs
+the pattern allows, the time of one forward + backward, allowed pairs per second, and the bytes the
+attention itself allocated (tile layout and backward workspace: linear in n, never n x n). The last
+line is the summary:
+  bench: n=<largest n> speedup=<dense ms / sparse ms> pairs_ratio=<dense pairs / sparse pairs>
+         sparse_exponent=<e> dense_exponent=<e>
+with the exponents of time ~ n^e fitted by least squares on log-log over all sizes.
+
+Flags: -max_ctx N (default 8192 on the CPU, 32768 on a GPU), -batch B, -heads H (default 1 x 1 on the
+CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed runs per size; default 1 on the CPU, 5 on a GPU).
+*/
+#define _POSIX_C_SOURCE 199309L // clock_gettime
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sparse_transformer.h"
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+typedef struct {
+    int n;
+    double pairs, ms;
+    size_t bytes;
+} Result;
+
+// Times one forward + backward (best of `reps`, after one warm-up run) of `pattern` at context n.
+static Result time_attention(const StPattern *pattern, int n, int B, int H, int D, int reps) {
+    const size_t count = (size_t)B * H * n * D, rows = (size_t)B * H * n;
+    float *host = malloc(count * sizeof(float));
+    srand(1);
+    for (size_t e = 0; e < count; e++) host[e] = (float)rand() / RAND_MAX - 0.5f;
+    float *q = st_malloc(count * sizeof(float)), *k = st_malloc(count * sizeof(float));
+    float *v = st_malloc(count * sizeof(float)), *dout = st_malloc(count * sizeof(float));
+    float *out = st_malloc(count * sizeof(float)), *lse = st_malloc(rows * sizeof(float));
+    float *dq = st_malloc(count * sizeof(float)), *dk = st_malloc(count * sizeof(float));
+    float *dv = st_malloc(count * sizeof(float));
+    float *inputs[] = {q, k, v, dout};
+    for (int i = 0; i < 4; i++) st_to_device(inputs[i], host, count * sizeof(float));
+
+    StAttention *att = st_attention_create(pattern, 0, n, H, D);
+    Result r = {n, 0, INFINITY, 0};
+    for (int rep = 0; rep <= reps; rep++) {
+        st_synchronize();
+        const double start = now_ms();
+        st_attention_forward(att, out, lse, q, k, v, B);
+        st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
+        st_synchronize();
+        const double ms = now_ms() - start;
+        if (rep > 0 && ms < r.ms) r.ms = ms; // rep 0 is the warm-up
+    }
+    const StAttentionStats stats = st_attention_stats(att);
+    r.pairs = stats.pairs_allowed * B;
+    r.bytes = stats.bytes;
+    st_attention_free(att);
+    float *all[] = {q, k, v, dout, out, lse, dq, dk, dv};
+    for (int i = 0; i < 9; i++) st_free(all[i]);
+    free(host);
+    return r;
+}
+
+// Least-squares slope of log(ms) against log(n).
+static double fitted_exponent(const Result *r, int count) {
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (int i = 0; i < count; i++) {
+        const double x = log(r[i].n), y = log(r[i].ms);
+        sx += x, sy += y, sxx += x * x, sxy += x * y;
+    }
+    return (count * sxy - sx * sy) / (count * sxx - sx * sx);
+}
+
+static void print_row(const char *name, const Result *r) {
+    printf("%7d  %-16s %14.0f %11.2f %14.3e %12zu\n", r->n, name, r->pairs, r->ms, r->pairs / (r->ms * 1e-3),
+           r->bytes);
+}
+
+static int flag_value(int argc, char **argv, int i) {
+    char *end;
+    long value = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
+    if (i + 1 >= argc || *end != '\0' || value < 1 || value > (1 << 24)) {
+        fprintf(stderr, "%s expects a positive whole number (flags: -max_ctx -batch -heads -head_size -reps)\n",
+                argv[i]);
+        exit(1);
+    }
+    return (int)value;
+}
+
+int main(int argc, char **argv) {
+    const char *device = st_device_init();
+    const int on_gpu = st_device_is_gpu();
+    int max_ctx = on_gpu ? 32768 : 8192, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64, reps = on_gpu ? 5 : 1;
+    for (int i = 1; i < argc; i += 2) {
+        int value = flag_value(argc, argv, i);
+        if (strcmp(argv[i], "-max_ctx") == 0) max_ctx = value;
+        else if (strcmp(argv[i], "-batch") == 0) B = value;
+        else if (strcmp(argv[i], "-heads") == 0) H = value;
+        else if (strcmp(argv[i], "-head_size") == 0) D = value;
+        else if (strcmp(argv[i], "-reps") == 0) reps = value;
+        else { fprintf(stderr, "unknown flag %s (flags: -max_ctx -batch -heads -head_size -reps)\n", argv[i]); return 1; }
+    }
+    printf("device: %s\nbatch %d, heads %d, head size %d, forward + backward, best of %d\n", device, B, H, D, reps);
+    printf("%7s  %-16s %14s %11s %14s %12s\n", "n", "pattern", "allowed pairs", "ms", "pairs/s", "bytes");
+
+    Result dense[32], sparse[32];
+    int sizes = 0;
+    for (int n = 1024; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
+        const StPattern dense_pattern = {ST_DENSE, ST_INTERLEAVED, 0, 0, 0};
+        const StPattern strided = {ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0};
+        dense[sizes] = time_attention(&dense_pattern, n, B, H, D, reps);
+        print_row("dense", &dense[sizes]);
+        sparse[sizes] = time_attention(&strided, n, B, H, D, reps);
+        char name[32];
+        snprintf(name, sizeof name, "strided l=%d", strided.stride);
+        print_row(name, &sparse[sizes]);
+        fflush(stdout);
+    }
+    if (sizes == 0) { fprintf(stderr, "-max_ctx must be at least 1024\n"); return 1; }
+    const Result *d = &dense[sizes - 1], *s = &sparse[sizes - 1];
+    printf("bench: n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%.2f dense_exponent=%.2f\n", d->n,
+           d->ms / s->ms, d->pairs / s->pairs, fitted_exponent(sparse, sizes), fitted_exponent(dense, sizes));
+    return 0;
+}
