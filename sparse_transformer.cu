@@ -123,12 +123,13 @@ const char *st_combine_name(StCombine combine) { return COMBINE_NAMES[combine]; 
 int st_pattern_allows(const StPattern *p, int layer, int head, int i, int j) {
     if (j < 0 || j > i) return 0; // causal
     if (p->kind == ST_DENSE) return 1;
-    const int l = p->stride, c = p->summary, g = head % p->groups;
+    const int l = p->stride;
     int step0, step1;
     if (p->kind == ST_STRIDED) {
         step0 = i - j < l;
         step1 = (i - j) % l == 0;
     } else {
+        const int c = p->summary, g = head % p->groups;
         step0 = j / l == i / l;
         step1 = j % l >= l - (g + 1) * c && j % l <= l - g * c - 1;
     }
