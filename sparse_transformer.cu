@@ -418,6 +418,28 @@ template <int D> __device__ static inline float row_dot(const float *a, const fl
     return sum;
 }
 
+// acc += A B for the rows of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
+// tile and B a (TILE, D) tile in shared memory. A is read as A[row][c] = A_s[row * a_row + c * a_col],
+// so a_row = 1, a_col = TILE + 1 multiplies by the transpose (dV += P^T dO).
+template <int D>
+__device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape<D>::OWN_ROWS][TileShape<D>::OWN_COLS],
+                                                          const float *A_s, int a_row, int a_col, const float *B_s) {
+    typedef TileShape<D> S;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    #pragma unroll
+    for (int mi = 0; mi < S::OWN_ROWS; mi++) {
+        const int row = warp + WARPS * mi;
+        #pragma unroll
+        for (int u = 0; u < S::OWN_COLS; u++) {
+            const int col = lane + 32 * u;
+            float sum = 0.0f;
+            #pragma unroll 8
+            for (int c = 0; c < TILE; c++) sum += A_s[row * a_row + c * a_col] * B_s[c * S::ROW + col];
+            acc[mi][u] += sum;
+        }
+    }
+}
+
 // The backward's elementwise pass on one tile pair, shared by the dK/dV and the dQ kernels:
 //   P_ij  = exp(s_ij - lse_i)                  the forward's probabilities, recomputed
 //   dP_ij = dO_i . v_j                         from out_i = sum_j P_ij v_j
@@ -502,17 +524,10 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 
         // Pass 3: O = diag(alpha) O + P V
         #pragma unroll
-        for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-            const int row = warp + WARPS * mi;
+        for (int mi = 0; mi < S::OWN_ROWS; mi++)
             #pragma unroll
-            for (int u = 0; u < S::OWN_COLS; u++) {
-                const int col = lane + 32 * u;
-                float acc = 0.0f;
-                #pragma unroll 8
-                for (int c = 0; c < TILE; c++) acc += P_s[row * (TILE + 1) + c] * V_s[c * S::ROW + col];
-                o[mi][u] = o[mi][u] * alpha_s[row] + acc;
-            }
-        }
+            for (int u = 0; u < S::OWN_COLS; u++) o[mi][u] *= alpha_s[warp + WARPS * mi];
+        accumulate_product<D>(o, P_s, TILE + 1, 1, V_s);
     }
 
     // Finish each row: its log-sum-exp (natural log), and the weights of the merge with the first step
@@ -601,22 +616,8 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         probability_gradients<D>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, qt * TILE, s0, full);
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the rows of the key tile this thread owns
-        #pragma unroll
-        for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-            const int c = warp + WARPS * mi;
-            #pragma unroll
-            for (int u = 0; u < S::OWN_COLS; u++) {
-                const int col = lane + 32 * u;
-                float acc_v = 0.0f, acc_k = 0.0f;
-                #pragma unroll 4
-                for (int r = 0; r < TILE; r++) {
-                    acc_v += P_s[r * (TILE + 1) + c] * dO_s[r * S::ROW + col];
-                    acc_k += dS_s[r * (TILE + 1) + c] * Q_s[r * S::ROW + col];
-                }
-                dv_acc[mi][u] += acc_v;
-                dk_acc[mi][u] += acc_k;
-            }
-        }
+        accumulate_product<D>(dv_acc, P_s, 1, TILE + 1, dO_s);
+        accumulate_product<D>(dk_acc, dS_s, 1, TILE + 1, Q_s);
     }
     // Q_s carries log2(e) / sqrt(D); ln 2 takes the log2(e) back out
     #pragma unroll
@@ -669,18 +670,7 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
         probability_gradients<D>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, p0, kt * TILE, full);
         __syncthreads();
         // dQ += dS K, for the rows of the query tile this thread owns
-        #pragma unroll
-        for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-            const int r = warp + WARPS * mi;
-            #pragma unroll
-            for (int u = 0; u < S::OWN_COLS; u++) {
-                const int col = lane + 32 * u;
-                float acc = 0.0f;
-                #pragma unroll 8
-                for (int c = 0; c < TILE; c++) acc += dS_s[r * (TILE + 1) + c] * K_s[c * S::ROW + col];
-                dq_acc[mi][u] += acc;
-            }
-        }
+        accumulate_product<D>(dq_acc, dS_s, TILE + 1, 1, K_s);
     }
     const float scale = 1.0f / sqrtf((float)D);
     #pragma unroll
