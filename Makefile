@@ -3,7 +3,7 @@
 #   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise
 #   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h)
 #   make gpu        force the GPU build (sm_80 and sm_90; compiles without a GPU, warnings are errors)
-#   make test       build, then run ./test_kernels
+#   make test       build, then run the emulator's test (tools/test_emulator.cpp) and ./test_kernels
 #   make bench      build, then time the attention (tools/bench.c)
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
 #   make clean
@@ -82,7 +82,13 @@ test_kernels: $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o build/target
 $(BUILD)/bench: $(BUILD)/bench.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/bench.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
 
-test: all
+# The emulator's own test is built for the CPU whatever the target.
+build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
+	@mkdir -p build
+	$(CXX) -O2 -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@
+
+test: all build/test_emulator
+	build/test_emulator
 	./test_kernels
 
 bench: announce $(BUILD)/bench

@@ -7,11 +7,12 @@
 //   - A launch runs the grid's blocks in parallel over OpenMP threads, one block per OS thread at a time.
 //   - The threads of a block run as fibers (stacks of their own, switched with _setjmp/_longjmp; see
 //     switch_context): each runs until it reaches __syncthreads(),
-//     then the next one runs; when every live thread waits at the same barrier they are all released.
-//     A block whose threads wait at different barriers is a bug on the GPU: it aborts with file:line.
+//     then the next one runs; when every thread waits at the same barrier they are all released.
+//     A barrier that some thread of the block does not reach (it waits elsewhere, or has returned)
+//     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread (much cheaper).
-//     The choice is made per block: thread 0 runs as a fiber; if it finishes without meeting a barrier,
-//     the others run as plain calls, and a barrier met by one of them aborts with a clear message.
+//     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
+//     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
 //     the block's fibers. Dynamic shared memory must be declared once at file scope as
 //     `extern __shared__ float smem[];` (this header defines that one name; g++ mishandles a
@@ -171,9 +172,9 @@ inline void syncthreads(const char *file, int line) {
     if (!bs.current) {
         char msg[512];
         snprintf(msg, sizeof msg,
-                 "thread (%u,%u,%u) reached __syncthreads() at %s:%d, but thread 0 finished without "
-                 "reaching any barrier: a barrier must be reached by every live thread of the block",
-                 threadIdx.x, threadIdx.y, threadIdx.z, file, line);
+                 "thread (%u,%u,%u) reached __syncthreads() at %s:%d, but thread %u, run first, finished "
+                 "without reaching any barrier: a barrier must be reached by every live thread of the block",
+                 threadIdx.x, threadIdx.y, threadIdx.z, file, line, bs.fibers[0]->thread.x);
         fail(msg);
     }
     bs.current->barrier_file = file;
@@ -235,7 +236,7 @@ inline void run_block(void) {
     const bool reverse = reverse_order();
     auto nth = [&](unsigned k) { return reverse ? n - 1 - k : k; };
 
-    // Thread 0 (in run order) as a fiber: it tells whether this kernel uses barriers.
+    // The first thread as a fiber: it tells whether this kernel uses barriers.
     start_thread(fiber(0), thread_of(nth(0), blockDim));
     if (fiber(0)->finished) {
         bs.current = NULL;
@@ -247,11 +248,14 @@ inline void run_block(void) {
     }
     for (unsigned k = 1; k < n; k++) start_thread(fiber(k), thread_of(nth(k), blockDim));
     for (;;) {
-        // Every live thread now waits at a barrier, or all have finished.
-        const Fiber *waiting = NULL;
+        // Every thread now waits at a barrier or has finished: all must be at the same barrier.
+        const Fiber *waiting = NULL, *exited = NULL;
         for (unsigned k = 0; k < n; k++) {
             const Fiber *f = bs.fibers[k];
-            if (f->finished) continue;
+            if (f->finished) {
+                exited = f;
+                continue;
+            }
             if (waiting && (f->barrier_line != waiting->barrier_line ||
                             strcmp(f->barrier_file, waiting->barrier_file) != 0)) {
                 char msg[512];
@@ -264,6 +268,14 @@ inline void run_block(void) {
             waiting = f;
         }
         if (!waiting) return;
+        if (exited) {
+            char msg[512];
+            snprintf(msg, sizeof msg,
+                     "thread %u finished while thread %u waits at __syncthreads() at %s:%d: a barrier "
+                     "must be reached by every live thread of the block",
+                     exited->thread.x, waiting->thread.x, waiting->barrier_file, waiting->barrier_line);
+            fail(msg);
+        }
         for (unsigned k = 0; k < n; k++)
             if (!bs.fibers[k]->finished) resume(bs.fibers[k]);
     }
