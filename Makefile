@@ -1,9 +1,10 @@
 # Makefile: builds the Sparse Transformer for an NVIDIA GPU or, from the same sources, for the CPU.
 #
-#   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise
+#   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise;
+#                   also prepares the default data set once (data/prepare.sh default)
 #   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h)
 #   make gpu        force the GPU build (sm_80 and sm_90; compiles without a GPU, warnings are errors)
-#   make test       build, then run the emulator's test (tools/test_emulator.cpp) and ./test_kernels
+#   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp) and ./test_kernels
 #   make bench      build, then time the attention (tools/bench.c)
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
 #   make clean
@@ -43,7 +44,11 @@ BINARIES = train test_kernels
 $(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
 
 .PHONY: all cpu gpu test bench asan clean announce
-all: announce $(BINARIES)
+all: announce $(BINARIES) data/default
+
+# The default data set, made once: enwik8 if it can be downloaded, else kjv from Debian, else synthetic.
+data/default:
+	bash data/prepare.sh default
 
 announce:
 	@echo "building for the $(TARGET) ($(WHY))"
@@ -53,23 +58,31 @@ cpu:
 gpu:
 	@$(MAKE) --no-print-directory TARGET=gpu all
 
-$(BUILD)/%.o: %.c sparse_transformer.h
-	@mkdir -p $(BUILD)
-	$(CC) $(CFLAGS) -c $< -o $@
+# Objects of both builds: C files by gcc, the .cu by nvcc (GPU) or by g++ through cuda_on_cpu.h (CPU).
+COMPILE_C = @mkdir -p $(@D) && echo "$(CC) $(CFLAGS) -c $< -o $@" && $(CC) $(CFLAGS) -c $< -o $@
+build/cpu/%.o: %.c sparse_transformer.h
+	$(COMPILE_C)
+build/gpu/%.o: %.c sparse_transformer.h
+	$(COMPILE_C)
+build/asan/%.o: %.c sparse_transformer.h
+	$(COMPILE_C)
+build/cpu/datatool.o: data/datatool.c sparse_transformer.h
+	$(COMPILE_C)
 
-$(BUILD)/bench.o: tools/bench.c sparse_transformer.h
-	@mkdir -p $(BUILD)
-	$(CC) $(CFLAGS) -I. -c $< -o $@
+build/cpu/bench.o build/gpu/bench.o: tools/bench.c sparse_transformer.h
+	$(COMPILE_C)
+
+build/gpu/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h
+	@mkdir -p $(@D)
+	$(NVCC) $(GPU_FLAGS) -c $< -o $@
+
+build/cpu/sparse_transformer.o build/asan/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) $(SANITIZE) -c $< -o $@
 
 ifeq ($(TARGET),gpu)
-$(BUILD)/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h
-	@mkdir -p $(BUILD)
-	$(NVCC) $(GPU_FLAGS) -c $< -o $@
 LINK = $(NVCC) $(GPU_ARCHS)
 else
-$(BUILD)/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
-	@mkdir -p $(BUILD)
-	$(CXX) $(CPU_FLAGS) $(SANITIZE) -c $< -o $@
 LINK = $(CXX) -fopenmp $(SANITIZE)
 endif
 
@@ -82,12 +95,15 @@ test_kernels: $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o build/target
 $(BUILD)/bench: $(BUILD)/bench.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/bench.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
 
-# The emulator's own test is built for the CPU whatever the target.
+# The data tool and the emulator's own test are built for the CPU whatever the target.
+build/datatool: build/cpu/datatool.o build/cpu/sparse_transformer.o
+	$(CXX) -fopenmp $^ -o $@ $(LIBS)
+
 build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
 	$(CXX) -O2 -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@
 
-test: all build/test_emulator
+test: announce $(BINARIES) build/test_emulator
 	build/test_emulator
 	./test_kernels
 
@@ -96,7 +112,7 @@ bench: announce $(BUILD)/bench
 
 # Sanitizer build of the tests, kept apart from the normal binaries.
 asan:
-	@$(MAKE) --no-print-directory TARGET=cpu BUILD=build/asan CFLAGS="$(CFLAGS) -g -fsanitize=address,undefined" \
+	@$(MAKE) --no-print-directory TARGET=cpu CFLAGS="$(CFLAGS) -g -fsanitize=address,undefined" \
 	  SANITIZE="-g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer" build/asan/test_kernels
 
 build/asan/test_kernels: build/asan/test_kernels.o build/asan/sparse_transformer.o

@@ -10,7 +10,8 @@ One file, read top to bottom:
   4. Tile layout  per step, for every tile of queries the range of key tiles it touches (and back).
   5. Kernels      forward (online softmax, stores the log-sum-exp) and backward (dQ, dK, dV with the
                   probabilities recomputed), written as plain loops over 32 x 32 tiles.
-  6. API          the C functions of sparse_transformer.h.
+  6. API          the C functions of sparse_transformer.h that run the attention.
+  7. Data         the data file format, mu-law audio, the synthetic data set.
 
 The same file builds for an NVIDIA GPU with nvcc and for the CPU with g++, through cuda_on_cpu.h,
 which runs these very kernels with the threads of a block as fibers. There is no separate CPU code.
@@ -28,9 +29,11 @@ All arithmetic is float32.
 #include "cuda_on_cpu.h"
 #define BUILT_FOR_GPU 0
 #endif
+#include <errno.h>
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -843,4 +846,171 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
                    pl.heads, pl.n_heads, a->H);
         });
     }
+}
+
+// ----------------------------------------------------------------------------
+// 7. Data files, mu-law audio, the synthetic data set (host code)
+
+static const char DATA_MAGIC[8] = {'S', 'T', 'B', 'Y', 'T', 'E', 'S', '1'};
+#define DATA_VERSION 1
+static const char *KIND_NAMES[] = {"text", "image", "audio"};
+
+const char *st_data_check(const StDataInfo *info) {
+    static char msg[256];
+    if (info->kind < ST_TEXT || info->kind > ST_AUDIO)
+        snprintf(msg, sizeof msg, "unknown data kind %d (0 text, 1 image, 2 audio)", (int)info->kind);
+    else if (info->kind == ST_IMAGE && (info->height < 1 || info->width < 1 || info->channels < 1))
+        snprintf(msg, sizeof msg, "an image data set needs height, width and channels >= 1, got %d x %d x %d",
+                 info->height, info->width, info->channels);
+    else if (info->kind == ST_IMAGE && info->n_bytes % ((size_t)info->height * info->width * info->channels))
+        snprintf(msg, sizeof msg, "%zu bytes are not a whole number of %d x %d x %d images", info->n_bytes,
+                 info->height, info->width, info->channels);
+    else if (info->kind == ST_AUDIO && info->sample_rate < 1)
+        snprintf(msg, sizeof msg, "an audio data set needs a sample rate >= 1, got %d", info->sample_rate);
+    else
+        return NULL;
+    return msg;
+}
+
+static void put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+static void put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+static uint32_t get_u32(const unsigned char *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = v << 8 | p[i]; return v; }
+static uint64_t get_u64(const unsigned char *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = v << 8 | p[i]; return v; }
+
+const char *st_data_write(const char *path, const StDataInfo *info, const unsigned char *bytes) {
+    static char msg[8192];
+    const char *bad = st_data_check(info);
+    if (bad) return bad;
+    const int image = info->kind == ST_IMAGE;
+    unsigned char header[ST_DATA_HEADER_BYTES] = {0};
+    memcpy(header, DATA_MAGIC, 8);
+    put_u32(header + 8, DATA_VERSION);
+    put_u32(header + 12, (uint32_t)info->kind);
+    put_u32(header + 16, image ? info->height : 0);
+    put_u32(header + 20, image ? info->width : 0);
+    put_u32(header + 24, image ? info->channels : 0);
+    put_u32(header + 28, info->kind == ST_AUDIO ? info->sample_rate : 0);
+    put_u64(header + 32, info->n_bytes);
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        snprintf(msg, sizeof msg, "cannot write %s: %s", tmp, strerror(errno));
+        return msg;
+    }
+    const int ok = fwrite(header, 1, sizeof header, f) == sizeof header &&
+                   fwrite(bytes, 1, info->n_bytes, f) == info->n_bytes;
+    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) {
+        snprintf(msg, sizeof msg, "cannot write %s: %s (is the disk full?)", path, strerror(errno));
+        remove(tmp);
+        return msg;
+    }
+    return NULL;
+}
+
+// Opens path and checks its header; on success the file is left positioned at the first data byte.
+static FILE *open_data(const char *path, StDataInfo *info, const char **error) {
+    static char msg[768];
+    *error = msg;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(msg, sizeof msg, "cannot open %s: %s (make data files with data/prepare.sh NAME)", path,
+                 strerror(errno));
+        return NULL;
+    }
+    unsigned char h[ST_DATA_HEADER_BYTES];
+    const size_t got = fread(h, 1, sizeof h, f);
+    fseek(f, 0, SEEK_END);
+    const long size = ftell(f);
+    fseek(f, ST_DATA_HEADER_BYTES, SEEK_SET);
+    if (got < sizeof h || memcmp(h, DATA_MAGIC, 8) != 0) {
+        snprintf(msg, sizeof msg, "%s is not a data file of this project (no STBYTES1 header): make it with "
+                 "data/prepare.sh NAME", path);
+    } else if (get_u32(h + 8) != DATA_VERSION) {
+        snprintf(msg, sizeof msg, "%s has format version %u, this program reads version %d: remake it with "
+                 "data/prepare.sh NAME", path, get_u32(h + 8), DATA_VERSION);
+    } else {
+        info->kind = (StDataKind)get_u32(h + 12);
+        info->height = (int)get_u32(h + 16), info->width = (int)get_u32(h + 20);
+        info->channels = (int)get_u32(h + 24), info->sample_rate = (int)get_u32(h + 28);
+        info->n_bytes = (size_t)get_u64(h + 32);
+        const char *bad = st_data_check(info);
+        if (bad) {
+            snprintf(msg, sizeof msg, "%s has a corrupt header: %s; remake it with data/prepare.sh NAME", path, bad);
+        } else if ((unsigned long)size != ST_DATA_HEADER_BYTES + info->n_bytes) {
+            snprintf(msg, sizeof msg, "%s is %s: its header says %zu bytes of data, the file holds %ld; remake it "
+                     "with data/prepare.sh NAME", path, (unsigned long)size < ST_DATA_HEADER_BYTES + info->n_bytes
+                     ? "truncated" : "too long", info->n_bytes, size - ST_DATA_HEADER_BYTES);
+        } else {
+            *error = NULL;
+            return f;
+        }
+    }
+    fclose(f);
+    return NULL;
+}
+
+const char *st_data_read_info(const char *path, StDataInfo *info) {
+    const char *error;
+    FILE *f = open_data(path, info, &error);
+    if (f) fclose(f);
+    return error;
+}
+
+unsigned char *st_data_load(const char *path, StDataInfo *info, const char **error) {
+    FILE *f = open_data(path, info, error);
+    if (!f) return NULL;
+    unsigned char *bytes = (unsigned char *)malloc(info->n_bytes ? info->n_bytes : 1);
+    if (!bytes || fread(bytes, 1, info->n_bytes, f) != info->n_bytes) {
+        static char msg[512];
+        snprintf(msg, sizeof msg, "cannot read the %zu bytes of %s", info->n_bytes, path);
+        *error = msg;
+        free(bytes);
+        bytes = NULL;
+    }
+    fclose(f);
+    return bytes;
+}
+
+const char *st_data_kind_name(StDataKind kind) { return KIND_NAMES[kind]; }
+
+// mu-law companding (mu = 255): y = sign(x) ln(1 + mu |x|) / ln(1 + mu), then y in [-1, 1] is
+// quantised to 256 levels. Quiet sounds get finer steps than loud ones, as the ear hears them.
+#define MU 255.0f
+unsigned char st_mulaw_encode(float sample) {
+    const float x = fminf(1.0f, fmaxf(-1.0f, sample));
+    const float y = copysignf(log1pf(MU * fabsf(x)) / log1pf(MU), x);
+    return (unsigned char)lrintf((y + 1.0f) * 127.5f);
+}
+float st_mulaw_decode(unsigned char byte) {
+    const float y = byte / 127.5f - 1.0f;
+    return copysignf((powf(1.0f + MU, fabsf(y)) - 1.0f) / MU, y);
+}
+
+static const char SYNTHETIC_ALPHABET[] = "abcdefghijklmnopqrstuvwxyz ";
+#define SYNTHETIC_LETTERS 27
+
+static uint64_t splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+void st_synthetic(unsigned char *out, size_t n, int period, double noise, unsigned long long seed) {
+    uint64_t state = seed;
+    for (size_t t = 0; t < n; t++) {
+        const double u = (splitmix64(&state) >> 11) * (1.0 / 9007199254740992.0);
+        const unsigned char fresh = SYNTHETIC_ALPHABET[splitmix64(&state) % SYNTHETIC_LETTERS];
+        if (t % period == (size_t)period - 1) out[t] = '\n';
+        else if (t < (size_t)period || u < noise) out[t] = fresh;
+        else out[t] = out[t - period];
+    }
+}
+
+double st_synthetic_entropy(int period, double noise) {
+    const double fresh = noise / SYNTHETIC_LETTERS, copy = 1.0 - noise + fresh;
+    double bits = -copy * log2(copy);
+    if (fresh > 0) bits -= (SYNTHETIC_LETTERS - 1) * fresh * log2(fresh);
+    return bits * (period - 1) / period; // the newline that ends each line is certain
 }

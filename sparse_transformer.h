@@ -77,6 +77,56 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
                            const float *out, const float *lse, const float *q, const float *k,
                            const float *v, int B);
 
+// ----------------------------------------------------------------------------
+// Data files: a 64-byte header, then the bytes (text, images or audio: the model sees bytes 0..255).
+//
+//   offset  size  field
+//        0     8  magic "STBYTES1"
+//        8     4  version (1)
+//       12     4  kind: 0 text, 1 image, 2 audio
+//       16     4  image height       (0 unless image)
+//       20     4  image width        (0 unless image)
+//       24     4  image channels     (0 unless image)
+//       28     4  audio sample rate  (0 unless audio; the bytes are 8-bit mu-law)
+//       32     8  number of bytes that follow the header
+//       40    24  zero
+// Integers are little-endian. Images are stored one after the other, each in (row, column, channel)
+// order, so the byte count is a multiple of height * width * channels.
+
+#define ST_DATA_HEADER_BYTES 64
+
+typedef enum { ST_TEXT, ST_IMAGE, ST_AUDIO } StDataKind;
+
+typedef struct {
+    StDataKind kind;
+    int height, width, channels; // images
+    int sample_rate;             // audio
+    size_t n_bytes;
+} StDataInfo;
+
+// NULL when the description is consistent, else a one-line message.
+const char *st_data_check(const StDataInfo *info);
+const char *st_data_kind_name(StDataKind kind); // "text" "image" "audio"
+// Writes header and bytes to path + ".tmp", then renames it to path. NULL on success, else a message.
+const char *st_data_write(const char *path, const StDataInfo *info, const unsigned char *bytes);
+// Reads and checks the header (magic, version, kind, shape, file size). NULL on success, else a
+// one-line message naming the file, what is wrong and what to do.
+const char *st_data_read_info(const char *path, StDataInfo *info);
+// Reads the whole file: info and a malloc'd buffer of info->n_bytes, or NULL with *error set.
+unsigned char *st_data_load(const char *path, StDataInfo *info, const char **error);
+
+// 8-bit mu-law (mu = 255) for audio: samples in [-1, 1] <-> bytes, monotonic (byte 0 is -1, 255 is +1).
+unsigned char st_mulaw_encode(float sample);
+float st_mulaw_decode(unsigned char byte);
+
+// The synthetic data set: lines of `period` bytes (lowercase letters and spaces, a newline last).
+// The first line is random; every later byte copies the byte one period back, except that with
+// probability `noise` it is a fresh random letter. A window shorter than the period cannot predict
+// it; a stride or block that divides the period can. Deterministic in `seed`.
+void st_synthetic(unsigned char *out, size_t n, int period, double noise, unsigned long long seed);
+// The entropy of that source, in bits per byte, once the first line is seen: what a model can reach.
+double st_synthetic_entropy(int period, double noise);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,17 +7,20 @@ Read it in this order:
      the pattern formulas), and a plain dense attention over it in double, forward and backward;
   2. the checks of the reference itself: finite differences of its gradients, the masks against the
      library's formulas, the number of allowed pairs against counting arguments;
-  3. the kernels against the reference, on every pattern and combination, odd sizes, several heads.
+  3. the kernels against the reference, on every pattern and combination, odd sizes, several heads;
+  4. the data files (header round trip, rejection of bad files), mu-law audio, the synthetic data.
 
 Run: ./test_kernels [-v]. The last line is "N passed, M failed"; the exit code is 1 if any failed.
 CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
 */
+#define _POSIX_C_SOURCE 200809L // mkdtemp
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "sparse_transformer.h"
 
@@ -460,6 +463,164 @@ static void test_work_at_scale(void) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// 4. Data files, mu-law, synthetic data
+
+static char temp_dir[64];
+
+static void write_raw(const char *path, const unsigned char *bytes, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(bytes, 1, n, f) != n) { perror(path); exit(1); }
+    fclose(f);
+}
+static unsigned char *read_raw(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { perror(path); exit(1); }
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *b = malloc(*n + 1);
+    if (fread(b, 1, *n, f) != *n) { perror(path); exit(1); }
+    fclose(f);
+    return b;
+}
+
+// Every kind of data file written and read back: the same description, the same bytes.
+static void test_data_round_trip(void) {
+    const StDataInfo kinds[] = {
+        {ST_TEXT, 0, 0, 0, 0, 1000}, {ST_IMAGE, 2, 3, 3, 0, 4 * 18}, {ST_AUDIO, 0, 0, 0, 8000, 777}};
+    for (int k = 0; k < 3; k++) {
+        char path[128];
+        snprintf(path, sizeof path, "%s/round_trip.bin", temp_dir);
+        unsigned char *bytes = malloc(kinds[k].n_bytes);
+        for (size_t i = 0; i < kinds[k].n_bytes; i++) bytes[i] = (unsigned char)(uniform() * 128 + 128);
+        const char *err = st_data_write(path, &kinds[k], bytes);
+        StDataInfo back;
+        const char *load_err = NULL;
+        unsigned char *loaded = err ? NULL : st_data_load(path, &back, &load_err);
+        const int same = loaded && back.kind == kinds[k].kind && back.height == kinds[k].height &&
+                         back.width == kinds[k].width && back.channels == kinds[k].channels &&
+                         back.sample_rate == kinds[k].sample_rate && back.n_bytes == kinds[k].n_bytes &&
+                         memcmp(loaded, bytes, back.n_bytes) == 0;
+        check(same, "data file round trip, %s: %s", st_data_kind_name(kinds[k].kind),
+              err ? err : load_err ? load_err : "same description and bytes");
+        free(bytes);
+        free(loaded);
+    }
+}
+
+// A damaged copy of a good file is rejected with a message that says what is wrong.
+static void test_data_rejections(void) {
+    char good[128], bad[128], missing[128];
+    snprintf(good, sizeof good, "%s/good.bin", temp_dir);
+    snprintf(bad, sizeof bad, "%s/bad.bin", temp_dir);
+    snprintf(missing, sizeof missing, "%s/missing.bin", temp_dir);
+    const StDataInfo image = {ST_IMAGE, 4, 4, 1, 0, 64};
+    unsigned char pixels[64];
+    for (int i = 0; i < 64; i++) pixels[i] = (unsigned char)(uniform() * 100 + 100);
+    if (st_data_write(good, &image, pixels)) { check(0, "writing the fixture"); return; }
+    size_t n;
+    unsigned char *file = read_raw(good, &n);
+    const struct { const char *what; size_t offset; int value; long size_change; const char *expect; } cases[] = {
+        {"bad magic", 0, 'X', 0, "not a data file"},
+        {"unknown version", 8, 7, 0, "version"},
+        {"unknown kind", 12, 9, 0, "corrupt header"},
+        {"zero height", 16, 0, 0, "corrupt header"},
+        {"truncated", 0, -1, -1, "truncated"},
+        {"too long", 0, -1, +1, "too long"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        unsigned char *copy = malloc(n + 1);
+        memcpy(copy, file, n);
+        copy[n] = 0;
+        if (cases[c].value >= 0) copy[cases[c].offset] = (unsigned char)cases[c].value;
+        write_raw(bad, copy, n + cases[c].size_change);
+        StDataInfo info;
+        const char *err = st_data_read_info(bad, &info);
+        check(err && strstr(err, cases[c].expect), "data file with %s rejected: %s", cases[c].what,
+              err ? err : "(accepted)");
+        free(copy);
+    }
+    StDataInfo info;
+    const char *err = st_data_read_info(missing, &info);
+    check(err && strstr(err, "cannot open"), "missing data file rejected: %s", err ? err : "(accepted)");
+    const StDataInfo ragged = {ST_IMAGE, 4, 4, 1, 0, 60};
+    err = st_data_write(bad, &ragged, pixels);
+    check(err != NULL, "writing 60 bytes as 4 x 4 images refused: %s", err ? err : "(accepted)");
+    free(file);
+}
+
+// Companding: every byte survives decode then encode, and every sample in [-1, 1] comes back within
+// its quantisation cell. Bytes are levels of y = ln(1 + 255|x|) / ln 256 spaced 2/255 apart, so
+// |y - y_q| <= 1/255; x = (256^|y| - 1) / 255 is convex in |y|, so the error in x is at most
+// 1/255 times its slope at the cell's outer edge: ln(256) / 255 * 256^(|y_q| + 1/255).
+static void test_mulaw(void) {
+    int bytes_ok = 1, monotonic = 1;
+    double worst = 0;
+    for (int b = 0; b < 256; b++) {
+        bytes_ok &= st_mulaw_encode(st_mulaw_decode((unsigned char)b)) == b;
+        if (b > 0) monotonic &= st_mulaw_decode((unsigned char)b) > st_mulaw_decode((unsigned char)(b - 1));
+    }
+    for (int i = 0; i <= 20000; i++) {
+        const double x = -1.0 + i / 10000.0;
+        const unsigned char q = st_mulaw_encode((float)x);
+        const double y_q = fabs(q / 127.5 - 1.0);
+        const double bound = 1.0 / 255.0 * log(256.0) / 255.0 * pow(256.0, y_q + 1.0 / 255.0) + 1e-6;
+        const double err = fabs(st_mulaw_decode(q) - x) / bound;
+        if (err > worst) worst = err;
+    }
+    check(bytes_ok && monotonic && worst <= 1.0 && st_mulaw_encode(-1.0f) == 0 && st_mulaw_encode(1.0f) == 255,
+          "mu-law: bytes round trip %s, decode increasing %s, samples within %.2f of their cell's bound",
+          bytes_ok ? "yes" : "NO", monotonic ? "yes" : "NO", worst);
+}
+
+// The synthetic source: deterministic in its seed, and built as documented (copies one period back,
+// noise at the stated rate, a newline ending each line, letters and spaces only).
+static void test_synthetic(void) {
+    const size_t n = 200000;
+    const int period = 100;
+    const double noise = 0.1;
+    unsigned char *a = malloc(n), *b = malloc(n), *c = malloc(n);
+    st_synthetic(a, n, period, noise, 42);
+    st_synthetic(b, n, period, noise, 42);
+    st_synthetic(c, n, period, noise, 43);
+    size_t copies = 0, positions = 0, bad_newlines = 0, bad_letters = 0;
+    for (size_t t = 0; t < n; t++) {
+        const int newline_slot = t % period == (size_t)period - 1;
+        bad_newlines += newline_slot != (a[t] == '\n');
+        bad_letters += !newline_slot && !(a[t] == ' ' || (a[t] >= 'a' && a[t] <= 'z'));
+        if (t >= (size_t)period && !newline_slot) positions++, copies += a[t] == a[t - period];
+    }
+    // a byte equals the one a period back unless noise struck and drew another of the 27 symbols
+    const double expected = 1.0 - noise * 26.0 / 27.0, measured = (double)copies / positions;
+    check(memcmp(a, b, n) == 0 && memcmp(a, c, n) != 0, "synthetic data: same seed same bytes, other seed other bytes");
+    check(bad_newlines == 0 && bad_letters == 0 && fabs(measured - expected) < 0.005,
+          "synthetic data: %.4f of bytes repeat the line above (expected %.4f), %zu misplaced newlines, %zu "
+          "bytes outside the alphabet", measured, expected, bad_newlines, bad_letters);
+    check(st_synthetic_entropy(period, 0.0) == 0.0 &&
+          fabs(st_synthetic_entropy(period, 1.0) - log2(27.0) * (period - 1) / period) < 1e-12,
+          "synthetic entropy: 0 without noise, log2(27) per letter with only noise");
+    free(a);
+    free(b);
+    free(c);
+}
+
+static void test_data(void) {
+    strcpy(temp_dir, "/tmp/test_kernels_XXXXXX");
+    if (!mkdtemp(temp_dir)) { perror("mkdtemp"); exit(1); }
+    test_data_round_trip();
+    test_data_rejections();
+    test_mulaw();
+    test_synthetic();
+    const char *files[] = {"round_trip.bin", "good.bin", "bad.bin"};
+    for (int i = 0; i < 3; i++) {
+        char path[128];
+        snprintf(path, sizeof path, "%s/%s", temp_dir, files[i]);
+        remove(path);
+    }
+    rmdir(temp_dir);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "-v") == 0) verbose = 1;
@@ -471,6 +632,7 @@ int main(int argc, char **argv) {
     test_rejections();
     test_kernels();
     test_work_at_scale();
+    test_data();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
