@@ -929,6 +929,9 @@ static FILE *open_data(const char *path, StDataInfo *info, const char **error) {
     } else if (get_u32(h + 8) != DATA_VERSION) {
         snprintf(msg, sizeof msg, "%s has format version %u, this program reads version %d: remake it with "
                  "data/prepare.sh NAME", path, get_u32(h + 8), DATA_VERSION);
+    } else if (get_u32(h + 12) > ST_AUDIO) {
+        snprintf(msg, sizeof msg, "%s has a corrupt header: unknown data kind %u (0 text, 1 image, 2 audio); "
+                 "remake it with data/prepare.sh NAME", path, get_u32(h + 12));
     } else {
         info->kind = (StDataKind)get_u32(h + 12);
         info->height = (int)get_u32(h + 16), info->width = (int)get_u32(h + 20);
