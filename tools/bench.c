@@ -19,7 +19,7 @@ CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed runs per size; default 1
 #include <string.h>
 #include <time.h>
 
-#include "sparse_transformer.h"
+#include "../sparse_transformer.h"
 
 static double now_ms(void) {
     struct timespec t;
