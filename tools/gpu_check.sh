@@ -15,7 +15,7 @@ make TARGET=gpu -j 4 train test_kernels > "$logs/build.log" 2>&1; build=$?  # bi
 tests=1; bench=1
 if [ $build = 0 ]; then
     ./test_kernels -v > "$logs/test_kernels.log" 2>&1; tests=$?
-    make bench > "$logs/bench.log" 2>&1; bench=$?
+    make TARGET=gpu bench > "$logs/bench.log" 2>&1; bench=$?
 fi
 
 echo
