@@ -81,7 +81,7 @@ build/cpu/sparse_transformer.o build/asan/sparse_transformer.o: sparse_transform
 	$(CXX) $(CPU_FLAGS) $(SANITIZE) -c $< -o $@
 
 ifeq ($(TARGET),gpu)
-LINK = $(NVCC) $(GPU_ARCHS)
+LINK = $(NVCC) $(GPU_ARCHS) -lcublas
 else
 LINK = $(CXX) -fopenmp $(SANITIZE)
 endif

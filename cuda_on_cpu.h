@@ -107,6 +107,55 @@ template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribu
 }
 
 // ----------------------------------------------------------------------------
+// cuBLAS: the one call the model uses, cublasSgemm, column-major as cuBLAS defines it:
+//   C (m x n) = alpha op(A) op(B) + beta C,  op(A) m x k, op(B) k x n, X(i, j) = X[i + j * ldX]
+// Each column of C is computed by one OpenMP thread in a fixed order: results do not depend on the
+// number of threads, so a CPU run is repeatable bit for bit.
+
+enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 };
+enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
+struct cublasContext {};
+typedef cublasContext *cublasHandle_t;
+
+inline cublasStatus_t cublasCreate(cublasHandle_t *handle) {
+    static cublasContext context;
+    *handle = &context;
+    return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasDestroy(cublasHandle_t) { return CUBLAS_STATUS_SUCCESS; }
+
+inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t opA, cublasOperation_t opB, int m, int n,
+                                  int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
+                                  const float *beta, float *C, int ldc) {
+    if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    // op(B)(p, j): element p of column j of op(B)
+    auto b_at = [&](int p, int j) { return opB == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb]; };
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < n; j++) {
+        float *c = C + (size_t)j * ldc;
+        for (int i = 0; i < m; i++) c[i] = *beta == 0.0f ? 0.0f : *beta * c[i];
+        if (opA == CUBLAS_OP_N) {
+            // column j of C += op(B)(p, j) times column p of A (contiguous)
+            for (int p = 0; p < k; p++) {
+                const float *a = A + (size_t)p * lda, b = *alpha * b_at(p, j);
+#pragma omp simd
+                for (int i = 0; i < m; i++) c[i] += b * a[i];
+            }
+        } else {
+            // C(i, j) += dot(row i of op(A) = column i of A (contiguous), column j of op(B))
+            for (int i = 0; i < m; i++) {
+                const float *a = A + (size_t)i * lda;
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int p = 0; p < k; p++) sum += a[p] * b_at(p, j);
+                c[i] += *alpha * sum;
+            }
+        }
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// ----------------------------------------------------------------------------
 // The block scheduler: threads as fibers, barriers as cooperative switches
 
 #define __syncthreads() cuda_emu::syncthreads(__FILE__, __LINE__)

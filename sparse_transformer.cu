@@ -11,7 +11,9 @@ One file, read top to bottom:
   5. Kernels      forward (online softmax, stores the log-sum-exp) and backward (dQ, dK, dV with the
                   probabilities recomputed), written as plain loops over 32 x 32 tiles.
   6. API          the C functions of sparse_transformer.h that run the attention.
-  7. Data         the data file format, mu-law audio, the synthetic data set.
+  7. Model kernels embeddings, layer norm, GELU, dropout, cross-entropy, AdamW.
+  8. Model        the byte-level Sparse Transformer: parameters, forward, backward, update.
+  9. Data         the data file format, mu-law audio, the synthetic data set.
 
 The same file builds for an NVIDIA GPU with nvcc and for the CPU with g++, through cuda_on_cpu.h,
 which runs these very kernels with the threads of a block as fibers. There is no separate CPU code.
@@ -21,6 +23,7 @@ All arithmetic is float32.
 */
 
 #ifdef __CUDACC__
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \
     kernel<<<grid, block, shared_bytes>>>(__VA_ARGS__)
@@ -50,6 +53,22 @@ static void cuda_check(cudaError_t err, const char *file, int line) {
     exit(1);
 }
 #define cudaCheck(call) cuda_check((call), __FILE__, __LINE__)
+
+static void cublas_check(cublasStatus_t status, const char *file, int line) {
+    if (status == CUBLAS_STATUS_SUCCESS) return;
+    fprintf(stderr, "[cuBLAS error] %s:%d: status %d (a matrix product failed; rerun the tests: make test)\n",
+            file, line, (int)status);
+    exit(1);
+}
+#define cublasCheck(call) cublas_check((call), __FILE__, __LINE__)
+
+// Random numbers for initialisation and data: splitmix64 (Steele, Lea, Flood 2014), one 64-bit state.
+static uint64_t splitmix64(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
 
 // Launches a kernel that may use more than the default 48 KB of dynamic shared memory, and checks it.
 #define LAUNCH(kernel, grid, block, shared_bytes, ...)                                              \
@@ -849,7 +868,635 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 }
 
 // ----------------------------------------------------------------------------
-// 7. Data files, mu-law audio, the synthetic data set (host code)
+// 7. Model kernels: embeddings, layer norm, GELU, dropout, softmax cross-entropy, AdamW
+//
+// Elementwise and row-wise kernels, one thread per element or per row. None has a barrier, so on the
+// CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
+// embeddings) are done by one thread per output, looping over the rows in order: no atomics, and
+// the same result on every run, which the bit-identical resume of training relies on.
+
+#define BLOCK 256
+static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
+
+// x[b, t, :] = wte[token] + wp0[pos0(t)] + wp1[pos1(t)] + wp2[pos2(t)]: the token's embedding plus the
+// three factors of its position's embedding (text and audio: row and column of a grid of width l;
+// images: row, column and channel). positions: (T, 3) indices into the three tables.
+__global__ void embedding_forward_kernel(float *x, const int *tokens, const int *positions, const float *wte,
+                                         const float *wp0, const float *wp1, const float *wp2, int BT, int T, int C) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)BT * C) return;
+    const int bt = (int)(e / C), c = (int)(e % C), t = bt % T;
+    const int *p = positions + 3 * t;
+    x[e] = wte[tokens[bt] * C + c] + wp0[p[0] * C + c] + wp1[p[1] * C + c] + wp2[p[2] * C + c];
+}
+
+// Backward of one embedding table: dtable[row, c] += sum over the (b, t) that used the row of dx[b, t, c].
+// One thread per (row, c). index(bt) = tokens[bt] for wte (stride 1), positions[3 t + factor] otherwise.
+__global__ void embedding_backward_kernel(float *dtable, const float *dx, const int *index, int per_t, int factor,
+                                          int rows, int BT, int T, int C) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)rows * C) return;
+    const int row = (int)(e / C), c = (int)(e % C);
+    float sum = 0.0f;
+    for (int bt = 0; bt < BT; bt++) {
+        const int used = per_t ? index[3 * (bt % T) + factor] : index[bt];
+        if (used == row) sum += dx[(size_t)bt * C + c];
+    }
+    dtable[e] += sum;
+}
+
+// y = (x - mean) / sqrt(var + 1e-5) * w + b over the C channels of each row; keeps mean and 1/std.
+__global__ void layernorm_forward_kernel(float *y, float *mean, float *rstd, const float *x, const float *w,
+                                         const float *b, int rows, int C) {
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    const float *xr = x + (size_t)row * C;
+    float m = 0.0f, v = 0.0f;
+    for (int c = 0; c < C; c++) m += xr[c];
+    m /= C;
+    for (int c = 0; c < C; c++) v += (xr[c] - m) * (xr[c] - m);
+    const float s = 1.0f / sqrtf(v / C + 1e-5f);
+    for (int c = 0; c < C; c++) y[(size_t)row * C + c] = (xr[c] - m) * s * w[c] + b[c];
+    mean[row] = m;
+    rstd[row] = s;
+}
+
+// Backward of y = xhat * w + b, xhat = (x - mean) rstd, for the input (one thread per row):
+//   dxhat = dy w;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))      (added to dx)
+__global__ void layernorm_backward_input_kernel(float *dx, const float *dy, const float *x, const float *w,
+                                                const float *mean, const float *rstd, int rows, int C) {
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    const float *xr = x + (size_t)row * C, *dyr = dy + (size_t)row * C;
+    float sum_d = 0.0f, sum_dx = 0.0f;
+    for (int c = 0; c < C; c++) {
+        const float xhat = (xr[c] - mean[row]) * rstd[row], d = dyr[c] * w[c];
+        sum_d += d;
+        sum_dx += d * xhat;
+    }
+    for (int c = 0; c < C; c++) {
+        const float xhat = (xr[c] - mean[row]) * rstd[row];
+        dx[(size_t)row * C + c] += rstd[row] * (dyr[c] * w[c] - sum_d / C - xhat * sum_dx / C);
+    }
+}
+
+// ... and for the parameters (one thread per channel): dw += sum_rows dy xhat, db += sum_rows dy.
+__global__ void layernorm_backward_params_kernel(float *dw, float *db, const float *dy, const float *x,
+                                                 const float *mean, const float *rstd, int rows, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sum_w = 0.0f, sum_b = 0.0f;
+    for (int row = 0; row < rows; row++) {
+        const float d = dy[(size_t)row * C + c];
+        sum_w += d * (x[(size_t)row * C + c] - mean[row]) * rstd[row];
+        sum_b += d;
+    }
+    dw[c] += sum_w;
+    db[c] += sum_b;
+}
+
+// y[r, o] += b[o] (the bias of a matrix product); and its backward db[o] += sum_r dy[r, o].
+__global__ void add_bias_kernel(float *y, const float *b, size_t rows, int cols) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < rows * cols) y[e] += b[e % cols];
+}
+__global__ void bias_backward_kernel(float *db, const float *dy, int rows, int cols) {
+    const int o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= cols) return;
+    float sum = 0.0f;
+    for (int r = 0; r < rows; r++) sum += dy[(size_t)r * cols + o];
+    db[o] += sum;
+}
+
+// The paper's GELU: gelu(x) = x sigmoid(1.702 x). Backward: d/dx = s + 1.702 x s (1 - s).
+__global__ void gelu_forward_kernel(float *y, const float *x, size_t n) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < n) y[e] = x[e] / (1.0f + expf(-1.702f * x[e]));
+}
+__global__ void gelu_backward_kernel(float *dx, const float *dy, const float *x, size_t n) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    const float s = 1.0f / (1.0f + expf(-1.702f * x[e]));
+    dx[e] = dy[e] * (s + 1.702f * x[e] * s * (1.0f - s));
+}
+
+// (B, T, 3C) -> q, k, v (B, H, T, D), and back. `to_heads` chooses the direction, so that the forward
+// and the backward of both re-layouts share one index computation.
+__global__ void split_heads_kernel(float *qkv, float *q, float *k, float *v, int B, int T, int H, int D,
+                                   int to_heads) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x, C = (size_t)H * D;
+    if (e >= (size_t)B * T * C) return;
+    const size_t b = e / (T * C), t = e / C % T, h = e % C / D, d = e % D;
+    const size_t row = (b * T + t) * 3 * C + h * D + d, head = ((b * H + h) * T + t) * D + d;
+    float *parts[3] = {q, k, v};
+    for (int s = 0; s < 3; s++) {
+        if (to_heads) parts[s][head] = qkv[row + s * C];
+        else qkv[row + s * C] = parts[s][head];
+    }
+}
+__global__ void merge_heads_kernel(float *y, float *heads, int B, int T, int H, int D, int to_rows) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x, C = (size_t)H * D;
+    if (e >= (size_t)B * T * C) return;
+    const size_t b = e / (T * C), t = e / C % T, h = e % C / D, d = e % D;
+    const size_t head = ((b * H + h) * T + t) * D + d;
+    if (to_rows) y[e] = heads[head];
+    else heads[head] = y[e];
+}
+
+// Dropout at the end of a residual branch: x *= keep / (1 - p), keep = (hash(seed, i) >= p). The mask is
+// a hash of the element's index and a seed, never stored: the backward, and the recomputed forward,
+// draw the same mask. Applied to the gradient it is its own backward (a diagonal scaling).
+static __host__ __device__ inline uint32_t hash32(uint64_t x) {
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull; x ^= x >> 33;
+    return (uint32_t)x;
+}
+__global__ void dropout_kernel(float *x, size_t n, float p, uint64_t seed) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    const float u = hash32(seed * 0x9E3779B97F4A7C15ull + e) * (1.0f / 4294967296.0f);
+    x[e] = u >= p ? x[e] / (1.0f - p) : 0.0f;
+}
+
+// Softmax cross-entropy, forward and backward in one pass, one thread per row of logits (BT, V):
+//   loss_r = logsumexp(z_r) - z_r[target],  dz_r = (softmax(z_r) - onehot(target)) / BT
+__global__ void crossentropy_kernel(float *losses, float *dlogits, const float *logits, const int *targets,
+                                    int BT, int V) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= BT) return;
+    const float *z = logits + (size_t)r * V;
+    float top = -INFINITY, sum = 0.0f;
+    for (int i = 0; i < V; i++) top = fmaxf(top, z[i]);
+    for (int i = 0; i < V; i++) sum += expf(z[i] - top);
+    losses[r] = top + logf(sum) - z[targets[r]];
+    if (!dlogits) return;
+    for (int i = 0; i < V; i++)
+        dlogits[(size_t)r * V + i] = (expf(z[i] - top) / sum - (i == targets[r] ? 1.0f : 0.0f)) / BT;
+}
+
+// Sum of squares of the gradient, in partial sums the host adds up (one per thread, fixed order).
+__global__ void sum_squares_kernel(float *partial, const float *x, size_t n) {
+    const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x, threads = (size_t)gridDim.x * blockDim.x;
+    float sum = 0.0f;
+    for (size_t e = t; e < n; e += threads) sum += x[e] * x[e];
+    partial[t] = sum;
+}
+
+// AdamW on one parameter (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments.
+__global__ void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, float lr,
+                             float grad_scale, float beta1, float beta2, float correction1, float correction2,
+                             float eps, float weight_decay) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    const float grad = g[e] * grad_scale; // grad_scale < 1 clips the global norm
+    m[e] = beta1 * m[e] + (1.0f - beta1) * grad;
+    v[e] = beta2 * v[e] + (1.0f - beta2) * grad * grad;
+    const float step = (m[e] / correction1) / (sqrtf(v[e] / correction2) + eps);
+    p[e] -= lr * (step + weight_decay * p[e]);
+}
+
+// ----------------------------------------------------------------------------
+// 8. The model: parameters, activations, forward, backward
+
+// The parameter tensors, in the order they sit in the one parameter buffer.
+// Per block: a = dropout(attn(LN1(x))); b = dropout(ff(LN2(x + a))); x <- x + a + b.
+enum { WTE, WP0, WP1, WP2, N_EMBED };                                                  // embeddings
+enum { LN1W, LN1B, QKVW, QKVB, PROJW, PROJB, LN2W, LN2B, FCW, FCB, FC2W, FC2B, N_LAYER }; // per block
+enum { LNFW, LNFB, OUTW, N_FINAL };                                                     // after the blocks
+static const char *EMBED_NAMES[N_EMBED] = {"wte", "wp0", "wp1", "wp2"};
+static const char *LAYER_NAMES[N_LAYER] = {"ln1w", "ln1b", "qkvw", "qkvb", "projw", "projb",
+                                           "ln2w", "ln2b", "fcw", "fcb", "fc2w", "fc2b"};
+static const char *FINAL_NAMES[N_FINAL] = {"lnfw", "lnfb", "outw"};
+#define VOCAB 256
+
+struct Tensor {
+    size_t offset, size;
+    int rows, cols;   // a matrix (rows, cols); vectors have rows = 1
+    float init_std;   // 0: zeros; < 0: ones (layer norm weights)
+    int decay;        // weight decay applies (matrices only)
+};
+
+// Activations of one block, (B, T, ...). With recompute one set is shared by all blocks.
+struct LayerActs {
+    float *ln1, *ln1_mean, *ln1_rstd; // (B, T, C), (B, T), (B, T)
+    float *qkv;                       // (B, T, 3C)
+    float *q, *k, *v, *att, *lse;     // (B, H, T, D) x 4, (B, H, T)
+    float *att_rows;                  // (B, T, C) attention output, heads side by side
+    float *a;                         // (B, T, C) attention branch (after dropout)
+    float *xa;                        // (B, T, C) x + a
+    float *ln2, *ln2_mean, *ln2_rstd; // (B, T, C), (B, T), (B, T)
+    float *fc, *fc_gelu;              // (B, T, F) before and after GELU
+    float *bb;                        // (B, T, C) MLP branch (after dropout)
+};
+
+struct StModel {
+    StModelConfig cfg;
+    int C, H, D, F, L, T;
+    Tensor *tensors;                 // N_EMBED + L N_LAYER + N_FINAL
+    int n_tensors;
+    size_t n_params;
+    float *params, *grads, *adam_m, *adam_v; // (n_params) each, on the device
+    StAttention **attention;         // per layer
+    int *positions;                  // (T, 3) on the device
+    cublasHandle_t cublas;
+    // activations, sized for B_alloc sequences
+    int B_alloc, B;
+    int *tokens, *targets;           // (B, T)
+    float *residual;                 // (L + 1, B, T, C): the input of every block, then the final stream
+    LayerActs *acts;                 // L sets, or 1 with recompute
+    float *lnf, *lnf_mean, *lnf_rstd, *logits, *dlogits, *losses; // final layer norm and output
+    float *dres, *dscratch, *dbig;   // gradient scratch: (B, T, C), (B, T, C), (B, T, max(3C, F))
+    float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
+    float *act_base;                 // the one buffer all of the above are carved from
+    size_t act_bytes;
+    float *partial;                  // (grid of sum_squares_kernel)
+    uint64_t dropout_seed;
+    int training;
+};
+
+static float *param(const StModel *m, float *base, int layer, int which) {
+    const int index = layer < 0 ? which : layer == m->L ? N_EMBED + m->L * N_LAYER + which
+                                                      : N_EMBED + layer * N_LAYER + which;
+    return base + m->tensors[index].offset;
+}
+#define P(m, layer, which) param(m, (m)->params, layer, which)
+#define G(m, layer, which) param(m, (m)->grads, layer, which)
+
+const char *st_model_check(const StModelConfig *c) {
+    static char msg[256];
+    if (c->dim < 1 || c->heads < 1 || c->dim % c->heads) {
+        snprintf(msg, sizeof msg, "-heads %d does not divide -dim %d: choose dim = heads * head size", c->heads, c->dim);
+        return msg;
+    }
+    if (c->layers < 1 || c->ff < 1) {
+        snprintf(msg, sizeof msg, "need layers >= 1 and ff >= 1, got %d and %d", c->layers, c->ff);
+        return msg;
+    }
+    if (!(c->dropout >= 0.0f && c->dropout < 1.0f)) {
+        snprintf(msg, sizeof msg, "-dropout must be in [0, 1), got %g", c->dropout);
+        return msg;
+    }
+    if (c->pattern.stride < 1 || c->pattern.stride > c->ctx) {
+        snprintf(msg, sizeof msg, "-stride must be in [1, ctx = %d] (it also sets the width of the position grid), "
+                 "got %d", c->ctx, c->pattern.stride);
+        return msg;
+    }
+    const StDataInfo shape = {c->kind, c->height, c->width, c->channels, c->kind == ST_AUDIO ? 1 : 0, 0};
+    const char *err = st_data_check(&shape);
+    return err ? err : st_pattern_check(&c->pattern, c->ctx, c->heads, c->dim / c->heads);
+}
+
+// The three factors of each position's embedding (positions (T, 3)) and the size of each table.
+// Text and audio: row and column of a grid of width l (the stride), as the paper does; the third table
+// has one row. Images: row, column and channel of the byte in its image.
+static void position_factors(const StModelConfig *c, int *positions, int sizes[3]) {
+    const int l = c->pattern.stride;
+    if (c->kind == ST_IMAGE) {
+        sizes[0] = c->height, sizes[1] = c->width, sizes[2] = c->channels;
+    } else {
+        sizes[0] = (c->ctx + l - 1) / l, sizes[1] = l, sizes[2] = 1;
+    }
+    for (int t = 0; t < c->ctx; t++) {
+        int *p = positions + 3 * t;
+        if (c->kind == ST_IMAGE) {
+            const int s = t % (c->height * c->width * c->channels), pixel = s / c->channels;
+            p[0] = pixel / c->width, p[1] = pixel % c->width, p[2] = s % c->channels;
+        } else {
+            p[0] = t / l, p[1] = t % l, p[2] = 0;
+        }
+    }
+}
+
+// Lays out every tensor in the one parameter buffer, with its initialisation (paper section 5):
+// weights N(0, sqrt(0.125 / d_in)); the two projections back into the residual stream scaled by
+// 1 / sqrt(2 layers); position embeddings by 1 / sqrt(3) more (three are summed); biases 0;
+// layer norm weights 1; the output weights 0 (the first prediction is uniform).
+static void layout_tensors(StModel *m, const int pos_sizes[3]) {
+    const int C = m->C, F = m->F, L = m->L;
+    const float base = sqrtf(0.125f / C), deep = 1.0f / sqrtf(2.0f * L);
+    m->n_tensors = N_EMBED + L * N_LAYER + N_FINAL;
+    m->tensors = (Tensor *)calloc(m->n_tensors, sizeof(Tensor));
+    size_t offset = 0;
+    int i = 0;
+    auto add = [&](int rows, int cols, float init_std, int decay) {
+        m->tensors[i++] = Tensor{offset, (size_t)rows * cols, rows, cols, init_std, decay};
+        offset += (size_t)rows * cols;
+    };
+    add(VOCAB, C, base, 1);
+    for (int f = 0; f < 3; f++) add(pos_sizes[f], C, base / sqrtf(3.0f), 1);
+    for (int l = 0; l < L; l++) {
+        add(1, C, -1, 0), add(1, C, 0, 0);                  // ln1
+        add(3 * C, C, base, 1), add(1, 3 * C, 0, 0);        // qkv
+        add(C, C, base * deep, 1), add(1, C, 0, 0);         // proj
+        add(1, C, -1, 0), add(1, C, 0, 0);                  // ln2
+        add(F, C, base, 1), add(1, F, 0, 0);                // fc
+        add(C, F, sqrtf(0.125f / F) * deep, 1), add(1, C, 0, 0); // fc2
+    }
+    add(1, C, -1, 0), add(1, C, 0, 0), add(VOCAB, C, 0, 1); // final layer norm, output
+    m->n_params = offset;
+}
+
+static void init_params(StModel *m, uint64_t seed) {
+    float *host = (float *)malloc(m->n_params * sizeof(float));
+    uint64_t state = seed;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const Tensor &t = m->tensors[i];
+        for (size_t e = 0; e < t.size; e++) {
+            float value = t.init_std < 0 ? 1.0f : 0.0f;
+            if (t.init_std > 0) { // Box-Muller
+                const double u1 = ((splitmix64(&state) >> 11) + 1.0) / 9007199254740993.0;
+                const double u2 = (splitmix64(&state) >> 11) / 9007199254740992.0;
+                value = (float)(t.init_std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+            }
+            host[t.offset + e] = value;
+        }
+    }
+    st_to_device(m->params, host, m->n_params * sizeof(float));
+    free(host);
+}
+
+StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
+    const char *err = st_model_check(cfg);
+    if (err) {
+        fprintf(stderr, "%s\n", err);
+        exit(1);
+    }
+    StModel *m = (StModel *)calloc(1, sizeof(StModel));
+    m->cfg = *cfg;
+    m->C = cfg->dim, m->H = cfg->heads, m->D = cfg->dim / cfg->heads, m->F = cfg->ff * cfg->dim;
+    m->L = cfg->layers, m->T = cfg->ctx;
+    int *positions = (int *)malloc(3 * sizeof(int) * m->T), pos_sizes[3];
+    position_factors(cfg, positions, pos_sizes);
+    m->positions = (int *)st_malloc(3 * sizeof(int) * m->T);
+    st_to_device(m->positions, positions, 3 * sizeof(int) * m->T);
+    free(positions);
+    layout_tensors(m, pos_sizes);
+    const size_t bytes = m->n_params * sizeof(float);
+    m->params = (float *)st_malloc(bytes);
+    m->grads = (float *)st_malloc(bytes);
+    m->adam_m = (float *)st_malloc(bytes);
+    m->adam_v = (float *)st_malloc(bytes);
+    cudaCheck(cudaMemset(m->grads, 0, bytes));
+    cudaCheck(cudaMemset(m->adam_m, 0, bytes));
+    cudaCheck(cudaMemset(m->adam_v, 0, bytes));
+    init_params(m, seed);
+    m->attention = (StAttention **)malloc(m->L * sizeof(StAttention *));
+    for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
+    cublasCheck(cublasCreate(&m->cublas));
+    m->partial = (float *)st_malloc(64 * BLOCK * sizeof(float));
+    return m;
+}
+
+void st_model_free(StModel *m) {
+    if (!m) return;
+    for (int l = 0; l < m->L; l++) st_attention_free(m->attention[l]);
+    free(m->attention);
+    if (m->B_alloc) st_free(m->act_base);
+    float *buffers[] = {m->params, m->grads, m->adam_m, m->adam_v, m->partial};
+    for (float *b : buffers) st_free(b);
+    st_free(m->positions);
+    cublasCheck(cublasDestroy(m->cublas));
+    free(m->acts);
+    free(m->tensors);
+    free(m);
+}
+
+// All activations live in one buffer too. carve() lays them out for B sequences from `base` and
+// returns the number of floats; called with base = NULL it only counts (the sizes table of llm.c).
+static size_t carve(StModel *m, int B, float *base) {
+    const size_t BT = (size_t)B * m->T, C = m->C, F = m->F, H = m->H, V = VOCAB;
+    const size_t big = 3 * C > F ? 3 * C : F;
+    size_t used = 0;
+    auto take = [&](size_t n) { float *r = base ? base + used : NULL; used += n; return r; };
+    for (int s = 0; s < (m->cfg.recompute ? 1 : m->L); s++) {
+        LayerActs *a = &m->acts[s];
+        a->ln1 = take(BT * C), a->ln1_mean = take(BT), a->ln1_rstd = take(BT);
+        a->qkv = take(3 * BT * C);
+        a->q = take(BT * C), a->k = take(BT * C), a->v = take(BT * C), a->att = take(BT * C);
+        a->lse = take(B * H * m->T);
+        a->att_rows = take(BT * C), a->a = take(BT * C), a->xa = take(BT * C);
+        a->ln2 = take(BT * C), a->ln2_mean = take(BT), a->ln2_rstd = take(BT);
+        a->fc = take(BT * F), a->fc_gelu = take(BT * F), a->bb = take(BT * C);
+    }
+    m->residual = take((m->L + 1) * BT * C);
+    m->lnf = take(BT * C), m->lnf_mean = take(BT), m->lnf_rstd = take(BT);
+    m->logits = take(BT * V), m->dlogits = take(BT * V), m->losses = take(BT);
+    m->dres = take(BT * C), m->dscratch = take(BT * C), m->dbig = take(BT * big), m->dheads = take(4 * BT * C);
+    m->tokens = (int *)take(BT), m->targets = (int *)take(BT); // ints are as wide as floats
+    return used;
+}
+
+static void ensure_activations(StModel *m, int B) {
+    if (B <= m->B_alloc) return;
+    if (m->B_alloc) st_free(m->act_base);
+    free(m->acts);
+    m->acts = (LayerActs *)calloc(m->cfg.recompute ? 1 : m->L, sizeof(LayerActs));
+    m->act_bytes = carve(m, B, NULL) * sizeof(float);
+    m->act_base = (float *)st_malloc(m->act_bytes);
+    carve(m, B, m->act_base);
+    m->B_alloc = B;
+}
+
+// out (N, OC) = inp (N, IC) W^T + b, W (OC, IC) row-major. cuBLAS is column-major: there W is an (IC, OC)
+// matrix, so this is out^T = op_T(W) inp^T.
+static void matmul_forward(StModel *m, float *out, const float *inp, const float *w, const float *b, int N, int IC,
+                           int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasSgemm(m->cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
+    if (b) LAUNCH(add_bias_kernel, blocks_for((size_t)N * OC), BLOCK, 0, out, b, (size_t)N, OC);
+}
+
+// Backward of out = inp W^T + b:  dinp = dout W (overwritten);  dW += dout^T inp;  db += sum of dout's rows.
+static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                            const float *w, int N, int IC, int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasSgemm(m->cublas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC));
+    cublasCheck(cublasSgemm(m->cublas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
+    if (db) LAUNCH(bias_backward_kernel, blocks_for(OC), BLOCK, 0, db, dout, N, OC);
+}
+
+static void layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                              int rows, int C) {
+    LAUNCH(layernorm_forward_kernel, blocks_for(rows), BLOCK, 0, y, mean, rstd, x, w, b, rows, C);
+}
+// Backward of y = LN(x) w + b: dx += ..., dw += ..., db += ...
+static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
+                               const float *mean, const float *rstd, int rows, int C) {
+    LAUNCH(layernorm_backward_input_kernel, blocks_for(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
+    LAUNCH(layernorm_backward_params_kernel, blocks_for(C), BLOCK, 0, dw, db, dy, x, mean, rstd, rows, C);
+}
+
+__global__ void add_kernel(float *out, const float *x, const float *y, size_t n) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < n) out[e] = x[e] + y[e];
+}
+
+// Dropout of branch `branch` (0 attention, 1 MLP) of block `layer`, on activations or their gradient.
+static void dropout(StModel *m, float *x, size_t n, int layer, int branch) {
+    if (!m->training || m->cfg.dropout == 0.0f) return;
+    LAUNCH(dropout_kernel, blocks_for(n), BLOCK, 0, x, n, m->cfg.dropout, m->dropout_seed + 2 * (uint64_t)layer + branch);
+}
+
+// One residual block: residual[layer] -> residual[layer + 1], keeping its activations in `a`.
+static void layer_forward(StModel *m, int layer, LayerActs *a, int B) {
+    const int BT = B * m->T, C = m->C, F = m->F;
+    const size_t n = (size_t)BT * C;
+    const float *x = m->residual + layer * n;
+    float *out = m->residual + (layer + 1) * n;
+    // a = dropout(attn(LN1(x)))
+    layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, P(m, layer, LN1W), P(m, layer, LN1B), BT, C);
+    matmul_forward(m, a->qkv, a->ln1, P(m, layer, QKVW), P(m, layer, QKVB), BT, C, 3 * C);
+    LAUNCH(split_heads_kernel, blocks_for(n), BLOCK, 0, a->qkv, a->q, a->k, a->v, B, m->T, m->H, m->D, 1);
+    st_attention_forward(m->attention[layer], a->att, a->lse, a->q, a->k, a->v, B);
+    LAUNCH(merge_heads_kernel, blocks_for(n), BLOCK, 0, a->att_rows, a->att, B, m->T, m->H, m->D, 1);
+    matmul_forward(m, a->a, a->att_rows, P(m, layer, PROJW), P(m, layer, PROJB), BT, C, C);
+    dropout(m, a->a, n, layer, 0);
+    // b = dropout(ff(LN2(x + a))), ff(y) = W2 gelu(W1 y + b1) + b2
+    LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, a->xa, x, a->a, n);
+    layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->xa, P(m, layer, LN2W), P(m, layer, LN2B), BT, C);
+    matmul_forward(m, a->fc, a->ln2, P(m, layer, FCW), P(m, layer, FCB), BT, C, F);
+    LAUNCH(gelu_forward_kernel, blocks_for((size_t)BT * F), BLOCK, 0, a->fc_gelu, a->fc, (size_t)BT * F);
+    matmul_forward(m, a->bb, a->fc_gelu, P(m, layer, FC2W), P(m, layer, FC2B), BT, F, C);
+    dropout(m, a->bb, n, layer, 1);
+    // H <- H + a + b
+    LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, out, a->xa, a->bb, n);
+}
+
+// Backward of one block. On entry m->dres holds dL/d residual[layer + 1]; on exit dL/d residual[layer].
+static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
+    const int BT = B * m->T, C = m->C, F = m->F;
+    const size_t n = (size_t)BT * C;
+    const float *x = m->residual + layer * n;
+    float *dres = m->dres, *d = m->dscratch, *dbig = m->dbig;
+    float *datt = m->dheads, *dq = datt + n, *dk = dq + n, *dv = dk + n;
+    // out = xa + bb: both get dres. bb = dropout(fc_gelu W2^T + b2)
+    cudaCheck(cudaMemcpy(d, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
+    dropout(m, d, n, layer, 1);
+    matmul_backward(m, dbig, G(m, layer, FC2W), G(m, layer, FC2B), d, a->fc_gelu, P(m, layer, FC2W), BT, F, C);
+    // fc_gelu = gelu(fc)
+    LAUNCH(gelu_backward_kernel, blocks_for((size_t)BT * F), BLOCK, 0, dbig, dbig, a->fc, (size_t)BT * F);
+    // fc = ln2 W1^T + b1
+    matmul_backward(m, d, G(m, layer, FCW), G(m, layer, FCB), dbig, a->ln2, P(m, layer, FCW), BT, C, F);
+    // ln2 = LN2(xa): dres becomes dL/dxa
+    layernorm_backward(dres, G(m, layer, LN2W), G(m, layer, LN2B), d, a->xa, P(m, layer, LN2W), a->ln2_mean,
+                       a->ln2_rstd, BT, C);
+    // xa = x + a: both get dL/dxa. a = dropout(att_rows Wproj^T + bproj)
+    cudaCheck(cudaMemcpy(d, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
+    dropout(m, d, n, layer, 0);
+    matmul_backward(m, dbig, G(m, layer, PROJW), G(m, layer, PROJB), d, a->att_rows, P(m, layer, PROJW), BT, C, C);
+    // att_rows = the heads side by side; att = attention(q, k, v)
+    LAUNCH(merge_heads_kernel, blocks_for(n), BLOCK, 0, dbig, datt, B, m->T, m->H, m->D, 0);
+    st_attention_backward(m->attention[layer], dq, dk, dv, datt, a->att, a->lse, a->q, a->k, a->v, B);
+    // q, k, v = the three parts of qkv = ln1 Wqkv^T + bqkv
+    LAUNCH(split_heads_kernel, blocks_for(n), BLOCK, 0, dbig, dq, dk, dv, B, m->T, m->H, m->D, 0);
+    matmul_backward(m, d, G(m, layer, QKVW), G(m, layer, QKVB), dbig, a->ln1, P(m, layer, QKVW), BT, C, 3 * C);
+    // ln1 = LN1(x): dres becomes dL/dx
+    layernorm_backward(dres, G(m, layer, LN1W), G(m, layer, LN1B), d, x, P(m, layer, LN1W), a->ln1_mean,
+                       a->ln1_rstd, BT, C);
+}
+
+static LayerActs *acts_of(StModel *m, int layer) { return &m->acts[m->cfg.recompute ? 0 : layer]; }
+
+float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B, int training,
+                       unsigned long long seed) {
+    ensure_activations(m, B);
+    m->B = B, m->training = training, m->dropout_seed = seed;
+    const int BT = B * m->T, C = m->C;
+    int *host = (int *)malloc(2 * BT * sizeof(int));
+    for (int i = 0; i < BT; i++) host[i] = inputs[i], host[BT + i] = targets ? targets[i] : 0;
+    st_to_device(m->tokens, host, 2 * BT * sizeof(int));
+    // x = token embedding + position embeddings
+    LAUNCH(embedding_forward_kernel, blocks_for((size_t)BT * C), BLOCK, 0, m->residual, m->tokens, m->positions,
+           P(m, -1, WTE), P(m, -1, WP0), P(m, -1, WP1), P(m, -1, WP2), BT, m->T, C);
+    for (int l = 0; l < m->L; l++) layer_forward(m, l, acts_of(m, l), B);
+    // logits = LN(x) Wout^T; loss = cross-entropy
+    layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->residual + (size_t)m->L * BT * C, P(m, m->L, LNFW),
+                      P(m, m->L, LNFB), BT, C);
+    matmul_forward(m, m->logits, m->lnf, P(m, m->L, OUTW), NULL, BT, C, VOCAB);
+    double loss = 0.0;
+    if (targets) {
+        LAUNCH(crossentropy_kernel, blocks_for(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
+        float *losses = (float *)malloc(BT * sizeof(float));
+        st_to_host(losses, m->losses, BT * sizeof(float));
+        for (int i = 0; i < BT; i++) loss += losses[i];
+        loss /= BT;
+        free(losses);
+    }
+    free(host);
+    return (float)loss;
+}
+
+void st_model_backward(StModel *m) {
+    const int B = m->B, BT = B * m->T, C = m->C;
+    const size_t n = (size_t)BT * C;
+    cudaCheck(cudaMemset(m->grads, 0, m->n_params * sizeof(float)));
+    cudaCheck(cudaMemset(m->dres, 0, n * sizeof(float)));
+    // logits = lnf Wout^T, lnf = LN(residual[L])
+    matmul_backward(m, m->dscratch, G(m, m->L, OUTW), NULL, m->dlogits, m->lnf, P(m, m->L, OUTW), BT, C, VOCAB);
+    layernorm_backward(m->dres, G(m, m->L, LNFW), G(m, m->L, LNFB), m->dscratch, m->residual + m->L * n,
+                       P(m, m->L, LNFW), m->lnf_mean, m->lnf_rstd, BT, C);
+    for (int l = m->L - 1; l >= 0; l--) {
+        if (m->cfg.recompute) layer_forward(m, l, acts_of(m, l), B); // only residual[l] was kept
+        layer_backward(m, l, acts_of(m, l), B);
+    }
+    // x = wte[token] + wp0[pos0] + wp1[pos1] + wp2[pos2]
+    LAUNCH(embedding_backward_kernel, blocks_for((size_t)VOCAB * C), BLOCK, 0, G(m, -1, WTE), m->dres, m->tokens, 0,
+           0, VOCAB, BT, m->T, C);
+    for (int f = 0; f < 3; f++) {
+        const int rows = m->tensors[WP0 + f].rows;
+        LAUNCH(embedding_backward_kernel, blocks_for((size_t)rows * C), BLOCK, 0, G(m, -1, WP0 + f), m->dres,
+               m->positions, 1, f, rows, BT, m->T, C);
+    }
+}
+
+float st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
+    const unsigned grid = 64;
+    LAUNCH(sum_squares_kernel, grid, BLOCK, 0, m->partial, m->grads, m->n_params);
+    float partial[64 * BLOCK];
+    st_to_host(partial, m->partial, sizeof partial);
+    double sum = 0.0;
+    for (size_t i = 0; i < grid * BLOCK; i++) sum += partial[i];
+    const float norm = (float)sqrt(sum), scale = clip > 0.0f && norm > clip ? clip / norm : 1.0f;
+    const float beta1 = 0.9f, beta2 = 0.95f;
+    const float c1 = 1.0f - powf(beta1, (float)step), c2 = 1.0f - powf(beta2, (float)step);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const Tensor &t = m->tensors[i];
+        LAUNCH(adamw_kernel, blocks_for(t.size), BLOCK, 0, m->params + t.offset, m->adam_m + t.offset,
+               m->adam_v + t.offset, m->grads + t.offset, t.size, lr, scale, beta1, beta2, c1, c2, 1e-8f,
+               t.decay ? weight_decay : 0.0f);
+    }
+    return norm;
+}
+
+size_t st_model_num_params(const StModel *m) { return m->n_params; }
+size_t st_model_activation_bytes(const StModel *m) { return m->act_bytes; }
+int st_model_num_tensors(const StModel *m) { return m->n_tensors; }
+
+const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *size) {
+    static char name[32];
+    if (i < N_EMBED) snprintf(name, sizeof name, "%s", EMBED_NAMES[i]);
+    else if (i >= N_EMBED + m->L * N_LAYER) snprintf(name, sizeof name, "%s", FINAL_NAMES[i - N_EMBED - m->L * N_LAYER]);
+    else snprintf(name, sizeof name, "h%d.%s", (i - N_EMBED) / N_LAYER, LAYER_NAMES[(i - N_EMBED) % N_LAYER]);
+    *offset = m->tensors[i].offset;
+    *size = m->tensors[i].size;
+    return name;
+}
+
+// Copies between the model's buffers (parameters, gradients, Adam moments) and the host.
+static float *model_buffer(const StModel *m, StBuffer which) {
+    return which == ST_PARAMS ? m->params : which == ST_GRADS ? m->grads : which == ST_ADAM_M ? m->adam_m : m->adam_v;
+}
+void st_model_get(const StModel *m, StBuffer which, float *host) {
+    st_to_host(host, model_buffer(m, which), m->n_params * sizeof(float));
+}
+void st_model_set(StModel *m, StBuffer which, const float *host) {
+    st_to_device(model_buffer(m, which), host, m->n_params * sizeof(float));
+}
+void st_model_logits(const StModel *m, float *host) {
+    st_to_host(host, m->logits, (size_t)m->B * m->T * VOCAB * sizeof(float));
+}
+
+// ----------------------------------------------------------------------------
+// 9. Data files, mu-law audio, the synthetic data set (host code)
 
 static const char DATA_MAGIC[8] = {'S', 'T', 'B', 'Y', 'T', 'E', 'S', '1'};
 #define DATA_VERSION 1
@@ -992,13 +1639,6 @@ float st_mulaw_decode(unsigned char byte) {
 
 static const char SYNTHETIC_ALPHABET[] = "abcdefghijklmnopqrstuvwxyz ";
 #define SYNTHETIC_LETTERS 27
-
-static uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 void st_synthetic(unsigned char *out, size_t n, int period, double noise, unsigned long long seed) {
     uint64_t state = seed;

@@ -127,6 +127,42 @@ void st_synthetic(unsigned char *out, size_t n, int period, double noise, unsign
 // The entropy of that source, in bits per byte, once the first line is seen: what a model can reach.
 double st_synthetic_entropy(int period, double noise);
 
+// ----------------------------------------------------------------------------
+// The model: a byte-level Sparse Transformer (paper section 5)
+
+typedef struct {
+    int ctx, dim, heads, layers; // context n, width C, heads H (C / H = 32, 64 or 128), residual blocks
+    int ff;                      // the MLP is ff * dim wide: 4, or 2 for the half-size variant
+    StPattern pattern;           // pattern.stride also sets the width of the text/audio position grid
+    float dropout;               // at the end of each residual branch, while training
+    int recompute;               // 1: keep only each block's input; recompute the block in the backward
+    StDataKind kind;             // positions: text/audio rows of width stride; images (row, column, channel)
+    int height, width, channels; // images
+    int sample_rate;             // audio
+} StModelConfig;
+
+typedef struct StModel StModel;
+typedef enum { ST_PARAMS, ST_GRADS, ST_ADAM_M, ST_ADAM_V } StBuffer;
+
+const char *st_model_check(const StModelConfig *c); // NULL if usable, else a one-line message
+StModel *st_model_create(const StModelConfig *c, unsigned long long seed); // exits 1 if not usable
+void st_model_free(StModel *m);
+// inputs, targets: (B, T) bytes on the host (targets may be NULL). Returns the mean cross-entropy in
+// nats (0 without targets). training = 1 applies dropout, with masks drawn from `seed`.
+float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B,
+                       int training, unsigned long long seed);
+void st_model_backward(StModel *m); // gradients of the last forward's loss (overwritten)
+// One AdamW step (t = step, from 1): clips the gradient to global norm `clip` (if > 0), decays
+// matrices only. Returns the gradient norm before clipping.
+float st_model_update(StModel *m, float lr, float weight_decay, float clip, int step);
+size_t st_model_num_params(const StModel *m);
+size_t st_model_activation_bytes(const StModel *m); // of the last forward's batch size
+int st_model_num_tensors(const StModel *m);
+const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *size); // its name
+void st_model_get(const StModel *m, StBuffer which, float *host); // n_params floats
+void st_model_set(StModel *m, StBuffer which, const float *host);
+void st_model_logits(const StModel *m, float *host); // (B, T, 256) of the last forward
+
 #ifdef __cplusplus
 }
 #endif
