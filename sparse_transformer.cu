@@ -14,6 +14,7 @@ One file, read top to bottom:
   7. Model kernels embeddings, layer norm, GELU, dropout, cross-entropy, AdamW.
   8. Model        the byte-level Sparse Transformer: parameters, forward, backward, update.
   9. Data         the data file format, mu-law audio, the synthetic data set.
+ 10. Checkpoints  save and load the model with its training state.
 
 The same file builds for an NVIDIA GPU with nvcc and for the CPU with g++, through cuda_on_cpu.h,
 which runs these very kernels with the threads of a block as fibers. There is no separate CPU code.
@@ -1107,7 +1108,6 @@ struct StModel {
     float *dres, *dscratch, *dbig;   // gradient scratch: (B, T, C), (B, T, C), (B, T, max(3C, F))
     float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
     float *act_base;                 // the one buffer all of the above are carved from
-    size_t act_bytes;
     float *partial;                  // (grid of sum_squares_kernel)
     uint64_t dropout_seed;
     int training;
@@ -1290,8 +1290,7 @@ static void ensure_activations(StModel *m, int B) {
     if (m->B_alloc) st_free(m->act_base);
     free(m->acts);
     m->acts = (LayerActs *)calloc(m->cfg.recompute ? 1 : m->L, sizeof(LayerActs));
-    m->act_bytes = carve(m, B, NULL) * sizeof(float);
-    m->act_base = (float *)st_malloc(m->act_bytes);
+    m->act_base = (float *)st_malloc(carve(m, B, NULL) * sizeof(float));
     carve(m, B, m->act_base);
     m->B_alloc = B;
 }
@@ -1468,7 +1467,14 @@ float st_model_update(StModel *m, float lr, float weight_decay, float clip, int 
 }
 
 size_t st_model_num_params(const StModel *m) { return m->n_params; }
-size_t st_model_activation_bytes(const StModel *m) { return m->act_bytes; }
+size_t st_model_activation_bytes(const StModel *m, int B, int recompute) {
+    StModel plan = *m; // a copy whose pointers carve() may overwrite
+    plan.cfg.recompute = recompute;
+    plan.acts = (LayerActs *)calloc(recompute ? 1 : m->L, sizeof(LayerActs));
+    const size_t bytes = carve(&plan, B, NULL) * sizeof(float);
+    free(plan.acts);
+    return bytes;
+}
 int st_model_num_tensors(const StModel *m) { return m->n_tensors; }
 
 const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *size) {
@@ -1493,6 +1499,58 @@ void st_model_set(StModel *m, StBuffer which, const float *host) {
 }
 void st_model_logits(const StModel *m, float *host) {
     st_to_host(host, m->logits, (size_t)m->B * m->T * VOCAB * sizeof(float));
+}
+
+// ----------------------------------------------------------------------------
+// Generation: one byte at a time from the model's next-byte distribution
+
+// Draws from softmax(logits / temperature) restricted to the top_k most likely bytes (0: all).
+static int sample_byte(const float *logits, float temperature, int top_k, uint64_t *rng) {
+    float p[VOCAB], top = -INFINITY, threshold = -INFINITY;
+    if (top_k > 0 && top_k < VOCAB) { // the k-th largest logit is the threshold
+        float sorted[VOCAB];
+        memcpy(sorted, logits, sizeof sorted);
+        for (int i = 0; i < top_k; i++)
+            for (int j = i + 1; j < VOCAB; j++)
+                if (sorted[j] > sorted[i]) { const float t = sorted[i]; sorted[i] = sorted[j]; sorted[j] = t; }
+        threshold = sorted[top_k - 1];
+    }
+    for (int i = 0; i < VOCAB; i++) top = fmaxf(top, logits[i]);
+    double sum = 0.0;
+    for (int i = 0; i < VOCAB; i++) sum += p[i] = logits[i] >= threshold ? expf((logits[i] - top) / temperature) : 0.0f;
+    double u = (splitmix64(rng) >> 11) / 9007199254740992.0 * sum;
+    for (int i = 0; i < VOCAB; i++)
+        if ((u -= p[i]) < 0) return i;
+    return VOCAB - 1;
+}
+
+// Where the model's window starts when `len` bytes are known: the last ctx bytes, moved forward to the
+// next whole row of the position grid (text, audio) or the next image, so that every byte keeps the
+// position embedding and attention pattern it had in training.
+static long window_start(const StModel *m, long len) {
+    const long unit = m->cfg.kind == ST_IMAGE ? (long)m->cfg.height * m->cfg.width * m->cfg.channels
+                                              : m->cfg.pattern.stride;
+    const long excess = len - m->T;
+    return excess <= 0 ? 0 : (excess + unit - 1) / unit * unit;
+}
+
+void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, float temperature, int top_k,
+                 unsigned long long *rng) {
+    unsigned char *window = (unsigned char *)calloc(m->T, 1);
+    float *logits = (float *)malloc((size_t)m->T * VOCAB * sizeof(float));
+    uint64_t state = *rng;
+    for (long len = prompt_len; len < total; len++) {
+        const long start = window_start(m, len), used = len - start;
+        memset(window, 0, m->T);
+        memcpy(window, text + start, used);
+        st_model_forward(m, window, NULL, 1, 0, 0); // causal: the padding after `used` changes nothing
+        st_model_logits(m, logits);
+        text[len] = (unsigned char)(used ? sample_byte(logits + (used - 1) * VOCAB, temperature, top_k, &state)
+                                         : splitmix64(&state) % VOCAB);
+    }
+    *rng = state;
+    free(window);
+    free(logits);
 }
 
 // ----------------------------------------------------------------------------
@@ -1656,4 +1714,138 @@ double st_synthetic_entropy(int period, double noise) {
     double bits = -copy * log2(copy);
     if (fresh > 0) bits -= (SYNTHETIC_LETTERS - 1) * fresh * log2(fresh);
     return bits * (period - 1) / period; // the newline that ends each line is certain
+}
+
+// ----------------------------------------------------------------------------
+// 10. Checkpoints: the model's configuration, the training state, parameters and Adam moments
+//
+//   offset  size  field (integers little-endian, floats IEEE 754 single)
+//        0     8  magic "STCKPT01"
+//        8     4  version (1)
+//       12     4  header size (256)
+//       16    64  model: ctx, dim, heads, layers, ff, pattern, combine, stride, summary, groups,
+//                 recompute, data kind, image height, width, channels, audio sample rate (16 int32)
+//       80     4  dropout (float)
+//       84    12  training: steps, warmup, batch (int32)
+//       96    12  lr, weight decay, clip (float)
+//      108     4  zero
+//      112    24  step, random state, seed (uint64)
+//      136     8  number of parameters n
+//      144   112  zero
+//      256    4n  parameters, then 4n Adam first moments, then 4n second moments (float32)
+
+static const char CKPT_MAGIC[8] = {'S', 'T', 'C', 'K', 'P', 'T', '0', '1'};
+#define CKPT_VERSION 1
+#define CKPT_HEADER 256
+
+static void put_f32(unsigned char *p, float f) { uint32_t u; memcpy(&u, &f, 4); put_u32(p, u); }
+static float get_f32(const unsigned char *p) { uint32_t u = get_u32(p); float f; memcpy(&f, &u, 4); return f; }
+
+const char *st_checkpoint_save(const char *path, const StModel *m, const StTrainState *s) {
+    static char msg[8192];
+    const StModelConfig *c = &m->cfg;
+    unsigned char h[CKPT_HEADER] = {0};
+    memcpy(h, CKPT_MAGIC, 8);
+    put_u32(h + 8, CKPT_VERSION);
+    put_u32(h + 12, CKPT_HEADER);
+    const int fields[16] = {c->ctx, c->dim, c->heads, c->layers, c->ff, c->pattern.kind, c->pattern.combine,
+                            c->pattern.stride, c->pattern.summary, c->pattern.groups, c->recompute, c->kind,
+                            c->height, c->width, c->channels, c->sample_rate};
+    for (int i = 0; i < 16; i++) put_u32(h + 16 + 4 * i, (uint32_t)fields[i]);
+    put_f32(h + 80, c->dropout);
+    put_u32(h + 84, (uint32_t)s->steps), put_u32(h + 88, (uint32_t)s->warmup), put_u32(h + 92, (uint32_t)s->batch);
+    put_f32(h + 96, s->lr), put_f32(h + 100, s->weight_decay), put_f32(h + 104, s->clip);
+    put_u64(h + 112, (uint64_t)s->step), put_u64(h + 120, s->rng), put_u64(h + 128, s->seed);
+    put_u64(h + 136, m->n_params);
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        snprintf(msg, sizeof msg, "cannot write the checkpoint %s: %s", tmp, strerror(errno));
+        return msg;
+    }
+    bool ok = fwrite(h, 1, CKPT_HEADER, f) == CKPT_HEADER;
+    float *host = (float *)malloc(m->n_params * sizeof(float));
+    for (int b = ST_PARAMS; b <= ST_ADAM_V && ok; b++) {
+        if (b == ST_GRADS) continue;
+        st_model_get(m, (StBuffer)b, host);
+        ok = fwrite(host, sizeof(float), m->n_params, f) == m->n_params;
+    }
+    free(host);
+    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) { // the old checkpoint stays until the new one is whole
+        snprintf(msg, sizeof msg, "cannot write the checkpoint %s: %s (is the disk full?)", path, strerror(errno));
+        remove(tmp);
+        return msg;
+    }
+    return NULL;
+}
+
+StModel *st_checkpoint_load(const char *path, StTrainState *s, StModelConfig *config, const char **error) {
+    static char msg[8192];
+    *error = msg;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(msg, sizeof msg, "cannot open the checkpoint %s: %s (train one with ./train -o DIR)", path, strerror(errno));
+        return NULL;
+    }
+    unsigned char h[CKPT_HEADER];
+    const size_t got = fread(h, 1, CKPT_HEADER, f);
+    fseek(f, 0, SEEK_END);
+    const long size = ftell(f);
+    fseek(f, CKPT_HEADER, SEEK_SET);
+    StModel *m = NULL;
+    if (got < CKPT_HEADER || memcmp(h, CKPT_MAGIC, 8) != 0) {
+        snprintf(msg, sizeof msg, "%s is not a checkpoint of this project (no STCKPT01 header)", path);
+    } else if (get_u32(h + 8) != CKPT_VERSION || get_u32(h + 12) != CKPT_HEADER) {
+        snprintf(msg, sizeof msg, "%s is a checkpoint of version %u; this program reads version %d", path,
+                 get_u32(h + 8), CKPT_VERSION);
+    } else {
+        int v[16];
+        for (int i = 0; i < 16; i++) v[i] = (int)get_u32(h + 16 + 4 * i);
+        StModelConfig c = {v[0], v[1], v[2], v[3], v[4], {(StPatternKind)0, (StCombine)0, v[7], v[8], v[9]},
+                           get_f32(h + 80), v[10], ST_TEXT, v[12], v[13], v[14], v[15]};
+        const uint64_t n = get_u64(h + 136);
+        const char *bad = (unsigned)v[5] > ST_FIXED || (unsigned)v[6] > ST_MULTIHEAD || (unsigned)v[11] > ST_AUDIO
+                              ? "unknown pattern, combination or data kind" : NULL;
+        if (!bad) {
+            c.pattern.kind = (StPatternKind)v[5], c.pattern.combine = (StCombine)v[6], c.kind = (StDataKind)v[11];
+            bad = st_model_check(&c);
+        }
+        if (bad) {
+            snprintf(msg, sizeof msg, "%s has a corrupt header: %s", path, bad);
+        } else if ((uint64_t)size != CKPT_HEADER + 3 * n * sizeof(float)) {
+            snprintf(msg, sizeof msg, "%s is %s: %ld bytes where its header promises %llu", path,
+                     (uint64_t)size < CKPT_HEADER + 3 * n * sizeof(float) ? "truncated" : "too long", size,
+                     (unsigned long long)(CKPT_HEADER + 3 * n * sizeof(float)));
+        } else {
+            m = st_model_create(&c, 0);
+            if (m->n_params != n) {
+                snprintf(msg, sizeof msg, "%s holds %llu parameters, its configuration needs %zu: it is corrupt",
+                         path, (unsigned long long)n, m->n_params);
+                st_model_free(m);
+                m = NULL;
+            }
+        }
+        if (m) {
+            *config = c;
+            s->steps = (int)get_u32(h + 84), s->warmup = (int)get_u32(h + 88), s->batch = (int)get_u32(h + 92);
+            s->lr = get_f32(h + 96), s->weight_decay = get_f32(h + 100), s->clip = get_f32(h + 104);
+            s->step = (long long)get_u64(h + 112), s->rng = get_u64(h + 120), s->seed = get_u64(h + 128);
+            float *host = (float *)malloc(n * sizeof(float));
+            for (int b = ST_PARAMS; b <= ST_ADAM_V; b++) {
+                if (b == ST_GRADS) continue;
+                if (fread(host, sizeof(float), n, f) != n) {
+                    snprintf(msg, sizeof msg, "cannot read %s", path);
+                    st_model_free(m);
+                    m = NULL;
+                    break;
+                }
+                st_model_set(m, (StBuffer)b, host);
+            }
+            free(host);
+        }
+    }
+    fclose(f);
+    if (m) *error = NULL;
+    return m;
 }

@@ -156,12 +156,33 @@ void st_model_backward(StModel *m); // gradients of the last forward's loss (ove
 // matrices only. Returns the gradient norm before clipping.
 float st_model_update(StModel *m, float lr, float weight_decay, float clip, int step);
 size_t st_model_num_params(const StModel *m);
-size_t st_model_activation_bytes(const StModel *m); // of the last forward's batch size
+size_t st_model_activation_bytes(const StModel *m, int B, int recompute); // device memory for B sequences
 int st_model_num_tensors(const StModel *m);
 const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *size); // its name
 void st_model_get(const StModel *m, StBuffer which, float *host); // n_params floats
 void st_model_set(StModel *m, StBuffer which, const float *host);
 void st_model_logits(const StModel *m, float *host); // (B, T, 256) of the last forward
+// Extends text[0 .. prompt_len) to text[0 .. total) by sampling the model one byte at a time, at
+// `temperature`, from the top_k most likely bytes (0: all). *rng is the random state (advanced).
+void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, float temperature, int top_k,
+                 unsigned long long *rng);
+
+// ----------------------------------------------------------------------------
+// Checkpoints (format in sparse_transformer.cu, section 10, and the README)
+
+typedef struct {
+    long long step;         // optimizer steps done
+    unsigned long long rng; // the trainer's random state: which batches come next
+    unsigned long long seed;
+    int steps, warmup, batch;
+    float lr, weight_decay, clip;
+} StTrainState;
+
+// Written to path + ".tmp", then renamed over path. NULL on success, else a message.
+const char *st_checkpoint_save(const char *path, const StModel *m, const StTrainState *s);
+// A new model with the saved configuration, parameters and Adam moments; NULL with *error set if the
+// file is missing, truncated or corrupt.
+StModel *st_checkpoint_load(const char *path, StTrainState *s, StModelConfig *config, const char **error);
 
 #ifdef __cplusplus
 }

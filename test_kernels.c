@@ -8,7 +8,9 @@ Read it in this order:
   2. the checks of the reference itself: finite differences of its gradients, the masks against the
      library's formulas, the number of allowed pairs against counting arguments;
   3. the kernels against the reference, on every pattern and combination, odd sizes, several heads;
-  4. the data files (header round trip, rejection of bad files), mu-law audio, the synthetic data.
+  4. the data files (header round trip, rejection of bad files), mu-law audio, the synthetic data;
+  5. the model: every parameter's gradient against finite differences, recompute, overfitting a
+     string, checkpoints (round trip, resume, damaged files).
 
 Run: ./test_kernels [-v]. The last line is "N passed, M failed"; the exit code is 1 if any failed.
 CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
@@ -606,14 +608,20 @@ static void test_synthetic(void) {
 }
 
 static void test_data(void) {
-    strcpy(temp_dir, "/tmp/test_kernels_XXXXXX");
-    if (!mkdtemp(temp_dir)) { perror("mkdtemp"); exit(1); }
     test_data_round_trip();
     test_data_rejections();
     test_mulaw();
     test_synthetic();
-    const char *files[] = {"round_trip.bin", "good.bin", "bad.bin"};
-    for (int i = 0; i < 3; i++) {
+}
+
+// Fixture files go to a fresh temporary folder, removed at the end.
+static void make_temp_dir(void) {
+    strcpy(temp_dir, "/tmp/test_kernels_XXXXXX");
+    if (!mkdtemp(temp_dir)) { perror("mkdtemp"); exit(1); }
+}
+static void remove_temp_dir(void) {
+    const char *files[] = {"round_trip.bin", "good.bin", "bad.bin", "model.bin"};
+    for (int i = 0; i < 4; i++) {
         char path[128];
         snprintf(path, sizeof path, "%s/%s", temp_dir, files[i]);
         remove(path);
@@ -714,6 +722,126 @@ static void test_model_gradients(void) {
     check_model_gradients("strided/merged, recompute, dropout 0.1", tiny_config(strided, 1, 0.1f));
 }
 
+// Recomputing each block in the backward must give the very gradients of storing its activations:
+// the same operations on the same numbers, with the same dropout masks (drawn from a hash, not stored).
+static void test_recompute_equal(void) {
+    const StPattern strided = {ST_STRIDED, ST_MERGED, 8, 0, 0};
+    const int B = 2, T = 64;
+    unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
+    random_batch(inputs, targets, B, T);
+    float *g[2];
+    for (int r = 0; r < 2; r++) {
+        StModelConfig cfg = tiny_config(strided, r, 0.2f);
+        StModel *m = st_model_create(&cfg, 3);
+        g[r] = malloc(st_model_num_params(m) * sizeof(float));
+        st_model_forward(m, inputs, targets, B, 1, 5);
+        st_model_backward(m);
+        st_model_get(m, ST_GRADS, g[r]);
+        if (r == 1) {
+            const size_t n = st_model_num_params(m);
+            check(memcmp(g[0], g[1], n * sizeof(float)) == 0 &&
+                      st_model_activation_bytes(m, B, 1) < st_model_activation_bytes(m, B, 0),
+                  "recompute with dropout: gradients identical to stored activations; activations %zu vs %zu bytes",
+                  st_model_activation_bytes(m, B, 1), st_model_activation_bytes(m, B, 0));
+        }
+        st_model_free(m);
+    }
+    free(g[0]), free(g[1]), free(inputs), free(targets);
+}
+
+// A small model learns a fixed 64-byte string by heart: below 0.1 bits per byte within 400 steps.
+static void test_overfit(void) {
+    const char *text = "Sparse Transformers factorize attention: O(n sqrt n), not O(n^2).";
+    const StPattern fixed = {ST_FIXED, ST_MERGED, 8, 2, 1};
+    StModelConfig cfg = tiny_config(fixed, 0, 0);
+    StModel *m = st_model_create(&cfg, 11);
+    float bpb = 99;
+    int step = 0;
+    while (step < 400 && bpb >= 0.1f) {
+        step++;
+        bpb = st_model_forward(m, (const unsigned char *)text, (const unsigned char *)text + 1, 1, 1, 0) / logf(2.0f);
+        st_model_backward(m);
+        st_model_update(m, 3e-3f, 0.0f, 1.0f, step);
+    }
+    check(bpb < 0.1f, "overfits a 64-byte string: %.3f bits per byte after %d steps", bpb, step);
+    st_model_free(m);
+}
+
+// Checkpoints: what is saved is what is loaded (every parameter and Adam moment, bit for bit; the
+// configuration; the training state), and training on from a loaded checkpoint gives the very losses
+// of a run that never stopped. Damaged checkpoints are refused with a message.
+static void test_checkpoint(void) {
+    const StPattern fixed = {ST_FIXED, ST_MULTIHEAD, 16, 4, 2};
+    StModelConfig cfg = tiny_config(fixed, 0, 0.1f);
+    const int B = 2, T = cfg.ctx, steps = 6, half = 3;
+    unsigned char *inputs = malloc(B * T * steps), *targets = malloc(B * T * steps);
+    for (int s = 0; s < steps; s++) random_batch(inputs + s * B * T, targets + s * B * T, B, T);
+    float straight[6], resumed[6];
+    StModel *a = st_model_create(&cfg, 21);
+    for (int s = 0; s < steps; s++) {
+        straight[s] = st_model_forward(a, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
+        st_model_backward(a);
+        st_model_update(a, 2e-3f, 0.01f, 1.0f, s + 1);
+    }
+    StModel *b = st_model_create(&cfg, 21);
+    for (int s = 0; s < half; s++) {
+        st_model_forward(b, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
+        st_model_backward(b);
+        st_model_update(b, 2e-3f, 0.01f, 1.0f, s + 1);
+    }
+    char path[128];
+    snprintf(path, sizeof path, "%s/model.bin", temp_dir);
+    const StTrainState state = {half, 0x1234567890abcdefull, 21, steps, 2, B, 2e-3f, 0.01f, 1.0f};
+    const char *err = st_checkpoint_save(path, b, &state);
+    StTrainState loaded_state;
+    StModelConfig loaded_cfg;
+    StModel *c = err ? NULL : st_checkpoint_load(path, &loaded_state, &loaded_cfg, &err);
+    int same = c != NULL && memcmp(&loaded_cfg, &cfg, sizeof cfg) == 0 && memcmp(&loaded_state, &state, sizeof state) == 0;
+    const size_t n = st_model_num_params(b);
+    float *x = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float));
+    for (int buf = ST_PARAMS; c && buf <= ST_ADAM_V; buf++) {
+        if (buf == ST_GRADS) continue;
+        st_model_get(b, (StBuffer)buf, x);
+        st_model_get(c, (StBuffer)buf, y);
+        same = same && memcmp(x, y, n * sizeof(float)) == 0;
+    }
+    check(same, "checkpoint round trip: configuration, training state, parameters and Adam moments exact%s%s",
+          err ? ": " : "", err ? err : "");
+    for (int s = half; c && s < steps; s++) {
+        resumed[s] = st_model_forward(c, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
+        st_model_backward(c);
+        st_model_update(c, 2e-3f, 0.01f, 1.0f, s + 1);
+    }
+    check(c && memcmp(straight + half, resumed + half, (steps - half) * sizeof(float)) == 0,
+          "training on from a checkpoint repeats the uninterrupted run's losses bit for bit (%.6f %.6f %.6f)",
+          straight[3], straight[4], straight[5]);
+    // damaged copies
+    size_t size;
+    unsigned char *file = read_raw(path, &size);
+    char bad[128];
+    snprintf(bad, sizeof bad, "%s/bad.bin", temp_dir);
+    const struct { const char *what; size_t offset; int value; long cut; const char *expect; } cases[] = {
+        {"bad magic", 0, 'X', 0, "not a checkpoint"}, {"truncated", 0, -1, 4, "truncated"},
+        {"zero heads", 24, 0, 0, "corrupt"}, {"unknown version", 8, 9, 0, "version"}};
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        if (cases[k].value >= 0) file[cases[k].offset] = (unsigned char)cases[k].value;
+        write_raw(bad, file, size - cases[k].cut);
+        StTrainState st;
+        StModelConfig sc;
+        StModel *d = st_checkpoint_load(bad, &st, &sc, &err);
+        const char *said = d ? "(accepted)" : err ? err : "(no message)";
+        check(d == NULL && err && strstr(err, cases[k].expect), "checkpoint with %s rejected: %s", cases[k].what, said);
+        if (d) st_model_free(d);
+        free(file);
+        file = read_raw(path, &size);
+    }
+    remove(path);
+    remove(bad);
+    free(file), free(x), free(y), free(inputs), free(targets);
+    st_model_free(a), st_model_free(b);
+    if (c) st_model_free(c);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "-v") == 0) verbose = 1;
@@ -725,8 +853,13 @@ int main(int argc, char **argv) {
     test_rejections();
     test_kernels();
     test_work_at_scale();
+    make_temp_dir();
     test_data();
     test_model_gradients();
+    test_recompute_equal();
+    test_overfit();
+    test_checkpoint();
+    remove_temp_dir();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -1,93 +1,189 @@
 /*
-train.c: the training driver of the Sparse Transformer.
+train.c: trains the byte-level Sparse Transformer on a data set made by data/prepare.sh.
 
-For now it holds the pattern viewer: `./train ... -show_pattern` prints, for every layer and head, which
-keys each query may attend to, as a grid of '#' (allowed) and '.' (not allowed), row = query i,
-column = key j. Training arrives with the model.
+Read it in this order: the flags (one table: parsing, defaults and -h all come from it), the data
+(random windows for training, fixed ones for validation), the learning-rate schedule, then main(),
+which is the training loop: forward, backward, AdamW, a line per step, validation, samples and
+checkpoints. `./train -show_pattern` only prints the attention patterns and exits.
 
-Flags are parsed llm.c style: every flag takes one value (-show_pattern may stand alone); -h lists them.
+Every run can be resumed: checkpoints hold the model, Adam's moments, the step and the random state,
+and are written to a temporary file then renamed. Ctrl-C saves one before exiting. On the CPU build a
+resumed run prints the same losses, to the last digit, as a run that was never interrupted.
 */
+#define _XOPEN_SOURCE 700 // clock_gettime, sigaction, M_PI
+#include <errno.h>
+#include <stdarg.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <time.h>
 
 #include "sparse_transformer.h"
 
+// ----------------------------------------------------------------------------
+// Flags
+
 typedef struct {
-    StPattern pattern;
-    int ctx, dim, heads, layers, show_pattern;
-} Config;
+    const char *data_dir, *out_dir;
+    StModelConfig model;
+    int batch, steps, warmup, eval_every, eval_batches, save_every, sample_every, resume, show_pattern;
+    float lr, weight_decay, clip;
+    long long seed;
+} Options;
 
-static void usage(const Config *c) {
-    fprintf(stderr,
-            "usage: ./train [flags]\n"
-            "  -pattern P          dense | strided | fixed (default %s)\n"
-            "  -combine C          interleaved | merged | multihead: how a layer uses the pattern's two\n"
-            "                      steps (default %s; ignored by dense)\n"
-            "  -ctx N              context length in bytes (default %d)\n"
-            "  -stride L           stride (strided) or block length (fixed) (default %d)\n"
-            "  -summary C          summary cells per block, fixed (default %d)\n"
-            "  -summary_groups G   summary groups, head h uses group h mod G, fixed (default %d)\n"
-            "  -dim D              model width (default %d)\n"
-            "  -heads H            attention heads; must divide dim (default %d)\n"
-            "  -layers R           residual blocks (default %d)\n"
-            "  -show_pattern       print every layer's and head's attention mask and exit\n"
-            "  -h                  this help\n",
-            st_pattern_kind_name(c->pattern.kind), st_combine_name(c->pattern.combine), c->ctx,
-            c->pattern.stride, c->pattern.summary, c->pattern.groups, c->dim, c->heads, c->layers);
+typedef enum { INT, FLOAT, LONG, TEXT, PATTERN, COMBINE } FlagType;
+typedef struct {
+    const char *name;
+    FlagType type;
+    void *value;
+    double lo, hi; // allowed range of numbers
+    const char *help;
+    int given;     // set on the command line (a resumed run keeps the checkpoint's value otherwise)
+} Flag;
+
+static Options opt;
+static Flag flags[] = {
+    {"-i", TEXT, &opt.data_dir, 0, 0, "data folder holding train.bin and val.bin (data/prepare.sh NAME)", 0},
+    {"-o", TEXT, &opt.out_dir, 0, 0, "output folder; the checkpoint is DIR/model.bin", 0},
+    {"-pattern", PATTERN, &opt.model.pattern.kind, 0, 0, "attention pattern: dense | strided | fixed", 0},
+    {"-combine", COMBINE, &opt.model.pattern.combine, 0, 0,
+     "how a layer uses the pattern's two steps: interleaved | merged | multihead", 0},
+    {"-ctx", INT, &opt.model.ctx, 1, 1 << 20, "context length in bytes", 0},
+    {"-stride", INT, &opt.model.pattern.stride, 1, 1 << 20,
+     "stride (strided) or block length (fixed); also the width of the text/audio position grid", 0},
+    {"-summary", INT, &opt.model.pattern.summary, 1, 1 << 20, "summary cells per block (fixed)", 0},
+    {"-summary_groups", INT, &opt.model.pattern.groups, 1, 1 << 20, "summary groups; head h uses group h mod G (fixed)", 0},
+    {"-dim", INT, &opt.model.dim, 1, 1 << 16, "model width", 0},
+    {"-heads", INT, &opt.model.heads, 1, 1024, "attention heads; dim / heads must be 32, 64 or 128", 0},
+    {"-layers", INT, &opt.model.layers, 1, 4096, "residual blocks", 0},
+    {"-ff", INT, &opt.model.ff, 1, 16, "MLP width as a multiple of dim (2: the paper's half-size variant)", 0},
+    {"-dropout", FLOAT, &opt.model.dropout, 0, 0.99, "dropout at the end of each residual branch", 0},
+    {"-recompute", INT, &opt.model.recompute, 0, 1, "1: keep only each block's input, recompute in the backward", 0},
+    {"-batch", INT, &opt.batch, 1, 1 << 16, "sequences per step", 0},
+    {"-steps", INT, &opt.steps, 1, 1 << 30, "optimizer steps in all", 0},
+    {"-lr", FLOAT, &opt.lr, 0, 1, "peak learning rate (linear warmup, then cosine decay to 0)", 0},
+    {"-warmup", INT, &opt.warmup, 0, 1 << 30, "warmup steps", 0},
+    {"-wd", FLOAT, &opt.weight_decay, 0, 1, "AdamW weight decay, on matrices only", 0},
+    {"-clip", FLOAT, &opt.clip, 0, 1e6, "clip the gradient's global norm to this (0: no clipping)", 0},
+    {"-seed", LONG, &opt.seed, 0, 9e18, "random seed (initialisation, batches, dropout, samples)", 0},
+    {"-eval_every", INT, &opt.eval_every, 0, 1 << 30, "validation every N steps (0: only at the end)", 0},
+    {"-eval_batches", INT, &opt.eval_batches, 1, 1 << 20, "batches of validation data each time", 0},
+    {"-save_every", INT, &opt.save_every, 0, 1 << 30, "checkpoint every N steps (0: only at the end)", 0},
+    {"-sample_every", INT, &opt.sample_every, 0, 1 << 30, "print a sample every N steps, text data (0: never)", 0},
+    {"-resume", INT, &opt.resume, 0, 1, "1: continue from DIR/model.bin", 0},
+    {"-show_pattern", INT, &opt.show_pattern, 0, 1, "print every layer's and head's attention mask and exit", 0},
+};
+#define N_FLAGS (int)(sizeof flags / sizeof flags[0])
+
+// Defaults: small enough on a CPU to print a step line every few seconds on 2 cores; larger on a GPU.
+static void set_defaults(int gpu) {
+    opt.data_dir = "data/default";
+    opt.out_dir = "out";
+    opt.model = (StModelConfig){gpu ? 1024 : 256, gpu ? 512 : 128, gpu ? 8 : 4, gpu ? 8 : 4, 4,
+                                {ST_STRIDED, ST_MERGED, gpu ? 32 : 16, gpu ? 8 : 4, 1}, 0.0f, 0, ST_TEXT, 0, 0, 0, 0};
+    opt.batch = gpu ? 16 : 8;
+    opt.steps = gpu ? 5000 : 2000;
+    opt.warmup = gpu ? 500 : 50;
+    opt.lr = gpu ? 3e-4f : 1e-3f;
+    opt.weight_decay = 0.01f;
+    opt.clip = 1.0f;
+    opt.seed = 1337;
+    opt.eval_every = gpu ? 250 : 100;
+    opt.eval_batches = gpu ? 16 : 8;
+    opt.save_every = gpu ? 1000 : 500;
+    opt.sample_every = gpu ? 500 : 200;
 }
 
-// Parses a whole decimal integer in [lo, hi], or exits with a message naming the flag.
-static int parse_int(const char *flag, const char *text, int lo, int hi) {
-    char *end;
-    long value = strtol(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || value < lo || value > hi) {
-        fprintf(stderr, "%s expects a whole number from %d to %d, got '%s'\n", flag, lo, hi, text);
-        exit(1);
+static void print_value(const Flag *f) {
+    switch (f->type) {
+    case INT: printf("%d", *(int *)f->value); break;
+    case FLOAT: printf("%g", *(float *)f->value); break;
+    case LONG: printf("%lld", *(long long *)f->value); break;
+    case TEXT: printf("%s", *(const char **)f->value); break;
+    case PATTERN: printf("%s", st_pattern_kind_name(*(StPatternKind *)f->value)); break;
+    case COMBINE: printf("%s", st_combine_name(*(StCombine *)f->value)); break;
     }
-    return (int)value;
 }
 
-static void parse_args(Config *c, int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        const char *flag = argv[i];
-        if (strcmp(flag, "-h") == 0 || strcmp(flag, "--help") == 0) { usage(c); exit(0); }
-        // the one switch: "-show_pattern" alone means "-show_pattern 1"
-        if (strcmp(flag, "-show_pattern") == 0 && (i + 1 >= argc || argv[i + 1][0] == '-')) {
-            c->show_pattern = 1;
-            continue;
-        }
-        if (flag[0] != '-' || i + 1 >= argc) {
-            fprintf(stderr, "expected '-flag value', got '%s'%s (./train -h lists the flags)\n", flag,
-                    flag[0] == '-' ? " without a value" : "");
+static void usage(void) {
+    printf("usage: ./train [-flag value ...]   (defaults for this build)\n");
+    for (int i = 0; i < N_FLAGS; i++) {
+        printf("  %-16s %s (default ", flags[i].name, flags[i].help);
+        print_value(&flags[i]);
+        printf(")\n");
+    }
+}
+
+// Bad input ends the run with one line that says what was wrong and what to do, and exit code 1.
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n");
+    exit(1);
+}
+
+static void parse_flag(Flag *f, const char *text) {
+    char *end;
+    errno = 0;
+    if (f->type == TEXT) {
+        *(const char **)f->value = text;
+    } else if (f->type == PATTERN || f->type == COMBINE) {
+        const int v = f->type == PATTERN ? st_pattern_kind_from_name(text) : st_combine_from_name(text);
+        if (v < 0) fail("%s does not take '%s' (./train -h lists the choices)", f->name, text);
+        *(int *)f->value = v;
+    } else {
+        const double v = strtod(text, &end);
+        if (*text == '\0' || *end != '\0' || errno || v < f->lo || v > f->hi || (f->type != FLOAT && v != floor(v))) {
+            char range[128];
+            snprintf(range, sizeof range, "%s from %g to %g", f->type == FLOAT ? "a number" : "a whole number", f->lo, f->hi);
+            fprintf(stderr, "%s expects %s, got '%s'\n", f->name, range, text);
             exit(1);
         }
-        const char *value = argv[++i];
-        if (strcmp(flag, "-pattern") == 0) {
-            int kind = st_pattern_kind_from_name(value);
-            if (kind < 0) { fprintf(stderr, "-pattern must be dense, strided or fixed, got '%s'\n", value); exit(1); }
-            c->pattern.kind = (StPatternKind)kind;
-        } else if (strcmp(flag, "-combine") == 0) {
-            int combine = st_combine_from_name(value);
-            if (combine < 0) {
-                fprintf(stderr, "-combine must be interleaved, merged or multihead, got '%s'\n", value);
-                exit(1);
-            }
-            c->pattern.combine = (StCombine)combine;
-        } else if (strcmp(flag, "-ctx") == 0) c->ctx = parse_int(flag, value, 1, 1 << 24);
-        else if (strcmp(flag, "-stride") == 0) c->pattern.stride = parse_int(flag, value, 1, 1 << 24);
-        else if (strcmp(flag, "-summary") == 0) c->pattern.summary = parse_int(flag, value, 1, 1 << 24);
-        else if (strcmp(flag, "-summary_groups") == 0) c->pattern.groups = parse_int(flag, value, 1, 1 << 24);
-        else if (strcmp(flag, "-dim") == 0) c->dim = parse_int(flag, value, 1, 1 << 16);
-        else if (strcmp(flag, "-heads") == 0) c->heads = parse_int(flag, value, 1, 1024);
-        else if (strcmp(flag, "-layers") == 0) c->layers = parse_int(flag, value, 1, 4096);
-        else if (strcmp(flag, "-show_pattern") == 0) c->show_pattern = parse_int(flag, value, 0, 1);
-        else { fprintf(stderr, "unknown flag %s (./train -h lists the flags)\n", flag); exit(1); }
+        if (f->type == INT) *(int *)f->value = (int)v;
+        else if (f->type == LONG) *(long long *)f->value = (long long)v;
+        else *(float *)f->value = (float)v;
+    }
+    f->given = 1;
+}
+
+static void parse_args(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) { usage(); exit(0); }
+        Flag *f = NULL;
+        for (int k = 0; k < N_FLAGS; k++)
+            if (strcmp(argv[i], flags[k].name) == 0) f = &flags[k];
+        if (!f) fail("unknown flag '%s' (./train -h lists the flags)", argv[i]);
+        // the one switch: "-show_pattern" alone means "-show_pattern 1"
+        if (f->value == &opt.show_pattern && (i + 1 >= argc || argv[i + 1][0] == '-')) {
+            parse_flag(f, "1");
+            continue;
+        }
+        if (i + 1 >= argc) fail("%s needs a value (./train -h lists the flags)", argv[i]);
+        parse_flag(f, argv[++i]);
     }
 }
 
-// One grid per layer and head; a grid is `ctx` lines of `ctx` characters.
-static void show_pattern(const Config *c) {
+static int given(const void *value) {
+    for (int k = 0; k < N_FLAGS; k++)
+        if (flags[k].value == value) return flags[k].given;
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// The pattern viewer: for every layer and head, ctx lines of ctx characters
+
+static void show_pattern(void) {
+    const StModelConfig *c = &opt.model;
+    printf("pattern %s, combine %s, ctx %d, stride %d", st_pattern_kind_name(c->pattern.kind),
+           st_combine_name(c->pattern.combine), c->ctx, c->pattern.stride);
+    if (c->pattern.kind == ST_FIXED) printf(", summary %d, summary_groups %d", c->pattern.summary, c->pattern.groups);
+    printf("\n");
     for (int layer = 0; layer < c->layers; layer++) {
         for (int head = 0; head < c->heads; head++) {
             printf("layer %d head %d\n", layer, head);
@@ -99,27 +195,259 @@ static void show_pattern(const Config *c) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Data: windows of ctx + 1 bytes (inputs and next-byte targets)
+
+typedef struct {
+    unsigned char *bytes;
+    StDataInfo info;
+} Split;
+
+static Split load_split(const char *name) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", opt.data_dir, name);
+    Split s;
+    const char *err;
+    s.bytes = st_data_load(path, &s.info, &err);
+    if (!s.bytes) fail("%s", err);
+    if (s.info.n_bytes < (size_t)opt.model.ctx + 1) {
+        fail("%s: %zu bytes cannot fill a context of %d (+1 target): use a smaller -ctx or more data", path,
+             s.info.n_bytes, opt.model.ctx);
+    }
+    return s;
+}
+
+// Windows start anywhere in text and audio, at the start of an image in image data.
+static size_t window_unit(const Split *s) {
+    return s->info.kind == ST_IMAGE ? (size_t)s->info.height * s->info.width * s->info.channels : 1;
+}
+
+static void copy_window(const Split *s, size_t start, unsigned char *inputs, unsigned char *targets, int T) {
+    memcpy(inputs, s->bytes + start, T);
+    memcpy(targets, s->bytes + start + 1, T);
+}
+
+// B random windows; the random state is the trainer's (saved in checkpoints).
+static void random_batch(const Split *s, unsigned long long *rng, unsigned char *inputs, unsigned char *targets) {
+    const int T = opt.model.ctx;
+    const size_t unit = window_unit(s), starts = (s->info.n_bytes - T - 1) / unit + 1;
+    for (int b = 0; b < opt.batch; b++) {
+        // xorshift64*: a small generator the checkpoint can hold in one number
+        *rng ^= *rng >> 12, *rng ^= *rng << 25, *rng ^= *rng >> 27;
+        const size_t start = (size_t)((*rng * 2685821657736338717ull) % starts) * unit;
+        copy_window(s, start, inputs + (size_t)b * T, targets + (size_t)b * T, T);
+    }
+}
+
+// Mean loss (nats per byte) over `count` windows starting at first, first + step, ...
+static double eval_windows(StModel *m, const Split *s, size_t first, size_t step, long count, unsigned char *inputs,
+                           unsigned char *targets) {
+    const int T = opt.model.ctx;
+    double sum = 0;
+    for (long done = 0; done < count;) {
+        const int B = count - done < opt.batch ? (int)(count - done) : opt.batch;
+        for (int b = 0; b < B; b++)
+            copy_window(s, first + (size_t)(done + b) * step, inputs + (size_t)b * T, targets + (size_t)b * T, T);
+        sum += (double)st_model_forward(m, inputs, targets, B, 0, 0) * B;
+        done += B;
+    }
+    return sum / count;
+}
+
+// Validation during training: eval_batches batches of windows spread evenly over the split (the same
+// windows every time, so the numbers compare). At the end: the whole split, window after window.
+static double eval_spread(StModel *m, const Split *s, unsigned char *inputs, unsigned char *targets) {
+    const size_t unit = window_unit(s), starts = (s->info.n_bytes - opt.model.ctx - 1) / unit + 1;
+    const long count = (long)opt.eval_batches * opt.batch < (long)starts ? (long)opt.eval_batches * opt.batch : (long)starts;
+    return eval_windows(m, s, 0, starts / count * unit, count, inputs, targets);
+}
+static double eval_whole(StModel *m, const Split *s, unsigned char *inputs, unsigned char *targets) {
+    const size_t unit = window_unit(s), T = opt.model.ctx, step = (T + unit - 1) / unit * unit;
+    return eval_windows(m, s, 0, step, (long)((s->info.n_bytes - T - 1) / step + 1), inputs, targets);
+}
+
+// ----------------------------------------------------------------------------
+// Learning rate: linear warmup, then cosine decay to 0
+
+static float learning_rate(int step) {
+    if (step < opt.warmup) return opt.lr * (step + 1) / opt.warmup;
+    const double progress = (double)(step - opt.warmup) / fmax(1.0, opt.steps - opt.warmup);
+    return (float)(opt.lr * 0.5 * (1.0 + cos(M_PI * fmin(1.0, progress))));
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints and Ctrl-C
+
+static volatile sig_atomic_t interrupted = 0;
+static void on_sigint(int sig) {
+    (void)sig;
+    if (interrupted) _Exit(130); // a second Ctrl-C does not wait
+    interrupted = 1;
+}
+
+static void checkpoint_path(char *path, size_t size) { snprintf(path, size, "%s/model.bin", opt.out_dir); }
+
+static void save(const StModel *m, const StTrainState *s) {
+    char path[4096];
+    checkpoint_path(path, sizeof path);
+    const char *err = st_checkpoint_save(path, m, s);
+    if (err) fail("%s", err);
+    printf("saved %s at step %lld\n", path, s->step);
+}
+
+// A resumed run takes the model and training settings from the checkpoint; a model flag given on the
+// command line that disagrees with it is an error (a different model cannot continue this one).
+static StModel *resume(StTrainState *state) {
+    char path[4096];
+    checkpoint_path(path, sizeof path);
+    const char *err;
+    StModelConfig saved;
+    StModel *m = st_checkpoint_load(path, state, &saved, &err);
+    if (!m) fail("cannot resume: %s", err);
+    const StModelConfig *c = &opt.model;
+    const struct { const void *flag; int mine, theirs; } model_flags[] = {
+        {&c->ctx, c->ctx, saved.ctx}, {&c->dim, c->dim, saved.dim}, {&c->heads, c->heads, saved.heads},
+        {&c->layers, c->layers, saved.layers}, {&c->ff, c->ff, saved.ff},
+        {&c->pattern.kind, c->pattern.kind, saved.pattern.kind}, {&c->pattern.combine, c->pattern.combine, saved.pattern.combine},
+        {&c->pattern.stride, c->pattern.stride, saved.pattern.stride}, {&c->pattern.summary, c->pattern.summary, saved.pattern.summary},
+        {&c->pattern.groups, c->pattern.groups, saved.pattern.groups}};
+    for (size_t i = 0; i < sizeof model_flags / sizeof model_flags[0]; i++) {
+        if (given(model_flags[i].flag) && model_flags[i].mine != model_flags[i].theirs) {
+            const char *name = "";
+            for (int k = 0; k < N_FLAGS; k++)
+                if (flags[k].value == model_flags[i].flag) name = flags[k].name;
+            fail("cannot resume %s: it was trained with %s %d, not %d: drop the flag, or train anew in another -o",
+                 path, name, model_flags[i].theirs, model_flags[i].mine);
+        }
+    }
+    const int recompute = c->recompute; // may change: it does not change the results
+    opt.model = saved;
+    if (given(&c->recompute)) opt.model.recompute = recompute;
+    if (!given(&opt.steps)) opt.steps = state->steps;
+    if (!given(&opt.warmup)) opt.warmup = state->warmup;
+    if (!given(&opt.batch)) opt.batch = state->batch;
+    if (!given(&opt.lr)) opt.lr = state->lr;
+    if (!given(&opt.weight_decay)) opt.weight_decay = state->weight_decay;
+    if (!given(&opt.clip)) opt.clip = state->clip;
+    opt.seed = (long long)state->seed;
+    if (opt.model.recompute != saved.recompute) { // the model is rebuilt with the other memory plan
+        StModel *again = st_model_create(&opt.model, 0);
+        float *host = malloc(st_model_num_params(m) * sizeof(float));
+        for (int b = ST_PARAMS; b <= ST_ADAM_V; b++) st_model_get(m, (StBuffer)b, host), st_model_set(again, (StBuffer)b, host);
+        free(host);
+        st_model_free(m);
+        m = again;
+    }
+    printf("resuming %s at step %lld of %d\n", path, state->step, opt.steps);
+    return m;
+}
+
+// ----------------------------------------------------------------------------
+// Samples: a line of generated text after a prompt from the validation data
+
+static void print_sample(StModel *m, const Split *val, long long step) {
+    const long prompt = 32, total = prompt + 160;
+    unsigned char *text = malloc(total);
+    memcpy(text, val->bytes, prompt);
+    unsigned long long rng = (unsigned long long)opt.seed * 7919 + (unsigned long long)step;
+    st_generate(m, text, prompt, total, 1.0f, 0, &rng);
+    printf("sample: \"");
+    for (long i = 0; i < total; i++) {
+        if (i == prompt) printf("\" -> \"");
+        putchar(text[i] == '\n' ? '/' : text[i] >= 32 && text[i] < 127 ? text[i] : '?');
+    }
+    printf("\"\n");
+    free(text);
+}
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+// ----------------------------------------------------------------------------
+
 int main(int argc, char **argv) {
-    Config c = {{ST_STRIDED, ST_MERGED, 32, 8, 1}, 1024, 256, 4, 4, 0};
-    parse_args(&c, argc, argv);
-    if (c.dim % c.heads != 0) {
-        fprintf(stderr, "-heads %d does not divide -dim %d: choose dim = heads * head size\n", c.heads, c.dim);
-        return 1;
-    }
-    const char *err = st_pattern_check(&c.pattern, c.ctx, c.heads, c.dim / c.heads);
-    if (err) {
-        fprintf(stderr, "%s\n", err);
-        return 1;
-    }
-    if (c.show_pattern) {
-        printf("pattern %s, combine %s, ctx %d, stride %d", st_pattern_kind_name(c.pattern.kind),
-               st_combine_name(c.pattern.combine), c.ctx, c.pattern.stride);
-        if (c.pattern.kind == ST_FIXED) printf(", summary %d, summary_groups %d", c.pattern.summary, c.pattern.groups);
-        printf("\n");
-        show_pattern(&c);
+    const char *device = st_device_init();
+    set_defaults(st_device_is_gpu());
+    parse_args(argc, argv);
+    if (opt.show_pattern) {
+        const char *err = opt.model.dim % opt.model.heads ? "-heads must divide -dim"
+                          : st_pattern_check(&opt.model.pattern, opt.model.ctx, opt.model.heads, opt.model.dim / opt.model.heads);
+        if (err) fail("%s", err);
+        show_pattern();
         return 0;
     }
-    fprintf(stderr, "training is not built yet: the model arrives next. For now, view the patterns with "
-                    "./train -pattern strided -ctx 16 -stride 4 -show_pattern, and run make test\n");
-    return 1;
+    Split train = load_split("train.bin"), val = load_split("val.bin");
+    if (train.info.kind != val.info.kind || train.info.height != val.info.height || train.info.width != val.info.width ||
+        train.info.channels != val.info.channels || train.info.sample_rate != val.info.sample_rate)
+        fail("%s: train.bin and val.bin describe different data (kind or shape): remake them with data/prepare.sh",
+             opt.data_dir);
+    StModelConfig *c = &opt.model;
+    c->kind = train.info.kind, c->height = train.info.height, c->width = train.info.width;
+    c->channels = train.info.channels, c->sample_rate = train.info.sample_rate;
+
+    StTrainState state = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    StModel *m;
+    if (mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) fail("cannot create the output folder %s: %s", opt.out_dir, strerror(errno));
+    if (opt.resume) {
+        m = resume(&state);
+    } else {
+        const char *err = st_model_check(c);
+        if (err) fail("%s", err);
+        m = st_model_create(c, (unsigned long long)opt.seed);
+        state.rng = (unsigned long long)opt.seed * 0x9E3779B97F4A7C15ull | 1; // xorshift needs a non-zero state
+    }
+    state.seed = (unsigned long long)opt.seed, state.steps = opt.steps, state.warmup = opt.warmup;
+    state.batch = opt.batch, state.lr = opt.lr, state.weight_decay = opt.weight_decay, state.clip = opt.clip;
+
+    const int T = c->ctx, B = opt.batch;
+    unsigned char *inputs = malloc((size_t)B * T), *targets = malloc((size_t)B * T);
+    printf("device: %s\n", device);
+    printf("data: %s, %s, train %zu bytes, val %zu bytes\n", opt.data_dir, st_data_kind_name(train.info.kind),
+           train.info.n_bytes, val.info.n_bytes);
+    printf("model: %s/%s stride %d, ctx %d, dim %d, heads %d, layers %d: %.2fM parameters\n",
+           st_pattern_kind_name(c->pattern.kind), st_combine_name(c->pattern.combine), c->pattern.stride, T, c->dim,
+           c->heads, c->layers, st_model_num_params(m) / 1e6);
+    printf("activations: %.1f MiB for batch %d%s; %.1f MiB with -recompute %d\n",
+           st_model_activation_bytes(m, B, c->recompute) / 1048576.0, B, c->recompute ? " with recompute" : "",
+           st_model_activation_bytes(m, B, !c->recompute) / 1048576.0, !c->recompute);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigaction(SIGINT, &sa, NULL);
+
+    for (int step = (int)state.step; step < opt.steps; step++) {
+        const float lr = learning_rate(step);
+        const double start = now_ms();
+        random_batch(&train, &state.rng, inputs, targets);
+        const float loss = st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
+        if (!isfinite(loss)) {
+            fail("the loss became %g at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
+                 "lower -lr or a longer -warmup", loss, step + 1, opt.out_dir);
+        }
+        st_model_backward(m);
+        st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
+        st_synchronize();
+        const double ms = now_ms() - start;
+        state.step = step + 1;
+        printf("step %d/%d | loss %.4f | %.2f bpb | lr %.1e | %.0f ms | %.0f tok/s\n", step + 1, opt.steps, loss,
+               loss / M_LN2, lr, ms, B * T / (ms / 1e3));
+        fflush(stdout);
+        const int last = step + 1 == opt.steps;
+        if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last)
+            printf("val %.4f bpb (step %d)\n", eval_spread(m, &val, inputs, targets) / M_LN2, step + 1);
+        if (opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT) print_sample(m, &val, step + 1);
+        if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || interrupted) save(m, &state);
+        if (interrupted) {
+            printf("interrupted: resume with ./train -o %s -resume 1\n", opt.out_dir);
+            return 130;
+        }
+    }
+    printf("val %.4f bpb on the whole validation split (%zu bytes)\n", eval_whole(m, &val, inputs, targets) / M_LN2,
+           val.info.n_bytes);
+    st_model_free(m);
+    free(inputs), free(targets), free(train.bytes), free(val.bytes);
+    return 0;
 }
