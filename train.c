@@ -141,7 +141,8 @@ static void parse_flag(Flag *f, const char *text) {
         const double v = strtod(text, &end);
         if (*text == '\0' || *end != '\0' || errno || v < f->lo || v > f->hi || (f->type != FLOAT && v != floor(v))) {
             char range[128];
-            snprintf(range, sizeof range, "%s from %g to %g", f->type == FLOAT ? "a number" : "a whole number", f->lo, f->hi);
+            if (f->type == FLOAT) snprintf(range, sizeof range, "a number from %g to %g", f->lo, f->hi);
+            else snprintf(range, sizeof range, "a whole number from %.0f to %.0f", f->lo, f->hi);
             fprintf(stderr, "%s expects %s, got '%s'\n", f->name, range, text);
             exit(1);
         }

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# test_train.sh: ./train end to end, as a user runs it (called by .ci/run after make).
+#   1. a short run on synthetic data: step lines, validation, checkpoint, final whole-split bpb
+#   2. Ctrl-C in the middle of the same run, then -resume 1: the step lines equal the uninterrupted run's
+#   3. bad input: each gets one line on stderr and exit code 1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+passed=0 failed=0
+ok() { echo "ok   $1"; passed=$((passed + 1)); }
+bad() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+./build/datatool synthetic -bytes 100000 -period 32 2>/dev/null | ./build/datatool pack "$work/train.bin" -kind text
+./build/datatool synthetic -bytes 20000 -period 32 -seed 2 2>/dev/null | ./build/datatool pack "$work/val.bin" -kind text
+flags=(-i "$work" -ctx 64 -stride 8 -dim 64 -heads 2 -layers 2 -batch 4 -steps 16 -warmup 2 -eval_every 8
+       -sample_every 8 -save_every 5)
+
+# 1.
+./train "${flags[@]}" -o "$work/a" > "$work/a.log" 2>&1 && a=0 || a=$?
+steps=$(grep -c '^step [0-9]*/16 | loss [0-9.]* | [0-9.]* bpb | lr [0-9.e+-]* | [0-9]* ms | [0-9]* tok/s$' "$work/a.log" || true)
+if [ $a = 0 ] && [ "$steps" = 16 ] && grep -q '^val .* bpb (step 8)' "$work/a.log" && grep -q '^sample: ' "$work/a.log" &&
+   grep -q 'on the whole validation split' "$work/a.log" && [ -s "$work/a/model.bin" ]; then
+    ok "a short run prints 16 step lines, validation, a sample, the final bpb, and saves model.bin"
+else
+    bad "short run (exit $a, $steps step lines)"; cat "$work/a.log"
+fi
+first=$(grep -m1 '^step 1/' "$work/a.log" | sed 's/.*| loss \([0-9.]*\).*/\1/')
+last=$(grep '^step 16/' "$work/a.log" | sed 's/.*| loss \([0-9.]*\).*/\1/')
+awk -v f="$first" -v l="$last" 'BEGIN { exit !(l < f - 0.3) }' && ok "the loss falls ($first -> $last)" || bad "the loss does not fall ($first -> $last)"
+
+# 2.
+./train "${flags[@]}" -o "$work/b" > "$work/b1.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 3000); do grep -q '^step 3/' "$work/b1.log" 2>/dev/null && break; sleep 0.01; done
+kill -INT $pid
+wait $pid && rc=0 || rc=$?
+./train "${flags[@]}" -o "$work/b" -resume 1 > "$work/b2.log" 2>&1
+losses() { grep -hE '^(step|val|sample)' "$@" | sed 's/ | [0-9]* ms | .*//'; }
+if [ $rc = 130 ] && grep -q '^saved' "$work/b1.log" && [ "$(losses "$work/a.log")" = "$(losses "$work/b1.log" "$work/b2.log")" ]; then
+    ok "Ctrl-C saves (exit 130); -resume 1 continues with the very losses, validations and samples of the run above"
+else
+    bad "interrupt and resume (exit $rc)"; diff <(losses "$work/a.log") <(losses "$work/b1.log" "$work/b2.log") || true
+fi
+
+# 3.
+expect_error() { # expect_error WHAT PATTERN ARGS...: one line on stderr matching PATTERN, exit code 1
+    local what=$1 pattern=$2
+    shift 2
+    ./train "$@" > "$work/out.log" 2> "$work/err.log" && rc=0 || rc=$?
+    if [ $rc = 1 ] && [ "$(wc -l < "$work/err.log")" = 1 ] && grep -q "$pattern" "$work/err.log"; then
+        ok "$what: $(cat "$work/err.log")"
+    else
+        bad "$what (exit $rc): $(cat "$work/err.log")"
+    fi
+}
+expect_error "unknown flag" "unknown flag" -bogus 1
+expect_error "malformed number" "expects a whole number" -steps 12x
+expect_error "value out of range" "expects a number" -dropout 2
+expect_error "missing data" "cannot open" -i "$work/nowhere"
+expect_error "context the data cannot fill" "cannot fill a context" "${flags[@]}" -ctx 30000 -stride 100 -o "$work/c"
+expect_error "pattern the shape does not allow" "summary_groups \* summary <= stride" "${flags[@]}" -pattern fixed -summary 5 -summary_groups 2 -o "$work/c"
+expect_error "heads that do not divide the width" "does not divide" "${flags[@]}" -heads 3 -o "$work/c"
+expect_error "resume with another model" "it was trained with -dim 64" "${flags[@]}" -dim 128 -heads 4 -o "$work/a" -resume 1
+expect_error "resume without a checkpoint" "cannot open the checkpoint" "${flags[@]}" -o "$work/none" -resume 1
+head -c 1000 "$work/a/model.bin" > "$work/a/cut.bin" && mkdir -p "$work/d" && mv "$work/a/cut.bin" "$work/d/model.bin"
+expect_error "truncated checkpoint" "truncated" "${flags[@]}" -o "$work/d" -resume 1
+cp "$work/train.bin" "$work/t.bin" && head -c 5000 "$work/t.bin" > "$work/train.bin"
+expect_error "truncated data file" "truncated" "${flags[@]}" -o "$work/e"
+
+echo "$passed passed, $failed failed"
+[ $failed = 0 ]
