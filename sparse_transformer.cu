@@ -245,6 +245,11 @@ static __host__ __device__ inline int step_query_position(const Step &st, int p)
     return i < st.n ? i : -1;
 }
 
+// The query slot of natural position i: the inverse of step_query_position.
+static __host__ __device__ inline int step_query_slot(const Step &st, int i) {
+    return st.kind == STEP_STRIDE ? i % st.l * st.column + i / st.l : i;
+}
+
 // Natural position of slot s of the key order, or -1 for a padding slot.
 static __host__ __device__ inline int step_key_position(const Step &st, int s) {
     if (s >= st.nk) return -1;
@@ -1055,6 +1060,85 @@ __global__ void adamw_kernel(float *p, float *m, float *v, const float *g, size_
     p[e] -= lr * (step + weight_decay * p[e]);
 }
 
+// Decoding one new byte at position i, with the keys and values of the earlier bytes cached (B = 1).
+// Appends the byte's k and v (parts of qkv (3C)) to the caches (H, T, D).
+__global__ void cache_append_kernel(float *kcache, float *vcache, const float *qkv, int i, int H, int T, int D) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, C = H * D;
+    if (e >= C) return;
+    const int h = e / D, d = e % D;
+    kcache[((size_t)h * T + i) * D + d] = qkv[C + e];
+    vcache[((size_t)h * T + i) * D + d] = qkv[2 * C + e];
+}
+
+// Block-wide max or sum of one value per thread (THREADS threads), through shared memory.
+__device__ static float block_reduce(float value, bool is_max) {
+    __shared__ float partial[THREADS];
+    __syncthreads(); // the previous reduction's reads are done
+    partial[threadIdx.x] = value;
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        __syncthreads();
+        if ((int)threadIdx.x < half) {
+            const float other = partial[threadIdx.x + half];
+            partial[threadIdx.x] = is_max ? fmaxf(partial[threadIdx.x], other) : partial[threadIdx.x] + other;
+        }
+    }
+    __syncthreads();
+    return partial[0];
+}
+
+// The new byte's attention, one block per head:  out_h = sum_j softmax_j(q_h . k_hj / sqrt(D)) v_hj
+// over the keys its steps allow. Each step's keys are one range of slots (section 3), so the work is
+// the number of allowed keys, not the position. steps: (H, 2) with n_steps (H) of them used.
+// Passes: 1. scores of the allowed keys into `scores` (H, T), in slot order; 2. their max and the
+// sum of exponentials; 3. the output, one thread per channel.
+template <int D>
+__global__ void __launch_bounds__(THREADS)
+attention_decode_kernel(float *out, const float *qkv, const float *kcache, const float *vcache, float *scores,
+                        const Step *steps, const int *n_steps, int i, int T) {
+    const int h = blockIdx.x;
+    const float *q = qkv + h * D;
+    kcache += (size_t)h * T * D, vcache += (size_t)h * T * D, scores += (size_t)h * T;
+    const Step *mine = steps + 2 * h;
+    // 1.
+    int count = 0;
+    for (int s = 0; s < n_steps[h]; s++) {
+        const int p = step_query_slot(mine[s], i);
+        int lo, hi;
+        step_key_range(mine[s], p, i, &lo, &hi);
+        for (int k = lo + threadIdx.x; k <= hi; k += THREADS) {
+            const int j = step_key_position(mine[s], k);
+            float dot = 0.0f;
+            for (int x = 0; x < D && j >= 0; x++) dot += q[x] * kcache[(size_t)j * D + x];
+            scores[count + k - lo] = j >= 0 ? dot / sqrtf((float)D) : -INFINITY;
+        }
+        count += hi >= lo ? hi - lo + 1 : 0;
+    }
+    __syncthreads();
+    // 2.
+    float top = -INFINITY, sum = 0.0f;
+    for (int e = threadIdx.x; e < count; e += THREADS) top = fmaxf(top, scores[e]);
+    top = block_reduce(top, true);
+    for (int e = threadIdx.x; e < count; e += THREADS) {
+        scores[e] = top == -INFINITY ? 0.0f : expf(scores[e] - top);
+        sum += scores[e];
+    }
+    sum = block_reduce(sum, false);
+    // 3.
+    for (int d = threadIdx.x; d < D; d += THREADS) {
+        float acc = 0.0f;
+        int e = 0;
+        for (int s = 0; s < n_steps[h]; s++) {
+            int lo, hi;
+            step_key_range(mine[s], step_query_slot(mine[s], i), i, &lo, &hi);
+            for (int k = lo; k <= hi; k++, e++) {
+                const int j = step_key_position(mine[s], k);
+                if (j >= 0) acc += scores[e] * vcache[(size_t)j * D + d];
+            }
+        }
+        out[h * D + d] = sum > 0.0f ? acc / sum : 0.0f;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // 8. The model: parameters, activations, forward, backward
 
@@ -1109,6 +1193,10 @@ struct StModel {
     float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
     float *act_base;                 // the one buffer all of the above are carved from
     float *partial;                  // (grid of sum_squares_kernel)
+    // incremental decoding (B = 1): each head's steps per layer, and scratch for one byte
+    Step *decode_steps;              // (L, H, 2) on the device
+    int *decode_n_steps;             // (L, H) on the device
+    float *decode;                   // one byte's activations and the scores (H, T)
     uint64_t dropout_seed;
     int training;
 };
@@ -1243,6 +1331,17 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
     m->partial = (float *)st_malloc(64 * BLOCK * sizeof(float));
+    Step *steps = (Step *)calloc((size_t)m->L * m->H * 2, sizeof(Step));
+    int *n_steps = (int *)malloc((size_t)m->L * m->H * sizeof(int));
+    for (int l = 0; l < m->L; l++)
+        for (int h = 0; h < m->H; h++) n_steps[l * m->H + h] = head_steps(&cfg->pattern, l, h, m->T, steps + 2 * (l * m->H + h));
+    m->decode_steps = (Step *)st_malloc((size_t)m->L * m->H * 2 * sizeof(Step));
+    m->decode_n_steps = (int *)st_malloc((size_t)m->L * m->H * sizeof(int));
+    st_to_device(m->decode_steps, steps, (size_t)m->L * m->H * 2 * sizeof(Step));
+    st_to_device(m->decode_n_steps, n_steps, (size_t)m->L * m->H * sizeof(int));
+    free(steps);
+    free(n_steps);
+    m->decode = (float *)st_malloc((12 * (size_t)m->C + 2 * (size_t)m->F + VOCAB + 4 + (size_t)m->H * m->T) * sizeof(float));
     return m;
 }
 
@@ -1251,8 +1350,10 @@ void st_model_free(StModel *m) {
     for (int l = 0; l < m->L; l++) st_attention_free(m->attention[l]);
     free(m->attention);
     if (m->B_alloc) st_free(m->act_base);
-    float *buffers[] = {m->params, m->grads, m->adam_m, m->adam_v, m->partial};
+    float *buffers[] = {m->params, m->grads, m->adam_m, m->adam_v, m->partial, m->decode};
     for (float *b : buffers) st_free(b);
+    st_free(m->decode_steps);
+    st_free(m->decode_n_steps);
     st_free(m->positions);
     cublasCheck(cublasDestroy(m->cublas));
     free(m->acts);
@@ -1335,9 +1436,23 @@ static void dropout(StModel *m, float *x, size_t n, int layer, int branch) {
     LAUNCH(dropout_kernel, blocks_for(n), BLOCK, 0, x, n, m->cfg.dropout, m->dropout_seed + 2 * (uint64_t)layer + branch);
 }
 
+// The second half of a block, for `rows` rows: b = dropout(ff(LN2(xa))), ff(y) = W2 gelu(W1 y + b1) + b2,
+// then out = xa + b (the residual stream gets both branches: xa = x + a).
+static void mlp_forward(StModel *m, int layer, int rows, const float *xa, float *ln2, float *mean, float *rstd,
+                        float *fc, float *fc_gelu, float *bb, float *out) {
+    const int C = m->C, F = m->F;
+    const size_t n = (size_t)rows * C;
+    layernorm_forward(ln2, mean, rstd, xa, P(m, layer, LN2W), P(m, layer, LN2B), rows, C);
+    matmul_forward(m, fc, ln2, P(m, layer, FCW), P(m, layer, FCB), rows, C, F);
+    LAUNCH(gelu_forward_kernel, blocks_for((size_t)rows * F), BLOCK, 0, fc_gelu, fc, (size_t)rows * F);
+    matmul_forward(m, bb, fc_gelu, P(m, layer, FC2W), P(m, layer, FC2B), rows, F, C);
+    dropout(m, bb, n, layer, 1);
+    LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, out, xa, bb, n);
+}
+
 // One residual block: residual[layer] -> residual[layer + 1], keeping its activations in `a`.
 static void layer_forward(StModel *m, int layer, LayerActs *a, int B) {
-    const int BT = B * m->T, C = m->C, F = m->F;
+    const int BT = B * m->T, C = m->C;
     const size_t n = (size_t)BT * C;
     const float *x = m->residual + layer * n;
     float *out = m->residual + (layer + 1) * n;
@@ -1349,15 +1464,8 @@ static void layer_forward(StModel *m, int layer, LayerActs *a, int B) {
     LAUNCH(merge_heads_kernel, blocks_for(n), BLOCK, 0, a->att_rows, a->att, B, m->T, m->H, m->D, 1);
     matmul_forward(m, a->a, a->att_rows, P(m, layer, PROJW), P(m, layer, PROJB), BT, C, C);
     dropout(m, a->a, n, layer, 0);
-    // b = dropout(ff(LN2(x + a))), ff(y) = W2 gelu(W1 y + b1) + b2
     LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, a->xa, x, a->a, n);
-    layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->xa, P(m, layer, LN2W), P(m, layer, LN2B), BT, C);
-    matmul_forward(m, a->fc, a->ln2, P(m, layer, FCW), P(m, layer, FCB), BT, C, F);
-    LAUNCH(gelu_forward_kernel, blocks_for((size_t)BT * F), BLOCK, 0, a->fc_gelu, a->fc, (size_t)BT * F);
-    matmul_forward(m, a->bb, a->fc_gelu, P(m, layer, FC2W), P(m, layer, FC2B), BT, F, C);
-    dropout(m, a->bb, n, layer, 1);
-    // H <- H + a + b
-    LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, out, a->xa, a->bb, n);
+    mlp_forward(m, layer, BT, a->xa, a->ln2, a->ln2_mean, a->ln2_rstd, a->fc, a->fc_gelu, a->bb, out);
 }
 
 // Backward of one block. On entry m->dres holds dL/d residual[layer + 1]; on exit dL/d residual[layer].
@@ -1502,6 +1610,53 @@ void st_model_logits(const StModel *m, float *host) {
 }
 
 // ----------------------------------------------------------------------------
+// Incremental decoding: keys and values cached, each new byte costs what its attention allows
+
+// Generation needs every layer's keys and values kept, which recompute does not do: switch plans.
+static void set_memory_plan(StModel *m, int recompute) {
+    if (m->cfg.recompute == recompute) return;
+    m->cfg.recompute = recompute;
+    if (m->B_alloc) st_free(m->act_base);
+    m->B_alloc = 0; // the next forward lays the activations out anew
+}
+
+void st_model_prefill(StModel *m, const unsigned char *window, int len, float *logits) {
+    set_memory_plan(m, 0);
+    unsigned char *padded = (unsigned char *)calloc(m->T, 1);
+    memcpy(padded, window, len);
+    st_model_forward(m, padded, NULL, 1, 0, 0); // causal: the padding after len changes nothing before it
+    st_to_host(logits, m->logits + (size_t)(len - 1) * VOCAB, VOCAB * sizeof(float));
+    free(padded);
+}
+
+// The block, for one byte at position i: like layer_forward, but attention reads the cache.
+void st_model_decode(StModel *m, unsigned char byte, int i, float *logits) {
+    const int C = m->C, F = m->F, H = m->H, D = m->D, T = m->T;
+    float *x = m->decode, *ln = x + C, *qkv = ln + C, *att = qkv + 3 * C, *a = att + C, *xa = a + C;
+    float *ln2 = xa + C, *fc = ln2 + C, *fc_gelu = fc + F, *bb = fc_gelu + F, *out = bb + C;
+    float *stats = out + C, *scores = stats + 4, *row_logits = scores + (size_t)H * T; // stats: mean, rstd x 2
+    const int token = byte;
+    st_to_device(m->tokens, &token, sizeof(int));
+    LAUNCH(embedding_forward_kernel, blocks_for(C), BLOCK, 0, x, m->tokens, m->positions + 3 * i, P(m, -1, WTE),
+           P(m, -1, WP0), P(m, -1, WP1), P(m, -1, WP2), 1, 1, C);
+    for (int l = 0; l < m->L; l++) {
+        const LayerActs *cache = &m->acts[l];
+        layernorm_forward(ln, stats, stats + 1, x, P(m, l, LN1W), P(m, l, LN1B), 1, C);
+        matmul_forward(m, qkv, ln, P(m, l, QKVW), P(m, l, QKVB), 1, C, 3 * C);
+        LAUNCH(cache_append_kernel, blocks_for(C), BLOCK, 0, cache->k, cache->v, qkv, i, H, T, D);
+        DISPATCH_HEAD_SIZE(D, LAUNCH(attention_decode_kernel<HS>, H, THREADS, 0, att, qkv, cache->k, cache->v, scores,
+                                     m->decode_steps + 2 * l * H, m->decode_n_steps + l * H, i, T));
+        matmul_forward(m, a, att, P(m, l, PROJW), P(m, l, PROJB), 1, C, C);
+        LAUNCH(add_kernel, blocks_for(C), BLOCK, 0, xa, x, a, (size_t)C);
+        mlp_forward(m, l, 1, xa, ln2, stats + 2, stats + 3, fc, fc_gelu, bb, out);
+        cudaCheck(cudaMemcpy(x, out, C * sizeof(float), cudaMemcpyDeviceToDevice));
+    }
+    layernorm_forward(ln, stats, stats + 1, x, P(m, m->L, LNFW), P(m, m->L, LNFB), 1, C);
+    matmul_forward(m, row_logits, ln, P(m, m->L, OUTW), NULL, 1, C, VOCAB);
+    st_to_host(logits, row_logits, VOCAB * sizeof(float));
+}
+
+// ----------------------------------------------------------------------------
 // Generation: one byte at a time from the model's next-byte distribution
 
 // Draws from softmax(logits / temperature) restricted to the top_k most likely bytes (0: all).
@@ -1524,33 +1679,37 @@ static int sample_byte(const float *logits, float temperature, int top_k, uint64
     return VOCAB - 1;
 }
 
-// Where the model's window starts when `len` bytes are known: the last ctx bytes, moved forward to the
-// next whole row of the position grid (text, audio) or the next image, so that every byte keeps the
-// position embedding and attention pattern it had in training.
+// Where the model's window starts when `len` bytes are known. It jumps by about half a context (in
+// whole rows of the position grid for text and audio, whole images for images), so that every byte
+// keeps the position embedding and attention pattern it had in training, and the window is run
+// through the model anew (prefill) only once every half context.
 static long window_start(const StModel *m, long len) {
     const long unit = m->cfg.kind == ST_IMAGE ? (long)m->cfg.height * m->cfg.width * m->cfg.channels
                                               : m->cfg.pattern.stride;
+    const long jump = m->T / 2 / unit * unit > unit ? m->T / 2 / unit * unit : unit;
     const long excess = len - m->T;
-    return excess <= 0 ? 0 : (excess + unit - 1) / unit * unit;
+    return excess <= 0 ? 0 : (excess + jump - 1) / jump * jump;
 }
 
 void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, float temperature, int top_k,
                  unsigned long long *rng) {
-    unsigned char *window = (unsigned char *)calloc(m->T, 1);
-    float *logits = (float *)malloc((size_t)m->T * VOCAB * sizeof(float));
+    float logits[VOCAB];
     uint64_t state = *rng;
+    const int recompute = m->cfg.recompute;
+    long start = -1;
     for (long len = prompt_len; len < total; len++) {
-        const long start = window_start(m, len), used = len - start;
-        memset(window, 0, m->T);
-        memcpy(window, text + start, used);
-        st_model_forward(m, window, NULL, 1, 0, 0); // causal: the padding after `used` changes nothing
-        st_model_logits(m, logits);
-        text[len] = (unsigned char)(used ? sample_byte(logits + (used - 1) * VOCAB, temperature, top_k, &state)
-                                         : splitmix64(&state) % VOCAB);
+        if (len == 0) { // nothing to condition on: a uniform first byte
+            text[0] = (unsigned char)(splitmix64(&state) % VOCAB);
+            continue;
+        }
+        const long s = window_start(m, len);
+        if (s != start) st_model_prefill(m, text + s, (int)(len - s), logits);
+        else st_model_decode(m, text[len - 1], (int)(len - 1 - s), logits);
+        start = s;
+        text[len] = (unsigned char)sample_byte(logits, temperature, top_k, &state);
     }
+    set_memory_plan(m, recompute);
     *rng = state;
-    free(window);
-    free(logits);
 }
 
 // ----------------------------------------------------------------------------

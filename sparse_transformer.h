@@ -162,6 +162,12 @@ const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *siz
 void st_model_get(const StModel *m, StBuffer which, float *host); // n_params floats
 void st_model_set(StModel *m, StBuffer which, const float *host);
 void st_model_logits(const StModel *m, float *host); // (B, T, 256) of the last forward
+// Incremental decoding (one sequence): st_model_prefill runs window[0 .. len) through the model,
+// keeps every layer's keys and values, and returns the logits (256) of the byte after it;
+// st_model_decode then adds one byte at window position i = len, len + 1, ... (< ctx), reading the
+// cache, and returns the logits of the byte after that: its cost is the keys the pattern lets it see.
+void st_model_prefill(StModel *m, const unsigned char *window, int len, float *logits);
+void st_model_decode(StModel *m, unsigned char byte, int i, float *logits);
 // Extends text[0 .. prompt_len) to text[0 .. total) by sampling the model one byte at a time, at
 // `temperature`, from the top_k most likely bytes (0: all). *rng is the random state (advanced).
 void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, float temperature, int top_k,
