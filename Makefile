@@ -9,7 +9,7 @@
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
 #   make clean
 #
-# Binaries (train, test_kernels) land in this folder; objects in build/<target>/.
+# Binaries (train, sample, test_kernels) land in this folder; objects in build/<target>/.
 
 CC ?= gcc
 CXX ?= g++
@@ -39,7 +39,7 @@ else
 endif
 
 BUILD = build/$(TARGET)
-BINARIES = train test_kernels
+BINARIES = train sample test_kernels
 # The binaries are relinked whenever the target changes (build/target holds the last one).
 $(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
 
@@ -88,6 +88,9 @@ endif
 
 train: $(BUILD)/train.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+
+sample: $(BUILD)/sample.o $(BUILD)/sparse_transformer.o build/target
+	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS) -lpng
 
 test_kernels: $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)

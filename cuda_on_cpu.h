@@ -109,8 +109,10 @@ template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribu
 // ----------------------------------------------------------------------------
 // cuBLAS: the one call the model uses, cublasSgemm, column-major as cuBLAS defines it:
 //   C (m x n) = alpha op(A) op(B) + beta C,  op(A) m x k, op(B) k x n, X(i, j) = X[i + j * ldX]
-// Each column of C is computed by one OpenMP thread in a fixed order: results do not depend on the
-// number of threads, so a CPU run is repeatable bit for bit.
+// How: op(A) and op(B) are first copied into contiguous panels (zero-padded to whole tiles), then
+// C is computed in tiles of 16 x 4 held in registers while p runs over k: each step loads 16 values
+// of A and 4 of B for 64 multiply-adds. Each element of C is summed by one OpenMP thread in a fixed
+// order, so results do not depend on the number of threads: a CPU run is repeatable bit for bit.
 
 enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 };
 enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
@@ -128,27 +130,31 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t opA, cublasO
                                   int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                                   const float *beta, float *C, int ldc) {
     if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
-    // op(B)(p, j): element p of column j of op(B)
-    auto b_at = [&](int p, int j) { return opB == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb]; };
+    const int TM = 16, TN = 4, M = (m + TM - 1) / TM * TM, N = (n + TN - 1) / TN * TN;
+    // panels: a (k, M): column p of op(A), padded to M rows; b (N, k): column j of op(B), contiguous
+    std::vector<float> a((size_t)k * M, 0.0f), b((size_t)N * k, 0.0f);
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < n; j++) {
-        float *c = C + (size_t)j * ldc;
-        for (int i = 0; i < m; i++) c[i] = *beta == 0.0f ? 0.0f : *beta * c[i];
-        if (opA == CUBLAS_OP_N) {
-            // column j of C += op(B)(p, j) times column p of A (contiguous)
+    for (int p = 0; p < k; p++)
+        for (int i = 0; i < m; i++) a[(size_t)p * M + i] = opA == CUBLAS_OP_N ? A[i + (size_t)p * lda] : A[p + (size_t)i * lda];
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < n; j++)
+        for (int p = 0; p < k; p++) b[(size_t)j * k + p] = opB == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb];
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int j0 = 0; j0 < N; j0 += TN) {
+        for (int i0 = 0; i0 < M; i0 += TM) {
+            float acc[TN][TM] = {};
             for (int p = 0; p < k; p++) {
-                const float *a = A + (size_t)p * lda, b = *alpha * b_at(p, j);
+                const float *ap = &a[(size_t)p * M + i0];
+                for (int jj = 0; jj < TN; jj++) {
+                    const float bp = b[(size_t)(j0 + jj) * k + p];
 #pragma omp simd
-                for (int i = 0; i < m; i++) c[i] += b * a[i];
+                    for (int ii = 0; ii < TM; ii++) acc[jj][ii] += ap[ii] * bp;
+                }
             }
-        } else {
-            // C(i, j) += dot(row i of op(A) = column i of A (contiguous), column j of op(B))
-            for (int i = 0; i < m; i++) {
-                const float *a = A + (size_t)i * lda;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int p = 0; p < k; p++) sum += a[p] * b_at(p, j);
-                c[i] += *alpha * sum;
+            for (int jj = 0; jj < TN && j0 + jj < n; jj++) {
+                float *c = C + (size_t)(j0 + jj) * ldc;
+                for (int ii = 0; ii < TM && i0 + ii < m; ii++)
+                    c[i0 + ii] = *alpha * acc[jj][ii] + (*beta == 0.0f ? 0.0f : *beta * c[i0 + ii]);
             }
         }
     }
