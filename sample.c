@@ -14,7 +14,6 @@ its attention pattern lets it see, not a pass over the whole context. The speed 
 #define _POSIX_C_SOURCE 200809L // clock_gettime
 #include <math.h>
 #include <png.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,15 +21,6 @@ its attention pattern lets it see, not a pass over the whole context. The speed 
 
 #include "sparse_transformer.h"
 
-static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void fail(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\n");
-    exit(1);
-}
 
 static const char *USAGE =
     "usage: ./sample -i out/model.bin [-n N] [-t temperature] [-topk K] [-prompt TEXT | -prompt_file F]\n"
@@ -47,18 +37,18 @@ static const char *USAGE =
 static double number(const char *flag, const char *text, double lo, double hi) {
     char *end;
     const double v = strtod(text, &end);
-    if (*text == '\0' || *end != '\0' || !(v >= lo && v <= hi)) fail("%s expects a number from %g to %g, got '%s'", flag, lo, hi, text);
+    if (*text == '\0' || *end != '\0' || !(v >= lo && v <= hi)) st_fail("%s expects a number from %g to %g, got '%s'", flag, lo, hi, text);
     return v;
 }
 
 static unsigned char *read_file(const char *path, long *size) {
     FILE *f = fopen(path, "rb");
-    if (!f) fail("cannot open the prompt file %s", path);
+    if (!f) st_fail("cannot open the prompt file %s", path);
     fseek(f, 0, SEEK_END);
     *size = ftell(f);
     fseek(f, 0, SEEK_SET);
     unsigned char *bytes = malloc(*size + 1);
-    if (fread(bytes, 1, *size, f) != (size_t)*size) fail("cannot read %s", path);
+    if (fread(bytes, 1, *size, f) != (size_t)*size) st_fail("cannot read %s", path);
     fclose(f);
     return bytes;
 }
@@ -75,7 +65,7 @@ static void write_png(const char *path, const unsigned char *images, int n, int 
     FILE *f = fopen(path, "wb");
     png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
     png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!f || !info || setjmp(png_jmpbuf(png))) fail("cannot write the PNG file %s", path);
+    if (!f || !info || setjmp(png_jmpbuf(png))) st_fail("cannot write the PNG file %s", path);
     png_init_io(png, f);
     png_set_IHDR(png, info, W, Hh, 8, c == 1 ? PNG_COLOR_TYPE_GRAY : c == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_RGBA,
                  PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
@@ -93,12 +83,12 @@ static void put32(FILE *f, long v) { put16(f, (int)(v & 0xffff)), put16(f, (int)
 // Mu-law bytes as a 16-bit mono PCM WAV file.
 static void write_wav(const char *path, const unsigned char *mulaw, long n, int rate) {
     FILE *f = fopen(path, "wb");
-    if (!f) fail("cannot write the WAV file %s", path);
+    if (!f) st_fail("cannot write the WAV file %s", path);
     fwrite("RIFF", 1, 4, f), put32(f, 36 + 2 * n), fwrite("WAVEfmt ", 1, 8, f);
     put32(f, 16), put16(f, 1), put16(f, 1), put32(f, rate), put32(f, 2L * rate), put16(f, 2), put16(f, 16);
     fwrite("data", 1, 4, f), put32(f, 2 * n);
     for (long i = 0; i < n; i++) put16(f, (int)lrintf(st_mulaw_decode(mulaw[i]) * 32767.0f) & 0xffff);
-    if (fclose(f) != 0) fail("cannot write the WAV file %s", path);
+    if (fclose(f) != 0) st_fail("cannot write the WAV file %s", path);
 }
 
 int main(int argc, char **argv) {
@@ -107,7 +97,7 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         if (strcmp(flag, "-h") == 0 || strcmp(flag, "--help") == 0) { printf("%s", USAGE); return 0; }
-        if (i + 1 >= argc) fail("%s needs a value (./sample -h lists the flags)", flag);
+        if (i + 1 >= argc) st_fail("%s needs a value (./sample -h lists the flags)", flag);
         const char *value = argv[++i];
         if (strcmp(flag, "-i") == 0) checkpoint = value;
         else if (strcmp(flag, "-n") == 0) n = number(flag, value, 1, 1e9);
@@ -117,15 +107,15 @@ int main(int argc, char **argv) {
         else if (strcmp(flag, "-prompt_file") == 0) prompt_file = value;
         else if (strcmp(flag, "-seed") == 0) seed = number(flag, value, 0, 1e18);
         else if (strcmp(flag, "-o") == 0) out_path = value;
-        else fail("unknown flag '%s' (./sample -h lists the flags)", flag);
+        else st_fail("unknown flag '%s' (./sample -h lists the flags)", flag);
     }
-    if (prompt_text && prompt_file) fail("give -prompt or -prompt_file, not both");
+    if (prompt_text && prompt_file) st_fail("give -prompt or -prompt_file, not both");
     st_device_init();
     StTrainState state;
     StModelConfig c;
     const char *err;
     StModel *m = st_checkpoint_load(checkpoint, &state, &c, &err);
-    if (!m) fail("%s", err);
+    if (!m) st_fail("%s", err);
 
     long prompt = 0;
     unsigned char *prompt_bytes = NULL;
@@ -146,7 +136,7 @@ int main(int argc, char **argv) {
 
     if (c.kind == ST_TEXT) {
         FILE *f = out_path ? fopen(out_path, "wb") : stdout;
-        if (!f || fwrite(bytes, 1, total, f) != (size_t)total) fail("cannot write %s", out_path ? out_path : "stdout");
+        if (!f || fwrite(bytes, 1, total, f) != (size_t)total) st_fail("cannot write %s", out_path ? out_path : "stdout");
         if (out_path) fclose(f);
         else printf("\n");
     } else if (c.kind == ST_IMAGE) {

@@ -1,5 +1,6 @@
 /*
-sparse_transformer.cu: the factorized sparse attention of the Sparse Transformer (Child et al. 2019).
+sparse_transformer.cu: the Sparse Transformer (Child et al. 2019): factorized sparse attention kernels
+and the byte-level model around them.
 
 One file, read top to bottom:
   1. Setup        includes, error checks, kernel launches.
@@ -13,8 +14,9 @@ One file, read top to bottom:
   6. API          the C functions of sparse_transformer.h that run the attention.
   7. Model kernels embeddings, layer norm, GELU, dropout, cross-entropy, AdamW.
   8. Model        the byte-level Sparse Transformer: parameters, forward, backward, update.
-  9. Data         the data file format, mu-law audio, the synthetic data set.
- 10. Checkpoints  save and load the model with its training state.
+  9. Decoding     one byte at a time with cached keys and values; sampling.
+ 10. Data         the data file format, mu-law audio, the synthetic data set.
+ 11. Checkpoints  save and load the model with its training state.
 
 The same file builds for an NVIDIA GPU with nvcc and for the CPU with g++, through cuda_on_cpu.h,
 which runs these very kernels with the threads of a block as fibers. There is no separate CPU code.
@@ -37,6 +39,7 @@ All arithmetic is float32.
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,6 +98,15 @@ const char *st_device_init(void) {
 }
 
 int st_device_is_gpu(void) { return BUILT_FOR_GPU; }
+
+void st_fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\n");
+    exit(1);
+}
 
 void *st_malloc(size_t bytes) {
     void *ptr = NULL;
@@ -1501,6 +1513,15 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
                        a->ln1_rstd, BT, C);
 }
 
+// Switches between keeping every block's activations and recomputing them (the results are the same).
+// Generation needs every layer's keys and values kept, so it switches to 0 while it runs.
+void st_model_set_recompute(StModel *m, int recompute) {
+    if (m->cfg.recompute == recompute) return;
+    m->cfg.recompute = recompute;
+    if (m->B_alloc) st_free(m->act_base);
+    m->B_alloc = 0; // the next forward lays the activations out anew
+}
+
 static LayerActs *acts_of(StModel *m, int layer) { return &m->acts[m->cfg.recompute ? 0 : layer]; }
 
 float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B, int training,
@@ -1610,18 +1631,10 @@ void st_model_logits(const StModel *m, float *host) {
 }
 
 // ----------------------------------------------------------------------------
-// Incremental decoding: keys and values cached, each new byte costs what its attention allows
-
-// Generation needs every layer's keys and values kept, which recompute does not do: switch plans.
-static void set_memory_plan(StModel *m, int recompute) {
-    if (m->cfg.recompute == recompute) return;
-    m->cfg.recompute = recompute;
-    if (m->B_alloc) st_free(m->act_base);
-    m->B_alloc = 0; // the next forward lays the activations out anew
-}
+// 9. Decoding: keys and values cached, each new byte costs what its attention allows
 
 void st_model_prefill(StModel *m, const unsigned char *window, int len, float *logits) {
-    set_memory_plan(m, 0);
+    st_model_set_recompute(m, 0);
     unsigned char *padded = (unsigned char *)calloc(m->T, 1);
     memcpy(padded, window, len);
     st_model_forward(m, padded, NULL, 1, 0, 0); // causal: the padding after len changes nothing before it
@@ -1656,7 +1669,6 @@ void st_model_decode(StModel *m, unsigned char byte, int i, float *logits) {
     st_to_host(logits, row_logits, VOCAB * sizeof(float));
 }
 
-// ----------------------------------------------------------------------------
 // Generation: one byte at a time from the model's next-byte distribution
 
 // Draws from softmax(logits / temperature) restricted to the top_k most likely bytes (0: all).
@@ -1708,12 +1720,32 @@ void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, f
         start = s;
         text[len] = (unsigned char)sample_byte(logits, temperature, top_k, &state);
     }
-    set_memory_plan(m, recompute);
+    st_model_set_recompute(m, recompute);
     *rng = state;
 }
 
 // ----------------------------------------------------------------------------
-// 9. Data files, mu-law audio, the synthetic data set (host code)
+// 10. Data files, mu-law audio, the synthetic data set (host code)
+
+// Nothing is lost: a file is written to path + ".tmp" and renamed over path only once it is whole, so a
+// crash or a full disk leaves the previous file as it was. body(f) writes the contents, true if it could.
+template <typename Body> static const char *write_safely(const char *path, const char *what, Body body) {
+    static char msg[8192];
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        snprintf(msg, sizeof msg, "cannot write %s %s: %s", what, tmp, strerror(errno));
+        return msg;
+    }
+    const bool ok = body(f);
+    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) {
+        snprintf(msg, sizeof msg, "cannot write %s %s: %s (is the disk full?)", what, path, strerror(errno));
+        remove(tmp);
+        return msg;
+    }
+    return NULL;
+}
 
 static const char DATA_MAGIC[8] = {'S', 'T', 'B', 'Y', 'T', 'E', 'S', '1'};
 #define DATA_VERSION 1
@@ -1742,7 +1774,6 @@ static uint32_t get_u32(const unsigned char *p) { uint32_t v = 0; for (int i = 3
 static uint64_t get_u64(const unsigned char *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = v << 8 | p[i]; return v; }
 
 const char *st_data_write(const char *path, const StDataInfo *info, const unsigned char *bytes) {
-    static char msg[8192];
     const char *bad = st_data_check(info);
     if (bad) return bad;
     const int image = info->kind == ST_IMAGE;
@@ -1755,21 +1786,9 @@ const char *st_data_write(const char *path, const StDataInfo *info, const unsign
     put_u32(header + 24, image ? info->channels : 0);
     put_u32(header + 28, info->kind == ST_AUDIO ? info->sample_rate : 0);
     put_u64(header + 32, info->n_bytes);
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        snprintf(msg, sizeof msg, "cannot write %s: %s", tmp, strerror(errno));
-        return msg;
-    }
-    const int ok = fwrite(header, 1, sizeof header, f) == sizeof header &&
-                   fwrite(bytes, 1, info->n_bytes, f) == info->n_bytes;
-    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) {
-        snprintf(msg, sizeof msg, "cannot write %s: %s (is the disk full?)", path, strerror(errno));
-        remove(tmp);
-        return msg;
-    }
-    return NULL;
+    return write_safely(path, "the data file", [&](FILE *f) {
+        return fwrite(header, 1, sizeof header, f) == sizeof header && fwrite(bytes, 1, info->n_bytes, f) == info->n_bytes;
+    });
 }
 
 // Opens path and checks its header; on success the file is left positioned at the first data byte.
@@ -1876,7 +1895,7 @@ double st_synthetic_entropy(int period, double noise) {
 }
 
 // ----------------------------------------------------------------------------
-// 10. Checkpoints: the model's configuration, the training state, parameters and Adam moments
+// 11. Checkpoints: the model's configuration, the training state, parameters and Adam moments
 //
 //   offset  size  field (integers little-endian, floats IEEE 754 single)
 //        0     8  magic "STCKPT01"
@@ -1901,7 +1920,6 @@ static void put_f32(unsigned char *p, float f) { uint32_t u; memcpy(&u, &f, 4); 
 static float get_f32(const unsigned char *p) { uint32_t u = get_u32(p); float f; memcpy(&f, &u, 4); return f; }
 
 const char *st_checkpoint_save(const char *path, const StModel *m, const StTrainState *s) {
-    static char msg[8192];
     const StModelConfig *c = &m->cfg;
     unsigned char h[CKPT_HEADER] = {0};
     memcpy(h, CKPT_MAGIC, 8);
@@ -1916,27 +1934,17 @@ const char *st_checkpoint_save(const char *path, const StModel *m, const StTrain
     put_f32(h + 96, s->lr), put_f32(h + 100, s->weight_decay), put_f32(h + 104, s->clip);
     put_u64(h + 112, (uint64_t)s->step), put_u64(h + 120, s->rng), put_u64(h + 128, s->seed);
     put_u64(h + 136, m->n_params);
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        snprintf(msg, sizeof msg, "cannot write the checkpoint %s: %s", tmp, strerror(errno));
-        return msg;
-    }
-    bool ok = fwrite(h, 1, CKPT_HEADER, f) == CKPT_HEADER;
-    float *host = (float *)malloc(m->n_params * sizeof(float));
-    for (int b = ST_PARAMS; b <= ST_ADAM_V && ok; b++) {
-        if (b == ST_GRADS) continue;
-        st_model_get(m, (StBuffer)b, host);
-        ok = fwrite(host, sizeof(float), m->n_params, f) == m->n_params;
-    }
-    free(host);
-    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) { // the old checkpoint stays until the new one is whole
-        snprintf(msg, sizeof msg, "cannot write the checkpoint %s: %s (is the disk full?)", path, strerror(errno));
-        remove(tmp);
-        return msg;
-    }
-    return NULL;
+    return write_safely(path, "the checkpoint", [&](FILE *f) {
+        bool ok = fwrite(h, 1, CKPT_HEADER, f) == CKPT_HEADER;
+        float *host = (float *)malloc(m->n_params * sizeof(float));
+        const StBuffer saved[3] = {ST_PARAMS, ST_ADAM_M, ST_ADAM_V};
+        for (int b = 0; b < 3 && ok; b++) {
+            st_model_get(m, saved[b], host);
+            ok = fwrite(host, sizeof(float), m->n_params, f) == m->n_params;
+        }
+        free(host);
+        return ok;
+    });
 }
 
 StModel *st_checkpoint_load(const char *path, StTrainState *s, StModelConfig *config, const char **error) {

@@ -19,6 +19,8 @@ extern "C" {
 // GPU is usable prints one line saying so and how to build for the CPU, and exits 1.
 const char *st_device_init(void);
 int st_device_is_gpu(void);        // 1 in the GPU build, 0 in the CPU build
+// Bad input ends a program with one line on stderr that says what was wrong and what to do, exit code 1.
+void st_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 void *st_malloc(size_t bytes); // exits 1 with the size asked for when memory runs out
 void st_free(void *ptr);
 void st_to_device(void *dst, const void *src, size_t bytes);
@@ -155,6 +157,7 @@ void st_model_backward(StModel *m); // gradients of the last forward's loss (ove
 // One AdamW step (t = step, from 1): clips the gradient to global norm `clip` (if > 0), decays
 // matrices only. Returns the gradient norm before clipping.
 float st_model_update(StModel *m, float lr, float weight_decay, float clip, int step);
+void st_model_set_recompute(StModel *m, int recompute); // same results, other memory use
 size_t st_model_num_params(const StModel *m);
 size_t st_model_activation_bytes(const StModel *m, int B, int recompute); // device memory for B sequences
 int st_model_num_tensors(const StModel *m);
@@ -174,7 +177,7 @@ void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, f
                  unsigned long long *rng);
 
 // ----------------------------------------------------------------------------
-// Checkpoints (format in sparse_transformer.cu, section 10, and the README)
+// Checkpoints (format in sparse_transformer.cu, section 11, and the README)
 
 typedef struct {
     long long step;         // optimizer steps done

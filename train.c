@@ -12,7 +12,6 @@ resumed run prints the same losses, to the last digit, as a run that was never i
 */
 #define _XOPEN_SOURCE 700 // clock_gettime, sigaction, M_PI
 #include <errno.h>
-#include <stdarg.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -117,16 +116,6 @@ static void usage(void) {
     }
 }
 
-// Bad input ends the run with one line that says what was wrong and what to do, and exit code 1.
-static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void fail(const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\n");
-    exit(1);
-}
 
 static void parse_flag(Flag *f, const char *text) {
     char *end;
@@ -135,7 +124,7 @@ static void parse_flag(Flag *f, const char *text) {
         *(const char **)f->value = text;
     } else if (f->type == PATTERN || f->type == COMBINE) {
         const int v = f->type == PATTERN ? st_pattern_kind_from_name(text) : st_combine_from_name(text);
-        if (v < 0) fail("%s does not take '%s' (./train -h lists the choices)", f->name, text);
+        if (v < 0) st_fail("%s does not take '%s' (./train -h lists the choices)", f->name, text);
         *(int *)f->value = v;
     } else {
         const double v = strtod(text, &end);
@@ -159,13 +148,13 @@ static void parse_args(int argc, char **argv) {
         Flag *f = NULL;
         for (int k = 0; k < N_FLAGS; k++)
             if (strcmp(argv[i], flags[k].name) == 0) f = &flags[k];
-        if (!f) fail("unknown flag '%s' (./train -h lists the flags)", argv[i]);
+        if (!f) st_fail("unknown flag '%s' (./train -h lists the flags)", argv[i]);
         // the one switch: "-show_pattern" alone means "-show_pattern 1"
         if (f->value == &opt.show_pattern && (i + 1 >= argc || argv[i + 1][0] == '-')) {
             parse_flag(f, "1");
             continue;
         }
-        if (i + 1 >= argc) fail("%s needs a value (./train -h lists the flags)", argv[i]);
+        if (i + 1 >= argc) st_fail("%s needs a value (./train -h lists the flags)", argv[i]);
         parse_flag(f, argv[++i]);
     }
 }
@@ -210,9 +199,9 @@ static Split load_split(const char *name) {
     Split s;
     const char *err;
     s.bytes = st_data_load(path, &s.info, &err);
-    if (!s.bytes) fail("%s", err);
+    if (!s.bytes) st_fail("%s", err);
     if (s.info.n_bytes < (size_t)opt.model.ctx + 1) {
-        fail("%s: %zu bytes cannot fill a context of %d (+1 target): use a smaller -ctx or more data", path,
+        st_fail("%s: %zu bytes cannot fill a context of %d (+1 target): use a smaller -ctx or more data", path,
              s.info.n_bytes, opt.model.ctx);
     }
     return s;
@@ -292,19 +281,20 @@ static void save(const StModel *m, const StTrainState *s) {
     char path[4096];
     checkpoint_path(path, sizeof path);
     const char *err = st_checkpoint_save(path, m, s);
-    if (err) fail("%s", err);
+    if (err) st_fail("%s", err);
     printf("saved %s at step %lld\n", path, s->step);
 }
 
 // A resumed run takes the model and training settings from the checkpoint; a model flag given on the
-// command line that disagrees with it is an error (a different model cannot continue this one).
+// command line that disagrees with it, or data of another kind or shape, is an error (a different model
+// cannot continue this one). Training flags given on the command line win (-steps to train longer).
 static StModel *resume(StTrainState *state) {
     char path[4096];
     checkpoint_path(path, sizeof path);
     const char *err;
     StModelConfig saved;
     StModel *m = st_checkpoint_load(path, state, &saved, &err);
-    if (!m) fail("cannot resume: %s", err);
+    if (!m) st_fail("cannot resume: %s", err);
     const StModelConfig *c = &opt.model;
     const struct { const void *flag; int mine, theirs; } model_flags[] = {
         {&c->ctx, c->ctx, saved.ctx}, {&c->dim, c->dim, saved.dim}, {&c->heads, c->heads, saved.heads},
@@ -317,13 +307,20 @@ static StModel *resume(StTrainState *state) {
             const char *name = "";
             for (int k = 0; k < N_FLAGS; k++)
                 if (flags[k].value == model_flags[i].flag) name = flags[k].name;
-            fail("cannot resume %s: it was trained with %s %d, not %d: drop the flag, or train anew in another -o",
+            st_fail("cannot resume %s: it was trained with %s %d, not %d: drop the flag, or train anew in another -o",
                  path, name, model_flags[i].theirs, model_flags[i].mine);
         }
     }
-    const int recompute = c->recompute; // may change: it does not change the results
+    if (saved.kind != c->kind || saved.height != c->height || saved.width != c->width || saved.channels != c->channels ||
+        saved.sample_rate != c->sample_rate)
+        st_fail("cannot resume %s: it was trained on %s data of another shape than %s holds", path,
+             st_data_kind_name(saved.kind), opt.data_dir);
+    if (given(&c->dropout) && c->dropout != saved.dropout)
+        st_fail("cannot resume %s: it was trained with -dropout %g, not %g: drop the flag", path, saved.dropout, c->dropout);
+    const int recompute = given(&c->recompute) ? c->recompute : saved.recompute; // may change: same results
     opt.model = saved;
-    if (given(&c->recompute)) opt.model.recompute = recompute;
+    opt.model.recompute = recompute;
+    st_model_set_recompute(m, recompute);
     if (!given(&opt.steps)) opt.steps = state->steps;
     if (!given(&opt.warmup)) opt.warmup = state->warmup;
     if (!given(&opt.batch)) opt.batch = state->batch;
@@ -331,14 +328,6 @@ static StModel *resume(StTrainState *state) {
     if (!given(&opt.weight_decay)) opt.weight_decay = state->weight_decay;
     if (!given(&opt.clip)) opt.clip = state->clip;
     opt.seed = (long long)state->seed;
-    if (opt.model.recompute != saved.recompute) { // the model is rebuilt with the other memory plan
-        StModel *again = st_model_create(&opt.model, 0);
-        float *host = malloc(st_model_num_params(m) * sizeof(float));
-        for (int b = ST_PARAMS; b <= ST_ADAM_V; b++) st_model_get(m, (StBuffer)b, host), st_model_set(again, (StBuffer)b, host);
-        free(host);
-        st_model_free(m);
-        m = again;
-    }
     printf("resuming %s at step %lld of %d\n", path, state->step, opt.steps);
     return m;
 }
@@ -376,14 +365,14 @@ int main(int argc, char **argv) {
     if (opt.show_pattern) {
         const char *err = opt.model.dim % opt.model.heads ? "-heads must divide -dim"
                           : st_pattern_check(&opt.model.pattern, opt.model.ctx, opt.model.heads, opt.model.dim / opt.model.heads);
-        if (err) fail("%s", err);
+        if (err) st_fail("%s", err);
         show_pattern();
         return 0;
     }
     Split train = load_split("train.bin"), val = load_split("val.bin");
     if (train.info.kind != val.info.kind || train.info.height != val.info.height || train.info.width != val.info.width ||
         train.info.channels != val.info.channels || train.info.sample_rate != val.info.sample_rate)
-        fail("%s: train.bin and val.bin describe different data (kind or shape): remake them with data/prepare.sh",
+        st_fail("%s: train.bin and val.bin describe different data (kind or shape): remake them with data/prepare.sh",
              opt.data_dir);
     StModelConfig *c = &opt.model;
     c->kind = train.info.kind, c->height = train.info.height, c->width = train.info.width;
@@ -391,12 +380,12 @@ int main(int argc, char **argv) {
 
     StTrainState state = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     StModel *m;
-    if (mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) fail("cannot create the output folder %s: %s", opt.out_dir, strerror(errno));
+    if (mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) st_fail("cannot create the output folder %s: %s", opt.out_dir, strerror(errno));
     if (opt.resume) {
         m = resume(&state);
     } else {
         const char *err = st_model_check(c);
-        if (err) fail("%s", err);
+        if (err) st_fail("%s", err);
         m = st_model_create(c, (unsigned long long)opt.seed);
         state.rng = (unsigned long long)opt.seed * 0x9E3779B97F4A7C15ull | 1; // xorshift needs a non-zero state
     }
@@ -425,7 +414,7 @@ int main(int argc, char **argv) {
         random_batch(&train, &state.rng, inputs, targets);
         const float loss = st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
         if (!isfinite(loss)) {
-            fail("the loss became %g at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
+            st_fail("the loss became %g at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
                  "lower -lr or a longer -warmup", loss, step + 1, opt.out_dir);
         }
         st_model_backward(m);

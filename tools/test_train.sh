@@ -62,6 +62,7 @@ expect_error "context the data cannot fill" "cannot fill a context" "${flags[@]}
 expect_error "pattern the shape does not allow" "summary_groups \* summary <= stride" "${flags[@]}" -pattern fixed -summary 5 -summary_groups 2 -o "$work/c"
 expect_error "heads that do not divide the width" "does not divide" "${flags[@]}" -heads 3 -o "$work/c"
 expect_error "resume with another model" "it was trained with -dim 64" "${flags[@]}" -dim 128 -heads 4 -o "$work/a" -resume 1
+expect_error "resume with another dropout" "trained with -dropout 0" "${flags[@]}" -dropout 0.1 -o "$work/a" -resume 1
 expect_error "resume without a checkpoint" "cannot open the checkpoint" "${flags[@]}" -o "$work/none" -resume 1
 head -c 1000 "$work/a/model.bin" > "$work/a/cut.bin" && mkdir -p "$work/d" && mv "$work/a/cut.bin" "$work/d/model.bin"
 expect_error "truncated checkpoint" "truncated" "${flags[@]}" -o "$work/d" -resume 1
