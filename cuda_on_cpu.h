@@ -20,6 +20,7 @@
 //   - CUDA_EMU_REVERSE=1 in the environment runs threads (and blocks) in reverse order: a kernel that
 //     forgot a barrier between writing and reading shared memory gives different results then.
 //   - cudaMalloc is an aligned malloc; copies are memcpy. Memory is host memory.
+//   - cublasSgemm, the one cuBLAS call the model makes, is a blocked matrix product on the host.
 #pragma once
 #ifdef __CUDACC__
 #error "cuda_on_cpu.h is for the CPU build only: nvcc uses the real CUDA runtime"
