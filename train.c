@@ -414,8 +414,8 @@ int main(int argc, char **argv) {
         random_batch(&train, &state.rng, inputs, targets);
         const float loss = st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
         if (!isfinite(loss)) {
-            st_fail("the loss became %g at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
-                 "lower -lr or a longer -warmup", loss, step + 1, opt.out_dir);
+            st_fail("the loss became %s at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
+                    "lower -lr or a longer -warmup", isnan(loss) ? "NaN" : "infinite", step + 1, opt.out_dir);
         }
         st_model_backward(m);
         st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
