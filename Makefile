@@ -16,7 +16,8 @@ CXX ?= g++
 NVCC ?= nvcc
 CFLAGS = -O2 -std=c11 -Wall -Wextra -Werror
 CPU_FLAGS = -O3 -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
-GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+            -gencode arch=compute_90,code=compute_90  # PTX too, for GPUs newer than sm_90
 GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
             -Xcompiler -Wall,-Wextra
 LIBS = -lm

@@ -340,6 +340,11 @@ inline void run_block(void) {
 template <typename... Params, typename... Args>
 void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
             Args... args) {
+    if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535) {
+        fprintf(stderr, "cuda_on_cpu: kernel %s launched with grid (%u, %u, %u): each must be >= 1, and y and z "
+                        "at most 65535, as on a GPU\n", name, grid.x, grid.y, grid.z);
+        exit(1);
+    }
     if (block.x * block.y * block.z > MAX_THREADS) {
         fprintf(stderr, "cuda_on_cpu: kernel %s launched with more than %u threads per block\n", name, MAX_THREADS);
         exit(1);

@@ -505,11 +505,11 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
 // are never all in memory. The second step of a merged head (accumulate = 1) merges its result into
 // the first's by the log-sum-exp rule:
 //   lse = log(e^lse1 + e^lse2),  out = e^(lse1 - lse) out1 + e^(lse2 - lse) out2.
-// Grid: (query tiles, B * heads of this step); block: THREADS.
+// Grid: (query tiles, heads of this step, B); block: THREADS.
 template <int D>
 __global__ void __launch_bounds__(THREADS, 4)
 attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, Step st,
-                         const int4 *tiles, const int *heads, int n_heads, int H, int accumulate) {
+                         const int4 *tiles, const int *heads, int H, int accumulate) {
     typedef TileShape<D> S;
     float *Q_s = smem;                    // (TILE, D) queries * log2(e) / sqrt(D)
     float *K_s = Q_s + S::MATRIX;         // (TILE, D)
@@ -520,7 +520,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     float *w_old_s = lse_s + TILE;        // (TILE) merge weights (accumulate)
     float *w_new_s = w_old_s + TILE;      // (TILE)
 
-    const int qt = blockIdx.x, b = blockIdx.y / n_heads, h = heads[blockIdx.y % n_heads];
+    const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; out += bh * st.n * D; lse += bh * st.n;
     const int4 range = tiles[qt];
@@ -621,12 +621,12 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 //   dK_j = sum_i dS_ij q_i / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
 // Each key tile is owned by one block: no atomics, and a deterministic sum. Adds into dk, dv, since
 // a merged head's two steps touch the same keys.
-// Grid: (key tiles, B * heads of this step); block: THREADS.
+// Grid: (key tiles, heads of this step, B); block: THREADS.
 template <int D>
 __global__ void __launch_bounds__(THREADS, 4)
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                              const float *q, const float *k, const float *v, Step st, const int4 *tiles,
-                             const int *heads, int n_heads, int H) {
+                             const int *heads, int H) {
     typedef TileShape<D> S;
     float *K_s = smem;                  // (TILE, D)
     float *V_s = K_s + S::MATRIX;       // (TILE, D)
@@ -637,7 +637,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     float *lse2_s = dS_s + S::SCORES;   // (TILE) lse * log2(e)
     float *D_s = lse2_s + TILE;         // (TILE)
 
-    const int kt = blockIdx.x, b = blockIdx.y / n_heads, h = heads[blockIdx.y % n_heads];
+    const int kt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dk += bh * st.n * D; dv += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
@@ -675,12 +675,12 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 
 // Backward for queries, one query tile per block, looping over its key tiles:
 //   dQ_i = sum_j dS_ij k_j / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
-// Grid: (query tiles, B * heads of this step); block: THREADS.
+// Grid: (query tiles, heads of this step, B); block: THREADS.
 template <int D>
 __global__ void __launch_bounds__(THREADS, 4)
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
                             const float *q, const float *k, const float *v, Step st, const int4 *tiles,
-                            const int *heads, int n_heads, int H) {
+                            const int *heads, int H) {
     typedef TileShape<D> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
@@ -691,7 +691,7 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     float *lse2_s = dS_s + S::SCORES;   // (TILE)
     float *D_s = lse2_s + TILE;         // (TILE)
 
-    const int qt = blockIdx.x, b = blockIdx.y / n_heads, h = heads[blockIdx.y % n_heads];
+    const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dq += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
@@ -852,9 +852,9 @@ void st_attention_forward(StAttention *a, float *out, float *lse, const float *q
                           const float *v, int B) {
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
-        const dim3 grid(pl.n_qtiles, B * pl.n_heads);
+        const dim3 grid(pl.n_qtiles, pl.n_heads, B); // y and z are limited to 65535
         DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_forward_kernel<HS>, grid, THREADS, forward_shared_bytes(HS),
-                                        out, lse, q, k, v, pl.st, pl.q_tiles, pl.heads, pl.n_heads, a->H, pl.slot));
+                                        out, lse, q, k, v, pl.st, pl.q_tiles, pl.heads, a->H, pl.slot));
     }
 }
 
@@ -875,12 +875,12 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         DISPATCH_HEAD_SIZE(a->D, {
-            LAUNCH(attention_backward_kv_kernel<HS>, dim3(pl.n_ktiles, B * pl.n_heads), THREADS,
+            LAUNCH(attention_backward_kv_kernel<HS>, dim3(pl.n_ktiles, pl.n_heads, B), THREADS,
                    backward_shared_bytes(HS), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
-                   pl.heads, pl.n_heads, a->H);
-            LAUNCH(attention_backward_q_kernel<HS>, dim3(pl.n_qtiles, B * pl.n_heads), THREADS,
+                   pl.heads, a->H);
+            LAUNCH(attention_backward_q_kernel<HS>, dim3(pl.n_qtiles, pl.n_heads, B), THREADS,
                    backward_shared_bytes(HS), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
-                   pl.heads, pl.n_heads, a->H);
+                   pl.heads, a->H);
         });
     }
 }

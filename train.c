@@ -61,7 +61,7 @@ static Flag flags[] = {
     {"-ff", INT, &opt.model.ff, 1, 16, "MLP width as a multiple of dim (2: the paper's half-size variant)", 0},
     {"-dropout", FLOAT, &opt.model.dropout, 0, 0.99, "dropout at the end of each residual branch", 0},
     {"-recompute", INT, &opt.model.recompute, 0, 1, "1: keep only each block's input, recompute in the backward", 0},
-    {"-batch", INT, &opt.batch, 1, 1 << 16, "sequences per step", 0},
+    {"-batch", INT, &opt.batch, 1, 65535, "sequences per step", 0},
     {"-steps", INT, &opt.steps, 1, 1 << 30, "optimizer steps in all", 0},
     {"-lr", FLOAT, &opt.lr, 0, 1, "peak learning rate (linear warmup, then cosine decay to 0)", 0},
     {"-warmup", INT, &opt.warmup, 0, 1 << 30, "warmup steps", 0},
