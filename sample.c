@@ -12,6 +12,7 @@ Decoding is incremental: the keys and values of earlier bytes are cached, so eac
 its attention pattern lets it see, not a pass over the whole context. The speed goes to stderr.
 */
 #define _POSIX_C_SOURCE 200809L // clock_gettime
+#include <errno.h>
 #include <math.h>
 #include <png.h>
 #include <stdio.h>
@@ -34,38 +35,46 @@ static const char *USAGE =
     "  -seed S         random seed (default 1)\n"
     "  -o FILE         output: text to stdout unless given; sample.png for images; sample.wav for audio\n";
 
-static double number(const char *flag, const char *text, double lo, double hi) {
+// A number in [lo, hi]; a whole one unless `fraction`.
+static double number(const char *flag, const char *text, double lo, double hi, int fraction) {
     char *end;
     const double v = strtod(text, &end);
-    if (*text == '\0' || *end != '\0' || !(v >= lo && v <= hi)) st_fail("%s expects a number from %g to %g, got '%s'", flag, lo, hi, text);
+    if (*text == '\0' || *end != '\0' || !(v >= lo && v <= hi) || (!fraction && v != floor(v)))
+        st_fail("%s expects %s from %g to %g, got '%s'", flag, fraction ? "a number" : "a whole number", lo, hi, text);
     return v;
+}
+
+static FILE *open_output(const char *path) {
+    FILE *f = fopen(path, "wb");
+    if (!f) st_fail("cannot write %s: %s", path, strerror(errno));
+    return f;
 }
 
 static unsigned char *read_file(const char *path, long *size) {
     FILE *f = fopen(path, "rb");
-    if (!f) st_fail("cannot open the prompt file %s", path);
+    if (!f) st_fail("cannot open the prompt file %s: %s", path, strerror(errno));
     fseek(f, 0, SEEK_END);
     *size = ftell(f);
     fseek(f, 0, SEEK_SET);
-    unsigned char *bytes = malloc(*size + 1);
+    unsigned char *bytes = st_host_alloc(*size + 1);
     if (fread(bytes, 1, *size, f) != (size_t)*size) st_fail("cannot read %s", path);
     fclose(f);
     return bytes;
 }
 
 // n images of h x w x c bytes, in a grid of `cols` columns with a 2-pixel gap, as an 8-bit PNG.
-static void write_png(const char *path, const unsigned char *images, int n, int h, int w, int c) {
+static void write_png(FILE *f, const char *path, const unsigned char *images, int n, int h, int w, int c) {
     const int cols = (int)ceil(sqrt(n)), rows = (n + cols - 1) / cols, gap = 2;
     const int W = cols * (w + gap) - gap, Hh = rows * (h + gap) - gap;
-    unsigned char *canvas = calloc((size_t)W * Hh * c, 1);
+    unsigned char *canvas = st_host_alloc((size_t)W * Hh * c);
+    memset(canvas, 0, (size_t)W * Hh * c);
     for (int k = 0; k < n; k++)
         for (int y = 0; y < h; y++)
             memcpy(canvas + ((size_t)(k / cols * (h + gap) + y) * W + k % cols * (w + gap)) * c,
                    images + ((size_t)k * h + y) * w * c, (size_t)w * c);
-    FILE *f = fopen(path, "wb");
     png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
     png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!f || !info || setjmp(png_jmpbuf(png))) st_fail("cannot write the PNG file %s", path);
+    if (!info || setjmp(png_jmpbuf(png))) st_fail("cannot write the PNG file %s", path);
     png_init_io(png, f);
     png_set_IHDR(png, info, W, Hh, 8, c == 1 ? PNG_COLOR_TYPE_GRAY : c == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_RGBA,
                  PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
@@ -73,7 +82,7 @@ static void write_png(const char *path, const unsigned char *images, int n, int 
     for (int y = 0; y < Hh; y++) png_write_row(png, canvas + (size_t)y * W * c);
     png_write_end(png, NULL);
     png_destroy_write_struct(&png, &info);
-    fclose(f);
+    if (fclose(f) != 0) st_fail("cannot write %s: %s", path, strerror(errno));
     free(canvas);
 }
 
@@ -81,14 +90,12 @@ static void put16(FILE *f, int v) { fputc(v & 255, f), fputc(v >> 8 & 255, f); }
 static void put32(FILE *f, long v) { put16(f, (int)(v & 0xffff)), put16(f, (int)(v >> 16 & 0xffff)); }
 
 // Mu-law bytes as a 16-bit mono PCM WAV file.
-static void write_wav(const char *path, const unsigned char *mulaw, long n, int rate) {
-    FILE *f = fopen(path, "wb");
-    if (!f) st_fail("cannot write the WAV file %s", path);
+static void write_wav(FILE *f, const char *path, const unsigned char *mulaw, long n, int rate) {
     fwrite("RIFF", 1, 4, f), put32(f, 36 + 2 * n), fwrite("WAVEfmt ", 1, 8, f);
     put32(f, 16), put16(f, 1), put16(f, 1), put32(f, rate), put32(f, 2L * rate), put16(f, 2), put16(f, 16);
     fwrite("data", 1, 4, f), put32(f, 2 * n);
     for (long i = 0; i < n; i++) put16(f, (int)lrintf(st_mulaw_decode(mulaw[i]) * 32767.0f) & 0xffff);
-    if (fclose(f) != 0) st_fail("cannot write the WAV file %s", path);
+    if (fclose(f) != 0) st_fail("cannot write %s: %s", path, strerror(errno));
 }
 
 int main(int argc, char **argv) {
@@ -100,12 +107,12 @@ int main(int argc, char **argv) {
         if (i + 1 >= argc) st_fail("%s needs a value (./sample -h lists the flags)", flag);
         const char *value = argv[++i];
         if (strcmp(flag, "-i") == 0) checkpoint = value;
-        else if (strcmp(flag, "-n") == 0) n = number(flag, value, 1, 1e9);
-        else if (strcmp(flag, "-t") == 0) temperature = number(flag, value, 1e-3, 100);
-        else if (strcmp(flag, "-topk") == 0) top_k = number(flag, value, 0, 256);
+        else if (strcmp(flag, "-n") == 0) n = number(flag, value, 1, 1e8, 0);
+        else if (strcmp(flag, "-t") == 0) temperature = number(flag, value, 1e-3, 100, 1);
+        else if (strcmp(flag, "-topk") == 0) top_k = number(flag, value, 0, 256, 0);
         else if (strcmp(flag, "-prompt") == 0) prompt_text = value;
         else if (strcmp(flag, "-prompt_file") == 0) prompt_file = value;
-        else if (strcmp(flag, "-seed") == 0) seed = number(flag, value, 0, 1e18);
+        else if (strcmp(flag, "-seed") == 0) seed = number(flag, value, 0, 1e15, 0);
         else if (strcmp(flag, "-o") == 0) out_path = value;
         else st_fail("unknown flag '%s' (./sample -h lists the flags)", flag);
     }
@@ -121,10 +128,14 @@ int main(int argc, char **argv) {
     unsigned char *prompt_bytes = NULL;
     if (prompt_text) prompt = (long)strlen(prompt_text), prompt_bytes = (unsigned char *)strdup(prompt_text);
     if (prompt_file) prompt_bytes = read_file(prompt_file, &prompt);
-    const long image = (long)c.height * c.width * c.channels;
+    // Images: the output starts at the image the prompt ends in, so a partial image is shown completed.
+    const long image = (long)c.height * c.width * c.channels, first_image = c.kind == ST_IMAGE ? prompt / image : 0;
     const long count = n > 0 ? (long)n : c.kind == ST_TEXT ? 500 : c.kind == ST_IMAGE ? 16 : 2L * c.sample_rate;
-    const long generated = c.kind == ST_IMAGE ? count * image : count, total = prompt + generated;
-    unsigned char *bytes = malloc(total);
+    const long total = c.kind == ST_IMAGE ? (first_image + count) * image : prompt + count;
+    const long shown_from = c.kind == ST_IMAGE ? first_image * image : c.kind == ST_AUDIO ? prompt : 0;
+    const char *path = out_path ? out_path : c.kind == ST_IMAGE ? "sample.png" : c.kind == ST_AUDIO ? "sample.wav" : NULL;
+    FILE *out = path ? open_output(path) : stdout; // before the work, so a bad path fails at once
+    unsigned char *bytes = st_host_alloc(total);
     if (prompt) memcpy(bytes, prompt_bytes, prompt);
 
     struct timespec t0, t1;
@@ -135,19 +146,16 @@ int main(int argc, char **argv) {
     const double seconds = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
 
     if (c.kind == ST_TEXT) {
-        FILE *f = out_path ? fopen(out_path, "wb") : stdout;
-        if (!f || fwrite(bytes, 1, total, f) != (size_t)total) st_fail("cannot write %s", out_path ? out_path : "stdout");
-        if (out_path) fclose(f);
-        else printf("\n");
+        if (fwrite(bytes, 1, total, out) != (size_t)total || (path ? fclose(out) : fputc('\n', out)) == EOF)
+            st_fail("cannot write %s: %s", path ? path : "stdout", strerror(errno));
     } else if (c.kind == ST_IMAGE) {
-        write_png(out_path ? out_path : "sample.png", bytes + prompt, (int)count, c.height, c.width, c.channels);
+        write_png(out, path, bytes + shown_from, (int)count, c.height, c.width, c.channels);
     } else {
-        write_wav(out_path ? out_path : "sample.wav", bytes + prompt, generated, c.sample_rate);
+        write_wav(out, path, bytes + shown_from, total - shown_from, c.sample_rate);
     }
-    fprintf(stderr, "sampled %ld bytes in %.1f s: %.0f bytes/s (context %d, %s/%s)%s%s\n", generated, seconds,
-            generated / seconds, c.ctx, st_pattern_kind_name(c.pattern.kind), st_combine_name(c.pattern.combine),
-            out_path || c.kind != ST_TEXT ? ", written to " : "",
-            out_path ? out_path : c.kind == ST_IMAGE ? "sample.png" : c.kind == ST_AUDIO ? "sample.wav" : "");
+    fprintf(stderr, "sampled %ld bytes in %.1f s: %.0f bytes/s (context %d, %s/%s)%s%s\n", total - prompt, seconds,
+            (total - prompt) / seconds, c.ctx, st_pattern_kind_name(c.pattern.kind), st_combine_name(c.pattern.combine),
+            path ? ", written to " : "", path ? path : "");
     st_model_free(m);
     free(bytes), free(prompt_bytes);
     return 0;

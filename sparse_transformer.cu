@@ -118,6 +118,15 @@ void *st_malloc(size_t bytes) {
     return ptr;
 }
 void st_free(void *ptr) { cudaCheck(cudaFree(ptr)); }
+void *st_host_alloc(size_t bytes) {
+    void *ptr = malloc(bytes ? bytes : 1);
+    if (!ptr) {
+        fprintf(stderr, "out of memory: asked for %zu bytes (%.1f MiB) of host memory; use a smaller batch, context "
+                        "or sample\n", bytes, bytes / 1048576.0);
+        exit(1);
+    }
+    return ptr;
+}
 void st_to_device(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
@@ -1242,7 +1251,14 @@ const char *st_model_check(const StModelConfig *c) {
     }
     const StDataInfo shape = {c->kind, c->height, c->width, c->channels, c->kind == ST_AUDIO ? 1 : 0, 0};
     const char *err = st_data_check(&shape);
-    return err ? err : st_pattern_check(&c->pattern, c->ctx, c->heads, c->dim / c->heads);
+    if (err) return err;
+    const long image = (long)c->height * c->width * c->channels;
+    if (c->kind == ST_IMAGE && c->ctx % image) {
+        snprintf(msg, sizeof msg, "for images of %d x %d x %d the context must hold whole images: -ctx %ld (or a "
+                 "multiple), not %d", c->height, c->width, c->channels, image, c->ctx);
+        return msg;
+    }
+    return st_pattern_check(&c->pattern, c->ctx, c->heads, c->dim / c->heads);
 }
 
 // The three factors of each position's embedding (positions (T, 3)) and the size of each table.
@@ -1998,11 +2014,26 @@ StModel *st_checkpoint_load(const char *path, StTrainState *s, StModelConfig *co
             s->steps = (int)get_u32(h + 84), s->warmup = (int)get_u32(h + 88), s->batch = (int)get_u32(h + 92);
             s->lr = get_f32(h + 96), s->weight_decay = get_f32(h + 100), s->clip = get_f32(h + 104);
             s->step = (long long)get_u64(h + 112), s->rng = get_u64(h + 120), s->seed = get_u64(h + 128);
+            if (s->steps < 1 || s->warmup < 0 || s->batch < 1 || s->batch > 65535 || s->step < 0 || s->step > s->steps ||
+                !(s->lr >= 0 && s->lr <= 1) || !(s->weight_decay >= 0 && s->weight_decay <= 1) ||
+                !(s->clip >= 0 && s->clip <= 1e6) || s->rng == 0) {
+                snprintf(msg, sizeof msg, "%s has a corrupt header: impossible training state (step %lld of %d, batch %d, "
+                         "lr %g)", path, s->step, s->steps, s->batch, s->lr);
+                st_model_free(m);
+                m = NULL;
+            }
+        }
+        if (m) {
             float *host = (float *)malloc(n * sizeof(float));
             for (int b = ST_PARAMS; b <= ST_ADAM_V; b++) {
                 if (b == ST_GRADS) continue;
-                if (fread(host, sizeof(float), n, f) != n) {
-                    snprintf(msg, sizeof msg, "cannot read %s", path);
+                // The parameters must be finite numbers (Adam's moments are only used by training, which
+                // stops with a message as soon as the loss is not finite).
+                size_t finite = fread(host, sizeof(float), n, f) == n ? 0 : n + 1;
+                for (size_t i = 0; finite <= n && i < n; i++) finite += b != ST_PARAMS || isfinite(host[i]);
+                if (finite != n) {
+                    snprintf(msg, sizeof msg, "%s is corrupt: %s", path, finite > n ? "cannot read it" : "it holds NaN or "
+                             "infinite numbers");
                     st_model_free(m);
                     m = NULL;
                     break;

@@ -23,6 +23,7 @@ int st_device_is_gpu(void);        // 1 in the GPU build, 0 in the CPU build
 void st_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 void *st_malloc(size_t bytes); // exits 1 with the size asked for when memory runs out
 void st_free(void *ptr);
+void *st_host_alloc(size_t bytes); // malloc that exits 1 with the size asked for when memory runs out
 void st_to_device(void *dst, const void *src, size_t bytes);
 void st_to_host(void *dst, const void *src, size_t bytes);
 void st_synchronize(void);

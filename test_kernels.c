@@ -767,6 +767,8 @@ static void test_overfit(void) {
     st_model_free(m);
 }
 
+#define CKPT_PARAMS_AT 256 // the parameters follow the checkpoint's 256-byte header (README)
+
 // Checkpoints: what is saved is what is loaded (every parameter and Adam moment, bit for bit; the
 // configuration; the training state), and training on from a loaded checkpoint gives the very losses
 // of a run that never stopped. Damaged checkpoints are refused with a message.
@@ -835,6 +837,14 @@ static void test_checkpoint(void) {
         free(file);
         file = read_raw(path, &size);
     }
+    memset(file + CKPT_PARAMS_AT, 0xff, 4); // the first parameter becomes NaN
+    write_raw(bad, file, size);
+    StTrainState st;
+    StModelConfig sc;
+    StModel *d = st_checkpoint_load(bad, &st, &sc, &err);
+    check(d == NULL && err && strstr(err, "NaN"), "checkpoint with a NaN parameter rejected: %s",
+          d ? "(accepted)" : err ? err : "(no message)");
+    if (d) st_model_free(d);
     remove(path);
     remove(bad);
     free(file), free(x), free(y), free(inputs), free(targets);

@@ -44,6 +44,7 @@ typedef struct {
 } Flag;
 
 static Options opt;
+static volatile sig_atomic_t interrupted = 0; // set by Ctrl-C: save and stop
 static Flag flags[] = {
     {"-i", TEXT, &opt.data_dir, 0, 0, "data folder holding train.bin and val.bin (data/prepare.sh NAME)", 0},
     {"-o", TEXT, &opt.out_dir, 0, 0, "output folder; the checkpoint is DIR/model.bin", 0},
@@ -128,7 +129,8 @@ static void parse_flag(Flag *f, const char *text) {
         *(int *)f->value = v;
     } else {
         const double v = strtod(text, &end);
-        if (*text == '\0' || *end != '\0' || errno || v < f->lo || v > f->hi || (f->type != FLOAT && v != floor(v))) {
+        if (*text == '\0' || *end != '\0' || errno || !isfinite(v) || v < f->lo || v > f->hi ||
+            (f->type != FLOAT && v != floor(v))) {
             char range[128];
             if (f->type == FLOAT) snprintf(range, sizeof range, "a number from %g to %g", f->lo, f->hi);
             else snprintf(range, sizeof range, "a whole number from %.0f to %.0f", f->lo, f->hi);
@@ -200,11 +202,13 @@ static Split load_split(const char *name) {
     const char *err;
     s.bytes = st_data_load(path, &s.info, &err);
     if (!s.bytes) st_fail("%s", err);
-    if (s.info.n_bytes < (size_t)opt.model.ctx + 1) {
-        st_fail("%s: %zu bytes cannot fill a context of %d (+1 target): use a smaller -ctx or more data", path,
-             s.info.n_bytes, opt.model.ctx);
-    }
     return s;
+}
+
+static void check_fills_context(const Split *s, const char *name) {
+    if (s->info.n_bytes < (size_t)opt.model.ctx + 1)
+        st_fail("%s/%s: %zu bytes cannot fill a context of %d (+1 target): use a smaller -ctx or more data",
+                opt.data_dir, name, s->info.n_bytes, opt.model.ctx);
 }
 
 // Windows start anywhere in text and audio, at the start of an image in image data.
@@ -234,7 +238,7 @@ static double eval_windows(StModel *m, const Split *s, size_t first, size_t step
                            unsigned char *targets) {
     const int T = opt.model.ctx;
     double sum = 0;
-    for (long done = 0; done < count;) {
+    for (long done = 0; done < count && !interrupted;) {
         const int B = count - done < opt.batch ? (int)(count - done) : opt.batch;
         for (int b = 0; b < B; b++)
             copy_window(s, first + (size_t)(done + b) * step, inputs + (size_t)b * T, targets + (size_t)b * T, T);
@@ -268,7 +272,6 @@ static float learning_rate(int step) {
 // ----------------------------------------------------------------------------
 // Checkpoints and Ctrl-C
 
-static volatile sig_atomic_t interrupted = 0;
 static void on_sigint(int sig) {
     (void)sig;
     if (interrupted) _Exit(130); // a second Ctrl-C does not wait
@@ -296,10 +299,15 @@ static StModel *resume(StTrainState *state) {
     StModel *m = st_checkpoint_load(path, state, &saved, &err);
     if (!m) st_fail("cannot resume: %s", err);
     const StModelConfig *c = &opt.model;
+    if (given(&c->pattern.kind) && c->pattern.kind != saved.pattern.kind)
+        st_fail("cannot resume %s: it was trained with -pattern %s, not %s", path, st_pattern_kind_name(saved.pattern.kind),
+                st_pattern_kind_name(c->pattern.kind));
+    if (given(&c->pattern.combine) && c->pattern.combine != saved.pattern.combine)
+        st_fail("cannot resume %s: it was trained with -combine %s, not %s", path, st_combine_name(saved.pattern.combine),
+                st_combine_name(c->pattern.combine));
     const struct { const void *flag; int mine, theirs; } model_flags[] = {
         {&c->ctx, c->ctx, saved.ctx}, {&c->dim, c->dim, saved.dim}, {&c->heads, c->heads, saved.heads},
         {&c->layers, c->layers, saved.layers}, {&c->ff, c->ff, saved.ff},
-        {&c->pattern.kind, c->pattern.kind, saved.pattern.kind}, {&c->pattern.combine, c->pattern.combine, saved.pattern.combine},
         {&c->pattern.stride, c->pattern.stride, saved.pattern.stride}, {&c->pattern.summary, c->pattern.summary, saved.pattern.summary},
         {&c->pattern.groups, c->pattern.groups, saved.pattern.groups}};
     for (size_t i = 0; i < sizeof model_flags / sizeof model_flags[0]; i++) {
@@ -308,9 +316,11 @@ static StModel *resume(StTrainState *state) {
             for (int k = 0; k < N_FLAGS; k++)
                 if (flags[k].value == model_flags[i].flag) name = flags[k].name;
             st_fail("cannot resume %s: it was trained with %s %d, not %d: drop the flag, or train anew in another -o",
-                 path, name, model_flags[i].theirs, model_flags[i].mine);
+                    path, name, model_flags[i].theirs, model_flags[i].mine);
         }
     }
+    if (given(&opt.seed) && (unsigned long long)opt.seed != state->seed)
+        st_fail("cannot resume %s: it was trained with -seed %llu, not %lld: drop the flag", path, state->seed, opt.seed);
     if (saved.kind != c->kind || saved.height != c->height || saved.width != c->width || saved.channels != c->channels ||
         saved.sample_rate != c->sample_rate)
         st_fail("cannot resume %s: it was trained on %s data of another shape than %s holds", path,
@@ -328,6 +338,9 @@ static StModel *resume(StTrainState *state) {
     if (!given(&opt.weight_decay)) opt.weight_decay = state->weight_decay;
     if (!given(&opt.clip)) opt.clip = state->clip;
     opt.seed = (long long)state->seed;
+    if (state->step >= opt.steps)
+        st_fail("cannot resume %s: it has trained %lld steps of %d already: give a larger -steps to train on", path,
+                state->step, opt.steps);
     printf("resuming %s at step %lld of %d\n", path, state->step, opt.steps);
     return m;
 }
@@ -336,8 +349,8 @@ static StModel *resume(StTrainState *state) {
 // Samples: a line of generated text after a prompt from the validation data
 
 static void print_sample(StModel *m, const Split *val, long long step) {
-    const long prompt = 32, total = prompt + 160;
-    unsigned char *text = malloc(total);
+    const long prompt = val->info.n_bytes < 32 ? (long)val->info.n_bytes : 32, total = prompt + 160;
+    unsigned char *text = st_host_alloc(total);
     memcpy(text, val->bytes, prompt);
     unsigned long long rng = (unsigned long long)opt.seed * 7919 + (unsigned long long)step;
     st_generate(m, text, prompt, total, 1.0f, 0, &rng);
@@ -366,6 +379,7 @@ int main(int argc, char **argv) {
         const char *err = opt.model.dim % opt.model.heads ? "-heads must divide -dim"
                           : st_pattern_check(&opt.model.pattern, opt.model.ctx, opt.model.heads, opt.model.dim / opt.model.heads);
         if (err) st_fail("%s", err);
+        if (opt.model.ctx > 2048) st_fail("-show_pattern draws ctx x ctx characters per head: use -ctx 2048 or less");
         show_pattern();
         return 0;
     }
@@ -373,14 +387,13 @@ int main(int argc, char **argv) {
     if (train.info.kind != val.info.kind || train.info.height != val.info.height || train.info.width != val.info.width ||
         train.info.channels != val.info.channels || train.info.sample_rate != val.info.sample_rate)
         st_fail("%s: train.bin and val.bin describe different data (kind or shape): remake them with data/prepare.sh",
-             opt.data_dir);
+                opt.data_dir);
     StModelConfig *c = &opt.model;
     c->kind = train.info.kind, c->height = train.info.height, c->width = train.info.width;
     c->channels = train.info.channels, c->sample_rate = train.info.sample_rate;
 
     StTrainState state = {0, 0, 0, 0, 0, 0, 0, 0, 0};
     StModel *m;
-    if (mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) st_fail("cannot create the output folder %s: %s", opt.out_dir, strerror(errno));
     if (opt.resume) {
         m = resume(&state);
     } else {
@@ -389,11 +402,16 @@ int main(int argc, char **argv) {
         m = st_model_create(c, (unsigned long long)opt.seed);
         state.rng = (unsigned long long)opt.seed * 0x9E3779B97F4A7C15ull | 1; // xorshift needs a non-zero state
     }
+    check_fills_context(&train, "train.bin");
+    check_fills_context(&val, "val.bin");
+    struct stat out_dir;
+    if ((mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) || stat(opt.out_dir, &out_dir) != 0 || !S_ISDIR(out_dir.st_mode))
+        st_fail("cannot use %s as the output folder: %s", opt.out_dir, errno == EEXIST ? "a file has that name" : strerror(errno));
     state.seed = (unsigned long long)opt.seed, state.steps = opt.steps, state.warmup = opt.warmup;
     state.batch = opt.batch, state.lr = opt.lr, state.weight_decay = opt.weight_decay, state.clip = opt.clip;
 
     const int T = c->ctx, B = opt.batch;
-    unsigned char *inputs = malloc((size_t)B * T), *targets = malloc((size_t)B * T);
+    unsigned char *inputs = st_host_alloc((size_t)B * T), *targets = st_host_alloc((size_t)B * T);
     printf("device: %s\n", device);
     printf("data: %s, %s, train %zu bytes, val %zu bytes\n", opt.data_dir, st_data_kind_name(train.info.kind),
            train.info.n_bytes, val.info.n_bytes);
@@ -431,12 +449,16 @@ int main(int argc, char **argv) {
         if (opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT) print_sample(m, &val, step + 1);
         if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || interrupted) save(m, &state);
         if (interrupted) {
-            printf("interrupted: resume with ./train -o %s -resume 1\n", opt.out_dir);
+            printf("interrupted: resume with ./train -i %s -o %s -resume 1\n", opt.data_dir, opt.out_dir);
             return 130;
         }
     }
-    printf("val %.4f bpb on the whole validation split (%zu bytes)\n", eval_whole(m, &val, inputs, targets) / M_LN2,
-           val.info.n_bytes);
+    const double whole = eval_whole(m, &val, inputs, targets);
+    if (interrupted) {
+        printf("interrupted during the final evaluation; the checkpoint is saved\n");
+        return 130;
+    }
+    printf("val %.4f bpb on the whole validation split (%zu bytes)\n", whole / M_LN2, val.info.n_bytes);
     st_model_free(m);
     free(inputs), free(targets), free(train.bytes), free(val.bytes);
     return 0;

@@ -143,6 +143,16 @@ static int mulaw(void) {
 }
 
 static int synthetic(int argc, char **argv) {
+    const char *known[] = {"-bytes", "-period", "-noise", "-seed"};
+    for (int i = 2; i < argc; i += 2) {
+        int ok = 0;
+        for (int k = 0; k < 4; k++) ok |= strcmp(argv[i], known[k]) == 0;
+        if (!ok || i + 1 >= argc) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "synthetic takes -bytes N -period P -noise PERCENT -seed S, not '%s'", argv[i]);
+            fail(msg);
+        }
+    }
     const size_t n = (size_t)flag_long(argc, argv, "-bytes", -1, 1, 1L << 34);
     const int period = (int)flag_long(argc, argv, "-period", 256, 2, 1 << 24);
     const long noise_percent = flag_long(argc, argv, "-noise", 5, 0, 100);

@@ -56,8 +56,9 @@ download() {
     mv "$dest.part" "$dest"
 }
 
-out="$here/$name"
-report() { for f in "$out"/*.bin; do "$tool" info "$f"; done; }
+final="$here/$name"
+out="$final.partial" # a data set is made here, and replaces $final only once it is whole
+report() { for f in "$final"/*.bin; do "$tool" info "$f"; done; }
 
 # A data set is complete when train.bin and val.bin are there and pass the header and size checks.
 complete() { [ -f "$1/train.bin" ] && [ -f "$1/val.bin" ] && "$tool" info "$1/train.bin" >/dev/null 2>&1 &&
@@ -92,9 +93,10 @@ audio_to_mulaw() {
 
 make_set() {
     local raw="$out/raw.tmp"
+    rm -rf "$out"
     mkdir -p "$out"
-    # On any exit, leave no half-made file behind, nor an empty folder.
-    trap 'rm -f "$out/raw.tmp"; rmdir "$out" 2>/dev/null || true' EXIT
+    # On any exit, leave no half-made data set behind: the old one, if any, stays as it was.
+    trap 'rm -rf "$out"' EXIT
     case $name in
     enwik8)
         download http://mattmahoney.net/dc/enwik8.zip enwik8.zip
@@ -139,10 +141,11 @@ make_set() {
         "$tool" synthetic "${size[@]}" "$@" > "$raw"
         split_95_5 "$raw" "-kind text" ;;
     *)
-        rmdir "$out" 2>/dev/null || true
         die "unknown data set '$name': use enwik8 cifar10 kjv gcide fashion_mnist music speech synthetic default" ;;
     esac
     rm -f "$raw"
+    rm -rf "$final"
+    mv "$out" "$final"
 }
 
 if [ "$name" = default ]; then
@@ -161,7 +164,7 @@ if [ "$name" = default ]; then
     exit 0
 fi
 
-if complete "$out" && [ $# -eq 0 ]; then
+if complete "$final" && [ $# -eq 0 ]; then
     say "$name is already prepared"
 else
     make_set "$@"
