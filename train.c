@@ -129,8 +129,9 @@ static void parse_flag(Flag *f, const char *text) {
         *(int *)f->value = v;
     } else {
         const double v = strtod(text, &end);
+        const int digits_only = strspn(text, "0123456789") == strlen(text); // whole numbers: no 0x40, no 1e2
         if (*text == '\0' || *end != '\0' || errno || !isfinite(v) || v < f->lo || v > f->hi ||
-            (f->type != FLOAT && v != floor(v))) {
+            (f->type != FLOAT && !digits_only)) {
             char range[128];
             if (f->type == FLOAT) snprintf(range, sizeof range, "a number from %g to %g", f->lo, f->hi);
             else snprintf(range, sizeof range, "a whole number from %.0f to %.0f", f->lo, f->hi);
