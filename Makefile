@@ -3,7 +3,7 @@
 #   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise;
 #                   also prepares the default data set once (data/prepare.sh default)
 #   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h)
-#   make gpu        force the GPU build (sm_80 and sm_90; compiles without a GPU, warnings are errors)
+#   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)
 #   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp) and ./test_kernels
 #   make bench      build, then time the attention (tools/bench.c)
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
