@@ -1544,10 +1544,13 @@ float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned c
                        unsigned long long seed) {
     ensure_activations(m, B);
     m->B = B, m->training = training, m->dropout_seed = seed;
-    const int BT = B * m->T, C = m->C;
-    int *host = (int *)malloc(2 * BT * sizeof(int));
-    for (int i = 0; i < BT; i++) host[i] = inputs[i], host[BT + i] = targets ? targets[i] : 0;
-    st_to_device(m->tokens, host, 2 * BT * sizeof(int));
+    const size_t BT = (size_t)B * m->T, C = m->C;
+    // tokens and targets are carved for B_alloc sequences: each is copied to its own start
+    int *host = (int *)st_host_alloc(BT * sizeof(int));
+    for (size_t i = 0; i < BT; i++) host[i] = inputs[i];
+    st_to_device(m->tokens, host, BT * sizeof(int));
+    for (size_t i = 0; i < BT; i++) host[i] = targets ? targets[i] : 0;
+    st_to_device(m->targets, host, BT * sizeof(int));
     // x = token embedding + position embeddings
     LAUNCH(embedding_forward_kernel, blocks_for((size_t)BT * C), BLOCK, 0, m->residual, m->tokens, m->positions,
            P(m, -1, WTE), P(m, -1, WP0), P(m, -1, WP1), P(m, -1, WP2), BT, m->T, C);
@@ -1559,9 +1562,9 @@ float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned c
     double loss = 0.0;
     if (targets) {
         LAUNCH(crossentropy_kernel, blocks_for(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
-        float *losses = (float *)malloc(BT * sizeof(float));
+        float *losses = (float *)st_host_alloc(BT * sizeof(float));
         st_to_host(losses, m->losses, BT * sizeof(float));
-        for (int i = 0; i < BT; i++) loss += losses[i];
+        for (size_t i = 0; i < BT; i++) loss += losses[i];
         loss /= BT;
         free(losses);
     }
@@ -1644,6 +1647,9 @@ void st_model_set(StModel *m, StBuffer which, const float *host) {
 }
 void st_model_logits(const StModel *m, float *host) {
     st_to_host(host, m->logits, (size_t)m->B * m->T * VOCAB * sizeof(float));
+}
+void st_model_losses(const StModel *m, float *host) {
+    st_to_host(host, m->losses, (size_t)m->B * m->T * sizeof(float));
 }
 
 // ----------------------------------------------------------------------------

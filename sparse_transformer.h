@@ -166,6 +166,7 @@ const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *siz
 void st_model_get(const StModel *m, StBuffer which, float *host); // n_params floats
 void st_model_set(StModel *m, StBuffer which, const float *host);
 void st_model_logits(const StModel *m, float *host); // (B, T, 256) of the last forward
+void st_model_losses(const StModel *m, float *host); // (B, T) cross-entropies of the last forward with targets
 // Incremental decoding (one sequence): st_model_prefill runs window[0 .. len) through the model,
 // keeps every layer's keys and values, and returns the logits (256) of the byte after it;
 // st_model_decode then adds one byte at window position i = len, len + 1, ... (< ctx), reading the

@@ -749,6 +749,44 @@ static void test_recompute_equal(void) {
     free(g[0]), free(g[1]), free(inputs), free(targets);
 }
 
+// A model's activations are laid out for the largest batch it has seen; a smaller batch after it (the
+// last batch of an evaluation) must still score each window against its own targets. The loss of B
+// windows equals the mean of the same windows' losses computed one by one by a twin model that only
+// ever saw batches of 1, for every B up to the allocated 4, with and without recompute. The
+// parameters are randomised first: at initialisation the output weights are 0, every prediction is
+// uniform and any target gives ln 256. Tolerance 1e-6 relative: the per-window sums are the same
+// float32 operations; only the host's double sum of the B T losses differs in order. A window scored
+// against another window's bytes moves the loss by 1e-3 or more.
+static void test_partial_batch(void) {
+    const StPattern fixed = {ST_FIXED, ST_MERGED, 8, 2, 1};
+    const int full = 4;
+    for (int recompute = 0; recompute < 2; recompute++) {
+        StModelConfig cfg = tiny_config(fixed, recompute, 0);
+        const int T = cfg.ctx;
+        StModel *m = st_model_create(&cfg, 13), *one = st_model_create(&cfg, 13);
+        const size_t n = st_model_num_params(m);
+        float *p = malloc(n * sizeof(float));
+        st_model_get(m, ST_PARAMS, p);
+        for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
+        st_model_set(m, ST_PARAMS, p), st_model_set(one, ST_PARAMS, p);
+        unsigned char *inputs = malloc(full * T), *targets = malloc(full * T);
+        random_batch(inputs, targets, full, T);
+        double alone[4], worst = 0;
+        for (int b = 0; b < full; b++) alone[b] = st_model_forward(one, inputs + b * T, targets + b * T, 1, 0, 0);
+        st_model_forward(m, inputs, targets, full, 0, 0); // lays the activations out for 4
+        for (int B = 1; B <= full; B++) {
+            double mean = 0;
+            for (int b = 0; b < B; b++) mean += alone[b] / B;
+            const double got = st_model_forward(m, inputs, targets, B, 0, 0);
+            worst = fmax(worst, fabs(got - mean) / mean);
+        }
+        check(worst < 1e-6, "a batch of 1..%d windows after one of %d%s: loss = mean of the windows' own losses "
+              "(worst relative error %.1e)", full, full, recompute ? ", recompute" : "", worst);
+        st_model_free(m), st_model_free(one);
+        free(p), free(inputs), free(targets);
+    }
+}
+
 // A small model learns a fixed 64-byte string by heart: below 0.1 bits per byte within 400 steps.
 static void test_overfit(void) {
     const char *text = "Sparse Transformers factorize attention: O(n sqrt n), not O(n^2).";
@@ -906,6 +944,7 @@ int main(int argc, char **argv) {
     test_data();
     test_model_gradients();
     test_recompute_equal();
+    test_partial_batch();
     test_overfit();
     test_decode_matches_forward();
     test_checkpoint();
