@@ -127,6 +127,7 @@ void *st_host_alloc(size_t bytes) {
     }
     return ptr;
 }
+static void *host_zeroed(size_t bytes) { return memset(st_host_alloc(bytes), 0, bytes); }
 void st_to_device(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
@@ -387,7 +388,7 @@ static TileRange query_tile_range(const Step &st, int qt, double *allowed) {
 // Key-tile view (dK, dV): the transpose of the query-tile view. It must again be one range per tile;
 // the check below guards that property for any step added later.
 static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k_tiles, int n_ktiles) {
-    int *touched = (int *)calloc(n_ktiles, sizeof(int)), *full = (int *)calloc(n_ktiles, sizeof(int));
+    int *touched = (int *)host_zeroed(n_ktiles * sizeof(int)), *full = (int *)host_zeroed(n_ktiles * sizeof(int));
     for (int kt = 0; kt < n_ktiles; kt++) k_tiles[kt] = TileRange{INT_MAX, INT_MAX, -1, -1};
     for (int qt = 0; qt < n_qtiles; qt++) {
         const TileRange r = q_tiles[qt];
@@ -770,9 +771,9 @@ static void *upload(const void *src, size_t bytes, size_t *counter) {
 // Builds the plan for one distinct step used by `n_heads` heads (heads listed on the host).
 static StepPlan make_plan(StAttention *a, const Step &st, int slot, const int *heads, int n_heads) {
     StepPlan plan = {st, slot, n_heads, NULL, NULL, NULL, ceil_div(st.nq, TILE), ceil_div(st.nk, TILE)};
-    TileRange *q_tiles = (TileRange *)malloc(plan.n_qtiles * sizeof(TileRange));
-    TileRange *k_tiles = (TileRange *)malloc(plan.n_ktiles * sizeof(TileRange));
-    int4 *packed = (int4 *)malloc((plan.n_qtiles > plan.n_ktiles ? plan.n_qtiles : plan.n_ktiles) * sizeof(int4));
+    TileRange *q_tiles = (TileRange *)st_host_alloc(plan.n_qtiles * sizeof(TileRange));
+    TileRange *k_tiles = (TileRange *)st_host_alloc(plan.n_ktiles * sizeof(TileRange));
+    int4 *packed = (int4 *)st_host_alloc((plan.n_qtiles > plan.n_ktiles ? plan.n_qtiles : plan.n_ktiles) * sizeof(int4));
     double allowed = 0.0, computed = 0.0;
     for (int qt = 0; qt < plan.n_qtiles; qt++) {
         q_tiles[qt] = query_tile_range(st, qt, &allowed);
@@ -798,12 +799,12 @@ StAttention *st_attention_create(const StPattern *p, int layer, int n_ctx, int n
         fprintf(stderr, "%s\n", err);
         exit(1);
     }
-    StAttention *a = (StAttention *)calloc(1, sizeof(StAttention));
+    StAttention *a = (StAttention *)host_zeroed(sizeof(StAttention));
     a->pattern = *p;
     a->layer = layer, a->n = n_ctx, a->H = n_head, a->D = d_head;
-    a->plans = (StepPlan *)calloc(2 * (size_t)n_head, sizeof(StepPlan));
-    Step *steps = (Step *)malloc(2 * (size_t)n_head * sizeof(Step));
-    int *n_steps = (int *)malloc(n_head * sizeof(int)), *heads = (int *)malloc(n_head * sizeof(int));
+    a->plans = (StepPlan *)host_zeroed(2 * (size_t)n_head * sizeof(StepPlan));
+    Step *steps = (Step *)st_host_alloc(2 * (size_t)n_head * sizeof(Step));
+    int *n_steps = (int *)st_host_alloc(n_head * sizeof(int)), *heads = (int *)st_host_alloc(n_head * sizeof(int));
     for (int h = 0; h < n_head; h++) n_steps[h] = head_steps(p, layer, h, n_ctx, &steps[2 * h]);
     // Group the heads by identical step: one launch per distinct step. First steps run first.
     for (int slot = 0; slot < 2; slot++) {
@@ -1230,47 +1231,62 @@ static float *param(const StModel *m, float *base, int layer, int which) {
 #define P(m, layer, which) param(m, (m)->params, layer, which)
 #define G(m, layer, which) param(m, (m)->grads, layer, which)
 
+// Every field is range-checked before anything is computed from it (a corrupt checkpoint passes through
+// here before a single size is derived from its header).
 const char *st_model_check(const StModelConfig *c) {
     static char msg[256];
-    if (c->dim < 1 || c->heads < 1 || c->dim % c->heads) {
+    const int fixed = c->pattern.kind == ST_FIXED;
+    const struct { const char *flag; int value, lo, hi; } ranges[] = {
+        {"-ctx", c->ctx, 1, ST_MAX_CTX}, {"-dim", c->dim, 1, ST_MAX_DIM}, {"-heads", c->heads, 1, ST_MAX_HEADS},
+        {"-layers", c->layers, 1, ST_MAX_LAYERS}, {"-ff", c->ff, 1, ST_MAX_FF}, {"-recompute", c->recompute, 0, 1},
+        {"-pattern", c->pattern.kind, ST_DENSE, ST_FIXED}, {"-combine", c->pattern.combine, ST_INTERLEAVED, ST_MULTIHEAD},
+        {"-stride", c->pattern.stride, 1, ST_MAX_CTX}, // unused settings of other patterns may be 0
+        {"-summary", c->pattern.summary, fixed, ST_MAX_CTX}, {"-summary_groups", c->pattern.groups, fixed, ST_MAX_CTX}};
+    for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
+        if (ranges[i].value < ranges[i].lo || ranges[i].value > ranges[i].hi) {
+            snprintf(msg, sizeof msg, "%s must be in [%d, %d], got %d", ranges[i].flag, ranges[i].lo, ranges[i].hi,
+                     ranges[i].value);
+            return msg;
+        }
+    }
+    if (!(c->dropout >= 0.0f && c->dropout <= ST_MAX_DROPOUT)) {
+        snprintf(msg, sizeof msg, "-dropout must be in [0, %g], got %g", ST_MAX_DROPOUT, c->dropout);
+        return msg;
+    }
+    if (c->dim % c->heads) {
         snprintf(msg, sizeof msg, "-heads %d does not divide -dim %d: choose dim = heads * head size", c->heads, c->dim);
         return msg;
     }
-    if (c->layers < 1 || c->ff < 1) {
-        snprintf(msg, sizeof msg, "need layers >= 1 and ff >= 1, got %d and %d", c->layers, c->ff);
-        return msg;
-    }
-    if (!(c->dropout >= 0.0f && c->dropout < 1.0f)) {
-        snprintf(msg, sizeof msg, "-dropout must be in [0, 1), got %g", c->dropout);
-        return msg;
-    }
-    if (c->pattern.stride < 1 || c->pattern.stride > c->ctx) {
+    if (c->pattern.stride > c->ctx) {
         snprintf(msg, sizeof msg, "-stride must be in [1, ctx = %d] (it also sets the width of the position grid), "
                  "got %d", c->ctx, c->pattern.stride);
         return msg;
     }
-    const StDataInfo shape = {c->kind, c->height, c->width, c->channels, c->kind == ST_AUDIO ? 1 : 0, 0};
+    const StDataInfo shape = {c->kind, c->height, c->width, c->channels, c->sample_rate, 0};
     const char *err = st_data_check(&shape);
     if (err) return err;
-    const long image = (long)c->height * c->width * c->channels;
+    const size_t image = (size_t)c->height * c->width * c->channels; // each side <= 2^16: no overflow
     if (c->kind == ST_IMAGE && c->ctx % image) {
-        snprintf(msg, sizeof msg, "for images of %d x %d x %d the context must hold whole images: -ctx %ld (or a "
+        snprintf(msg, sizeof msg, "for images of %d x %d x %d the context must hold whole images: -ctx %zu (or a "
                  "multiple), not %d", c->height, c->width, c->channels, image, c->ctx);
         return msg;
     }
     return st_pattern_check(&c->pattern, c->ctx, c->heads, c->dim / c->heads);
 }
 
-// The three factors of each position's embedding (positions (T, 3)) and the size of each table.
-// Text and audio: row and column of a grid of width l (the stride), as the paper does; the third table
-// has one row. Images: row, column and channel of the byte in its image.
-static void position_factors(const StModelConfig *c, int *positions, int sizes[3]) {
+// The three factors of each position's embedding: the size of each table, and each position's row in
+// them (positions (T, 3)). Text and audio: row and column of a grid of width l (the stride), as the
+// paper does; the third table has one row. Images: row, column and channel of the byte in its image.
+static void position_sizes(const StModelConfig *c, int sizes[3]) {
     const int l = c->pattern.stride;
     if (c->kind == ST_IMAGE) {
         sizes[0] = c->height, sizes[1] = c->width, sizes[2] = c->channels;
     } else {
         sizes[0] = (c->ctx + l - 1) / l, sizes[1] = l, sizes[2] = 1;
     }
+}
+static void position_factors(const StModelConfig *c, int *positions) {
+    const int l = c->pattern.stride;
     for (int t = 0; t < c->ctx; t++) {
         int *p = positions + 3 * t;
         if (c->kind == ST_IMAGE) {
@@ -1286,15 +1302,17 @@ static void position_factors(const StModelConfig *c, int *positions, int sizes[3
 // weights N(0, sqrt(0.125 / d_in)); the two projections back into the residual stream scaled by
 // 1 / sqrt(2 layers); position embeddings by 1 / sqrt(3) more (three are summed); biases 0;
 // layer norm weights 1; the output weights 0 (the first prediction is uniform).
-static void layout_tensors(StModel *m, const int pos_sizes[3]) {
-    const int C = m->C, F = m->F, L = m->L;
+// Returns the number of parameters; with tensors = NULL it only counts (st_model_check's ranges keep
+// the count below 2^50: no overflow).
+static size_t layout_tensors(const StModelConfig *c, Tensor *tensors) {
+    const int C = c->dim, F = c->ff * c->dim, L = c->layers;
     const float base = sqrtf(0.125f / C), deep = 1.0f / sqrtf(2.0f * L);
-    m->n_tensors = N_EMBED + L * N_LAYER + N_FINAL;
-    m->tensors = (Tensor *)calloc(m->n_tensors, sizeof(Tensor));
+    int pos_sizes[3];
+    position_sizes(c, pos_sizes);
     size_t offset = 0;
     int i = 0;
     auto add = [&](int rows, int cols, float init_std, int decay) {
-        m->tensors[i++] = Tensor{offset, (size_t)rows * cols, rows, cols, init_std, decay};
+        if (tensors) tensors[i++] = Tensor{offset, (size_t)rows * cols, rows, cols, init_std, decay};
         offset += (size_t)rows * cols;
     };
     add(VOCAB, C, base, 1);
@@ -1308,11 +1326,11 @@ static void layout_tensors(StModel *m, const int pos_sizes[3]) {
         add(C, F, sqrtf(0.125f / F) * deep, 1), add(1, C, 0, 0); // fc2
     }
     add(1, C, -1, 0), add(1, C, 0, 0), add(VOCAB, C, 0, 1); // final layer norm, output
-    m->n_params = offset;
+    return offset;
 }
 
 static void init_params(StModel *m, uint64_t seed) {
-    float *host = (float *)malloc(m->n_params * sizeof(float));
+    float *host = (float *)st_host_alloc(m->n_params * sizeof(float));
     uint64_t state = seed;
     for (int i = 0; i < m->n_tensors; i++) {
         const Tensor &t = m->tensors[i];
@@ -1336,16 +1354,18 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
         fprintf(stderr, "%s\n", err);
         exit(1);
     }
-    StModel *m = (StModel *)calloc(1, sizeof(StModel));
+    StModel *m = (StModel *)host_zeroed(sizeof(StModel));
     m->cfg = *cfg;
     m->C = cfg->dim, m->H = cfg->heads, m->D = cfg->dim / cfg->heads, m->F = cfg->ff * cfg->dim;
     m->L = cfg->layers, m->T = cfg->ctx;
-    int *positions = (int *)malloc(3 * sizeof(int) * m->T), pos_sizes[3];
-    position_factors(cfg, positions, pos_sizes);
+    int *positions = (int *)st_host_alloc(3 * sizeof(int) * m->T);
+    position_factors(cfg, positions);
     m->positions = (int *)st_malloc(3 * sizeof(int) * m->T);
     st_to_device(m->positions, positions, 3 * sizeof(int) * m->T);
     free(positions);
-    layout_tensors(m, pos_sizes);
+    m->n_tensors = N_EMBED + m->L * N_LAYER + N_FINAL;
+    m->tensors = (Tensor *)st_host_alloc(m->n_tensors * sizeof(Tensor));
+    m->n_params = layout_tensors(cfg, m->tensors);
     const size_t bytes = m->n_params * sizeof(float);
     m->params = (float *)st_malloc(bytes);
     m->grads = (float *)st_malloc(bytes);
@@ -1355,12 +1375,12 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     cudaCheck(cudaMemset(m->adam_m, 0, bytes));
     cudaCheck(cudaMemset(m->adam_v, 0, bytes));
     init_params(m, seed);
-    m->attention = (StAttention **)malloc(m->L * sizeof(StAttention *));
+    m->attention = (StAttention **)st_host_alloc(m->L * sizeof(StAttention *));
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
     m->partial = (float *)st_malloc(64 * BLOCK * sizeof(float));
-    Step *steps = (Step *)calloc((size_t)m->L * m->H * 2, sizeof(Step));
-    int *n_steps = (int *)malloc((size_t)m->L * m->H * sizeof(int));
+    Step *steps = (Step *)host_zeroed((size_t)m->L * m->H * 2 * sizeof(Step));
+    int *n_steps = (int *)st_host_alloc((size_t)m->L * m->H * sizeof(int));
     for (int l = 0; l < m->L; l++)
         for (int h = 0; h < m->H; h++) n_steps[l * m->H + h] = head_steps(&cfg->pattern, l, h, m->T, steps + 2 * (l * m->H + h));
     m->decode_steps = (Step *)st_malloc((size_t)m->L * m->H * 2 * sizeof(Step));
@@ -1418,7 +1438,7 @@ static void ensure_activations(StModel *m, int B) {
     if (B <= m->B_alloc) return;
     if (m->B_alloc) st_free(m->act_base);
     free(m->acts);
-    m->acts = (LayerActs *)calloc(m->cfg.recompute ? 1 : m->L, sizeof(LayerActs));
+    m->acts = (LayerActs *)host_zeroed((size_t)(m->cfg.recompute ? 1 : m->L) * sizeof(LayerActs));
     m->act_base = (float *)st_malloc(carve(m, B, NULL) * sizeof(float));
     carve(m, B, m->act_base);
     m->B_alloc = B;
@@ -1618,7 +1638,7 @@ size_t st_model_num_params(const StModel *m) { return m->n_params; }
 size_t st_model_activation_bytes(const StModel *m, int B, int recompute) {
     StModel plan = *m; // a copy whose pointers carve() may overwrite
     plan.cfg.recompute = recompute;
-    plan.acts = (LayerActs *)calloc(recompute ? 1 : m->L, sizeof(LayerActs));
+    plan.acts = (LayerActs *)host_zeroed((size_t)(recompute ? 1 : m->L) * sizeof(LayerActs));
     const size_t bytes = carve(&plan, B, NULL) * sizeof(float);
     free(plan.acts);
     return bytes;
@@ -1657,7 +1677,7 @@ void st_model_losses(const StModel *m, float *host) {
 
 void st_model_prefill(StModel *m, const unsigned char *window, int len, float *logits) {
     st_model_set_recompute(m, 0);
-    unsigned char *padded = (unsigned char *)calloc(m->T, 1);
+    unsigned char *padded = (unsigned char *)host_zeroed(m->T);
     memcpy(padded, window, len);
     st_model_forward(m, padded, NULL, 1, 0, 0); // causal: the padding after len changes nothing before it
     st_to_host(logits, m->logits + (size_t)(len - 1) * VOCAB, VOCAB * sizeof(float));
@@ -1775,16 +1795,20 @@ static const char *KIND_NAMES[] = {"text", "image", "audio"};
 
 const char *st_data_check(const StDataInfo *info) {
     static char msg[256];
+    const int image = info->kind == ST_IMAGE, audio = info->kind == ST_AUDIO;
+    const int side_lo = image ? 1 : 0, side_hi = image ? ST_MAX_IMAGE_SIDE : 0;
     if (info->kind < ST_TEXT || info->kind > ST_AUDIO)
         snprintf(msg, sizeof msg, "unknown data kind %d (0 text, 1 image, 2 audio)", (int)info->kind);
-    else if (info->kind == ST_IMAGE && (info->height < 1 || info->width < 1 || info->channels < 1))
-        snprintf(msg, sizeof msg, "an image data set needs height, width and channels >= 1, got %d x %d x %d",
-                 info->height, info->width, info->channels);
-    else if (info->kind == ST_IMAGE && info->n_bytes % ((size_t)info->height * info->width * info->channels))
+    else if (info->height < side_lo || info->height > side_hi || info->width < side_lo || info->width > side_hi ||
+             info->channels < side_lo || info->channels > side_hi)
+        snprintf(msg, sizeof msg, "%s data needs height, width and channels in [%d, %d], got %d x %d x %d",
+                 KIND_NAMES[info->kind], side_lo, side_hi, info->height, info->width, info->channels);
+    else if (image && info->n_bytes % ((size_t)info->height * info->width * info->channels)) // <= 2^48
         snprintf(msg, sizeof msg, "%zu bytes are not a whole number of %d x %d x %d images", info->n_bytes,
                  info->height, info->width, info->channels);
-    else if (info->kind == ST_AUDIO && info->sample_rate < 1)
-        snprintf(msg, sizeof msg, "an audio data set needs a sample rate >= 1, got %d", info->sample_rate);
+    else if (info->sample_rate < audio || info->sample_rate > (audio ? ST_MAX_SAMPLE_RATE : 0))
+        snprintf(msg, sizeof msg, "%s data needs a sample rate in [%d, %d], got %d", KIND_NAMES[info->kind], audio,
+                 audio ? ST_MAX_SAMPLE_RATE : 0, info->sample_rate);
     else
         return NULL;
     return msg;
@@ -1824,6 +1848,7 @@ static FILE *open_data(const char *path, StDataInfo *info, const char **error) {
         return NULL;
     }
     unsigned char h[ST_DATA_HEADER_BYTES];
+    static const unsigned char zeros[ST_DATA_HEADER_BYTES - 40] = {0}; // the reserved end of the header
     const size_t got = fread(h, 1, sizeof h, f);
     fseek(f, 0, SEEK_END);
     const long size = ftell(f);
@@ -1834,9 +1859,9 @@ static FILE *open_data(const char *path, StDataInfo *info, const char **error) {
     } else if (get_u32(h + 8) != DATA_VERSION) {
         snprintf(msg, sizeof msg, "%s has format version %u, this program reads version %d: remake it with "
                  "data/prepare.sh NAME", path, get_u32(h + 8), DATA_VERSION);
-    } else if (get_u32(h + 12) > ST_AUDIO) {
-        snprintf(msg, sizeof msg, "%s has a corrupt header: unknown data kind %u (0 text, 1 image, 2 audio); "
-                 "remake it with data/prepare.sh NAME", path, get_u32(h + 12));
+    } else if (get_u32(h + 12) > ST_AUDIO || memcmp(h + 40, zeros, sizeof zeros) != 0) {
+        snprintf(msg, sizeof msg, "%s has a corrupt header: %s; remake it with data/prepare.sh NAME", path,
+                 get_u32(h + 12) > ST_AUDIO ? "unknown data kind (0 text, 1 image, 2 audio)" : "bytes 40-63 are not zero");
     } else {
         info->kind = (StDataKind)get_u32(h + 12);
         info->height = (int)get_u32(h + 16), info->width = (int)get_u32(h + 20);
@@ -1868,7 +1893,7 @@ const char *st_data_read_info(const char *path, StDataInfo *info) {
 unsigned char *st_data_load(const char *path, StDataInfo *info, const char **error) {
     FILE *f = open_data(path, info, error);
     if (!f) return NULL;
-    unsigned char *bytes = (unsigned char *)malloc(info->n_bytes ? info->n_bytes : 1);
+    unsigned char *bytes = (unsigned char *)st_host_alloc(info->n_bytes ? info->n_bytes : 1);
     if (!bytes || fread(bytes, 1, info->n_bytes, f) != info->n_bytes) {
         static char msg[512];
         snprintf(msg, sizeof msg, "cannot read the %zu bytes of %s", info->n_bytes, path);
@@ -1958,7 +1983,7 @@ const char *st_checkpoint_save(const char *path, const StModel *m, const StTrain
     put_u64(h + 136, m->n_params);
     return write_safely(path, "the checkpoint", [&](FILE *f) {
         bool ok = fwrite(h, 1, CKPT_HEADER, f) == CKPT_HEADER;
-        float *host = (float *)malloc(m->n_params * sizeof(float));
+        float *host = (float *)st_host_alloc(m->n_params * sizeof(float));
         const StBuffer saved[3] = {ST_PARAMS, ST_ADAM_M, ST_ADAM_V};
         for (int b = 0; b < 3 && ok; b++) {
             st_model_get(m, saved[b], host);
@@ -1967,6 +1992,51 @@ const char *st_checkpoint_save(const char *path, const StModel *m, const StTrain
         free(host);
         return ok;
     });
+}
+
+// Reads the header's fields and checks every one of them, in an order that never computes a size from
+// an unchecked number: the configuration's ranges (st_model_check), the parameter count it implies,
+// the file size that count implies, and the training state. NULL when all hold, else a message.
+static const char *checkpoint_header(const char *path, const unsigned char *h, uint64_t file_size, StModelConfig *c,
+                                     StTrainState *s) {
+    static char msg[8192];
+    int v[16];
+    for (int i = 0; i < 16; i++) v[i] = (int)get_u32(h + 16 + 4 * i);
+    const char *bad = "unknown pattern, combination or data kind";
+    if ((unsigned)v[5] <= ST_FIXED && (unsigned)v[6] <= ST_MULTIHEAD && (unsigned)v[11] <= ST_AUDIO) {
+        *c = StModelConfig{v[0], v[1], v[2], v[3], v[4], {(StPatternKind)v[5], (StCombine)v[6], v[7], v[8], v[9]},
+                           get_f32(h + 80), v[10], (StDataKind)v[11], v[12], v[13], v[14], v[15]};
+        bad = st_model_check(c);
+    }
+    if (bad) {
+        snprintf(msg, sizeof msg, "%s has a corrupt header: %s", path, bad);
+        return msg;
+    }
+    const uint64_t n = get_u64(h + 136), needed = layout_tensors(c, NULL);
+    if (n != needed) {
+        snprintf(msg, sizeof msg, "%s has a corrupt header: it counts %llu parameters where its configuration has %llu",
+                 path, (unsigned long long)n, (unsigned long long)needed);
+        return msg;
+    }
+    const uint64_t expected = CKPT_HEADER + 3 * n * sizeof(float); // n < 2^50: no overflow
+    if (file_size != expected) {
+        snprintf(msg, sizeof msg, "%s is %s: %llu bytes where its header promises %llu", path,
+                 file_size < expected ? "truncated" : "too long", (unsigned long long)file_size,
+                 (unsigned long long)expected);
+        return msg;
+    }
+    s->steps = (int)get_u32(h + 84), s->warmup = (int)get_u32(h + 88), s->batch = (int)get_u32(h + 92);
+    s->lr = get_f32(h + 96), s->weight_decay = get_f32(h + 100), s->clip = get_f32(h + 104);
+    s->step = (long long)get_u64(h + 112), s->rng = get_u64(h + 120), s->seed = get_u64(h + 128);
+    if (s->steps < 1 || s->steps > ST_MAX_STEPS || s->warmup < 0 || s->warmup > ST_MAX_STEPS || s->batch < 1 ||
+        s->batch > ST_MAX_BATCH || s->step < 0 || s->step > s->steps || !(s->lr >= 0 && s->lr <= 1) ||
+        !(s->weight_decay >= 0 && s->weight_decay <= 1) || !(s->clip >= 0 && s->clip <= 1e6) || s->rng == 0) {
+        snprintf(msg, sizeof msg, "%s has a corrupt header: impossible training state (step %lld of %d, warmup %d, "
+                 "batch %d, lr %g, weight decay %g, clip %g)", path, s->step, s->steps, s->warmup, s->batch, s->lr,
+                 s->weight_decay, s->clip);
+        return msg;
+    }
+    return NULL;
 }
 
 StModel *st_checkpoint_load(const char *path, StTrainState *s, StModelConfig *config, const char **error) {
@@ -1983,73 +2053,42 @@ StModel *st_checkpoint_load(const char *path, StTrainState *s, StModelConfig *co
     const long size = ftell(f);
     fseek(f, CKPT_HEADER, SEEK_SET);
     StModel *m = NULL;
+    StModelConfig c;
+    StTrainState state;
+    int reserved = 0; // the zero fields (bytes 108-111 and 144-255) must be zero: anything else is damage
+    for (int i = 108; i < (int)got; i++) reserved |= i < 112 || i >= 144 ? h[i] : 0;
     if (got < CKPT_HEADER || memcmp(h, CKPT_MAGIC, 8) != 0) {
         snprintf(msg, sizeof msg, "%s is not a checkpoint of this project (no STCKPT01 header)", path);
     } else if (get_u32(h + 8) != CKPT_VERSION || get_u32(h + 12) != CKPT_HEADER) {
         snprintf(msg, sizeof msg, "%s is a checkpoint of version %u; this program reads version %d", path,
                  get_u32(h + 8), CKPT_VERSION);
+    } else if (reserved) {
+        snprintf(msg, sizeof msg, "%s has a corrupt header: its reserved bytes (108-111, 144-255) are not zero", path);
+    } else if (const char *bad = checkpoint_header(path, h, (uint64_t)size, &c, &state)) {
+        *error = bad;
     } else {
-        int v[16];
-        for (int i = 0; i < 16; i++) v[i] = (int)get_u32(h + 16 + 4 * i);
-        StModelConfig c = {v[0], v[1], v[2], v[3], v[4], {(StPatternKind)0, (StCombine)0, v[7], v[8], v[9]},
-                           get_f32(h + 80), v[10], ST_TEXT, v[12], v[13], v[14], v[15]};
-        const uint64_t n = get_u64(h + 136);
-        const char *bad = (unsigned)v[5] > ST_FIXED || (unsigned)v[6] > ST_MULTIHEAD || (unsigned)v[11] > ST_AUDIO
-                              ? "unknown pattern, combination or data kind" : NULL;
-        if (!bad) {
-            c.pattern.kind = (StPatternKind)v[5], c.pattern.combine = (StCombine)v[6], c.kind = (StDataKind)v[11];
-            bad = st_model_check(&c);
-        }
-        if (bad) {
-            snprintf(msg, sizeof msg, "%s has a corrupt header: %s", path, bad);
-        } else if ((uint64_t)size != CKPT_HEADER + 3 * n * sizeof(float)) {
-            snprintf(msg, sizeof msg, "%s is %s: %ld bytes where its header promises %llu", path,
-                     (uint64_t)size < CKPT_HEADER + 3 * n * sizeof(float) ? "truncated" : "too long", size,
-                     (unsigned long long)(CKPT_HEADER + 3 * n * sizeof(float)));
-        } else {
-            m = st_model_create(&c, 0);
-            if (m->n_params != n) {
-                snprintf(msg, sizeof msg, "%s holds %llu parameters, its configuration needs %zu: it is corrupt",
-                         path, (unsigned long long)n, m->n_params);
+        // Only now is memory allocated: the model the header describes fits in the file that holds it.
+        m = st_model_create(&c, 0);
+        const size_t n = m->n_params;
+        float *host = (float *)st_host_alloc(n * sizeof(float));
+        for (int b = ST_PARAMS; b <= ST_ADAM_V; b++) {
+            if (b == ST_GRADS) continue;
+            // The parameters must be finite numbers (Adam's moments are only used by training, which
+            // stops with a message as soon as the loss is not finite).
+            size_t finite = fread(host, sizeof(float), n, f) == n ? 0 : n + 1;
+            for (size_t i = 0; finite <= n && i < n; i++) finite += b != ST_PARAMS || isfinite(host[i]);
+            if (finite != n) {
+                snprintf(msg, sizeof msg, "%s is corrupt: %s", path, finite > n ? "cannot read it" : "it holds NaN or "
+                         "infinite numbers");
                 st_model_free(m);
                 m = NULL;
+                break;
             }
+            st_model_set(m, (StBuffer)b, host);
         }
-        if (m) {
-            *config = c;
-            s->steps = (int)get_u32(h + 84), s->warmup = (int)get_u32(h + 88), s->batch = (int)get_u32(h + 92);
-            s->lr = get_f32(h + 96), s->weight_decay = get_f32(h + 100), s->clip = get_f32(h + 104);
-            s->step = (long long)get_u64(h + 112), s->rng = get_u64(h + 120), s->seed = get_u64(h + 128);
-            if (s->steps < 1 || s->warmup < 0 || s->batch < 1 || s->batch > 65535 || s->step < 0 || s->step > s->steps ||
-                !(s->lr >= 0 && s->lr <= 1) || !(s->weight_decay >= 0 && s->weight_decay <= 1) ||
-                !(s->clip >= 0 && s->clip <= 1e6) || s->rng == 0) {
-                snprintf(msg, sizeof msg, "%s has a corrupt header: impossible training state (step %lld of %d, batch %d, "
-                         "lr %g)", path, s->step, s->steps, s->batch, s->lr);
-                st_model_free(m);
-                m = NULL;
-            }
-        }
-        if (m) {
-            float *host = (float *)malloc(n * sizeof(float));
-            for (int b = ST_PARAMS; b <= ST_ADAM_V; b++) {
-                if (b == ST_GRADS) continue;
-                // The parameters must be finite numbers (Adam's moments are only used by training, which
-                // stops with a message as soon as the loss is not finite).
-                size_t finite = fread(host, sizeof(float), n, f) == n ? 0 : n + 1;
-                for (size_t i = 0; finite <= n && i < n; i++) finite += b != ST_PARAMS || isfinite(host[i]);
-                if (finite != n) {
-                    snprintf(msg, sizeof msg, "%s is corrupt: %s", path, finite > n ? "cannot read it" : "it holds NaN or "
-                             "infinite numbers");
-                    st_model_free(m);
-                    m = NULL;
-                    break;
-                }
-                st_model_set(m, (StBuffer)b, host);
-            }
-            free(host);
-        }
+        free(host);
     }
     fclose(f);
-    if (m) *error = NULL;
+    if (m) *config = c, *s = state, *error = NULL;
     return m;
 }

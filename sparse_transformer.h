@@ -107,7 +107,11 @@ typedef struct {
     size_t n_bytes;
 } StDataInfo;
 
-// NULL when the description is consistent, else a one-line message.
+#define ST_MAX_IMAGE_SIDE (1 << 16)    // image height, width, channels
+#define ST_MAX_SAMPLE_RATE (1 << 20)   // audio samples per second
+
+// NULL when the description is consistent (shape fields in range, 0 where the kind has none), else a
+// one-line message.
 const char *st_data_check(const StDataInfo *info);
 const char *st_data_kind_name(StDataKind kind); // "text" "image" "audio"
 // Writes header and bytes to path + ".tmp", then renames it to path. NULL on success, else a message.
@@ -143,6 +147,17 @@ typedef struct {
     int height, width, channels; // images
     int sample_rate;             // audio
 } StModelConfig;
+
+// The ranges the model's settings must lie in: ./train's flags accept these, and st_model_check (which
+// the checkpoint loader calls before it computes any size) holds every configuration to them.
+#define ST_MAX_CTX (1 << 20)    // ctx; also stride, summary and summary groups
+#define ST_MAX_DIM (1 << 16)    // dim
+#define ST_MAX_HEADS 1024       // heads
+#define ST_MAX_LAYERS 4096      // layers
+#define ST_MAX_FF 16            // ff
+#define ST_MAX_DROPOUT 0.99f    // dropout
+#define ST_MAX_BATCH 65535      // sequences per batch (the GPU grid's z limit)
+#define ST_MAX_STEPS (1 << 30)  // steps, warmup
 
 typedef struct StModel StModel;
 typedef enum { ST_PARAMS, ST_GRADS, ST_ADAM_M, ST_ADAM_V } StBuffer;
