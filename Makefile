@@ -4,7 +4,9 @@
 #                   also prepares the default data set once (data/prepare.sh default)
 #   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h)
 #   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)
-#   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp) and ./test_kernels
+#   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp), ./test_kernels
+#                   and the loaders over the inputs that once crashed them (tools/fuzz/regressions/)
+#   make fuzz       fuzz the checkpoint and data-file loaders with libFuzzer (clang), FUZZ_SECONDS each
 #   make bench      build, then time the attention (tools/bench.c)
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
 #   make clean
@@ -44,7 +46,7 @@ BINARIES = train sample test_kernels
 # The binaries are relinked whenever the target changes (build/target holds the last one).
 $(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
 
-.PHONY: all cpu gpu test bench asan clean announce
+.PHONY: all cpu gpu test bench asan fuzz clean announce
 all: announce $(BINARIES) data/default
 
 # The default data set, made once: enwik8 if it can be downloaded, else kjv from Debian, else synthetic.
@@ -107,12 +109,45 @@ build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
 	$(CXX) -O2 -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@
 
-test: announce $(BINARIES) build/test_emulator
+test: announce $(BINARIES) build/test_emulator build/replay_checkpoint build/replay_data
 	build/test_emulator
 	./test_kernels
+	build/replay_checkpoint tools/fuzz/regressions/checkpoint
+	build/replay_data tools/fuzz/regressions/data
 
 bench: announce $(BUILD)/bench
 	$(BUILD)/bench
+
+# Fuzzing the loaders (tools/fuzz/fuzz_loader.c, one source, a target per -DFUZZ_ name).
+# The replays are the harness with a plain main, built like the tests; `make fuzz` builds it with clang
+# and libFuzzer, writes fresh valid seeds, and runs each target for FUZZ_SECONDS from a fixed random
+# seed. A crash stops it and leaves the input in build/fuzz/: add it to tools/fuzz/regressions/TARGET/.
+FUZZ_SECONDS ?= 60
+FUZZ_SANITIZE = -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+$(BUILD)/fuzz_%.o: tools/fuzz/fuzz_loader.c sparse_transformer.h
+	$(CC) $(CFLAGS) -DFUZZ_$(shell echo $* | tr a-z A-Z) -c $< -o $@
+$(BUILD)/replay.o: tools/fuzz/replay.c
+	$(COMPILE_C)
+build/replay_%: $(BUILD)/fuzz_%.o $(BUILD)/replay.o $(BUILD)/sparse_transformer.o build/target
+	$(LINK) $(BUILD)/fuzz_$*.o $(BUILD)/replay.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+build/fuzz_seeds: tools/fuzz/seeds.c build/cpu/sparse_transformer.o sparse_transformer.h
+	$(CC) $(CFLAGS) -c $< -o build/cpu/seeds.o
+	$(CXX) -fopenmp build/cpu/seeds.o build/cpu/sparse_transformer.o -o $@ $(LIBS)
+build/fuzz/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
+	@mkdir -p $(@D)
+	clang++ -std=c++17 -fopenmp -x c++ -Wall -Wextra -Werror -Wno-unknown-pragmas -Wno-pass-failed $(FUZZ_SANITIZE) \
+	  -fsanitize=fuzzer-no-link -c $< -o $@
+build/fuzz/fuzz_%: tools/fuzz/fuzz_loader.c build/fuzz/sparse_transformer.o sparse_transformer.h
+	clang -std=c11 -Wall -Wextra -Werror $(FUZZ_SANITIZE) -fsanitize=fuzzer -DFUZZ_$(shell echo $* | tr a-z A-Z) \
+	  -c $< -o $@.o
+	clang++ -fopenmp $(FUZZ_SANITIZE) -fsanitize=fuzzer $@.o build/fuzz/sparse_transformer.o -o $@ $(LIBS)
+fuzz: build/fuzz/fuzz_checkpoint build/fuzz/fuzz_data build/fuzz_seeds
+	mkdir -p build/fuzz/corpus/checkpoint build/fuzz/corpus/data
+	build/fuzz_seeds build/fuzz/corpus
+	for t in checkpoint data; do \
+	  build/fuzz/fuzz_$$t -seed=1 -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=4096 \
+	    -artifact_prefix=build/fuzz/$$t- build/fuzz/corpus/$$t tools/fuzz/regressions/$$t || exit 1; \
+	done
 
 # Sanitizer build of the tests, kept apart from the normal binaries.
 asan:

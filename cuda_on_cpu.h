@@ -176,7 +176,14 @@ const unsigned MAX_THREADS = 1024;
 // _setjmp/_longjmp do not, and are about 20x cheaper, so they do the switching. A fresh stack can only
 // be entered with makecontext/swapcontext, which is used once per fiber. AddressSanitizer follows
 // swapcontext but not jumps between stacks, so the sanitizer build switches with swapcontext only.
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) // g++ says so; clang answers __has_feature
+#define CUDA_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUDA_EMU_ASAN 1
+#endif
+#endif
+#if defined(CUDA_EMU_ASAN)
 typedef ucontext_t Context;
 inline void switch_context(Context *from, Context *to) { swapcontext(from, to); }
 inline void enter_new_stack(Context *from, ucontext_t *start) { swapcontext(from, start); }

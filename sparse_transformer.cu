@@ -44,6 +44,7 @@ All arithmetic is float32.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h> // fsync
 
 #include "sparse_transformer.h"
 
@@ -1769,24 +1770,22 @@ void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, f
 // ----------------------------------------------------------------------------
 // 10. Data files, mu-law audio, the synthetic data set (host code)
 
-// Nothing is lost: a file is written to path + ".tmp" and renamed over path only once it is whole, so a
-// crash or a full disk leaves the previous file as it was. body(f) writes the contents, true if it could.
+// Nothing is lost: a file is written to path + ".tmp", flushed to the disk, and renamed over path only
+// once it is whole, so a crash, a full disk or a file size limit leaves the previous file as it was.
+// body(f) writes the contents, true if it could. The message gives the first failure's reason.
 template <typename Body> static const char *write_safely(const char *path, const char *what, Body body) {
     static char msg[8192];
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        snprintf(msg, sizeof msg, "cannot write %s %s: %s", what, tmp, strerror(errno));
-        return msg;
-    }
-    const bool ok = body(f);
-    if (fclose(f) != 0 || !ok || rename(tmp, path) != 0) {
-        snprintf(msg, sizeof msg, "cannot write %s %s: %s (is the disk full?)", what, path, strerror(errno));
-        remove(tmp);
-        return msg;
-    }
-    return NULL;
+    bool ok = f && body(f) && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    int reason = errno;
+    if (f && fclose(f) != 0 && ok) ok = false, reason = errno;
+    if (ok && rename(tmp, path) != 0) ok = false, reason = errno;
+    if (ok) return NULL;
+    if (f) remove(tmp);
+    snprintf(msg, sizeof msg, "cannot write %s %s: %s; any earlier %s is unchanged", what, path, strerror(reason), path);
+    return msg;
 }
 
 static const char DATA_MAGIC[8] = {'S', 'T', 'B', 'Y', 'T', 'E', 'S', '1'};
