@@ -3,6 +3,9 @@
 #   1. a short run on synthetic data: step lines, validation, checkpoint, final whole-split bpb
 #   2. Ctrl-C in the middle of the same run, then -resume 1: the step lines equal the uninterrupted run's
 #   3. bad input: each gets one line on stderr and exit code 1
+#   4. the final evaluation: every byte of the split but the first scored once, whatever the batch;
+#      images: every image; -eval_bytes caps it
+#   5. a save that fails midway (a file size limit) keeps the earlier checkpoint and exits 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -20,7 +23,7 @@ flags=(-i "$work" -ctx 64 -stride 8 -dim 64 -heads 2 -layers 2 -batch 4 -steps 1
 ./train "${flags[@]}" -o "$work/a" > "$work/a.log" 2>&1 && a=0 || a=$?
 steps=$(grep -c '^step [0-9]*/16 | loss [0-9.]* | [0-9.]* bpb | lr [0-9.e+-]* | [0-9]* ms | [0-9]* tok/s$' "$work/a.log" || true)
 if [ $a = 0 ] && [ "$steps" = 16 ] && grep -q '^val .* bpb (step 8)' "$work/a.log" && grep -q '^sample: ' "$work/a.log" &&
-   grep -q 'on the whole validation split' "$work/a.log" && [ -s "$work/a/model.bin" ]; then
+   grep -q 'on the whole validation split: 19999 bytes scored' "$work/a.log" && [ -s "$work/a/model.bin" ]; then
     ok "a short run prints 16 step lines, validation, a sample, the final bpb, and saves model.bin"
 else
     bad "short run (exit $a, $steps step lines)"; cat "$work/a.log"
@@ -36,7 +39,7 @@ for _ in $(seq 1 3000); do grep -q '^step 3/' "$work/b1.log" 2>/dev/null && brea
 kill -INT $pid
 wait $pid && rc=0 || rc=$?
 ./train "${flags[@]}" -o "$work/b" -resume 1 > "$work/b2.log" 2>&1
-losses() { grep -hE '^(step|val|sample)' "$@" | sed 's/ | [0-9]* ms | .*//'; }
+losses() { grep -hE '^(step|val|sample)' "$@" | sed 's/ | [0-9]* ms | .*//; s/ ([0-9]* windows, .*//'; }
 if [ $rc = 130 ] && grep -q '^saved' "$work/b1.log" && [ "$(losses "$work/a.log")" = "$(losses "$work/b1.log" "$work/b2.log")" ]; then
     ok "Ctrl-C saves (exit 130); -resume 1 continues with the very losses, validations and samples of the run above"
 else
@@ -78,6 +81,43 @@ expect_error "NaN in training" "the loss became NaN at step 18" "${flags[@]}" -s
 cmp -s "$work/g/model.bin" "$work/g/before.bin" && ok "after the NaN, the last checkpoint is unchanged" || bad "the checkpoint changed after the NaN"
 cp "$work/train.bin" "$work/t.bin" && head -c 5000 "$work/t.bin" > "$work/train.bin"
 expect_error "truncated data file" "truncated" "${flags[@]}" -o "$work/e"
+mv "$work/t.bin" "$work/train.bin"
+
+# 4.
+bpb() { sed -n 's/^val \([0-9.]*\) bpb on the .*/\1/p' "$1"; }
+for b in 1 3 0; do
+    ./train "${flags[@]}" -o "$work/a" -eval_only -eval_batch $b > "$work/eval$b.log" 2>&1 || true
+done
+if [ -n "$(bpb "$work/a.log")" ] && [ "$(bpb "$work/eval1.log")" = "$(bpb "$work/a.log")" ] &&
+   [ "$(bpb "$work/eval3.log")" = "$(bpb "$work/a.log")" ] && [ "$(bpb "$work/eval0.log")" = "$(bpb "$work/a.log")" ] &&
+   grep -q '19999 bytes scored' "$work/eval3.log"; then
+    ok "-eval_only scores the checkpoint as the run's end did, at eval batch 1, 3 and the default: $(bpb "$work/a.log") bpb"
+else
+    bad "evaluation depends on the batch: $(bpb "$work/a.log") $(bpb "$work/eval1.log") $(bpb "$work/eval3.log") $(bpb "$work/eval0.log")"
+fi
+./train "${flags[@]}" -o "$work/a" -eval_only -eval_bytes 1000 > "$work/cap.log" 2>&1 || true
+grep -q 'on the first 1001 bytes of the validation split: 1000 bytes scored' "$work/cap.log" &&
+    ok "-eval_bytes 1000 scores 1000 bytes" || bad "-eval_bytes: $(tail -1 "$work/cap.log")"
+# 37 images of 4 x 4 x 2 (32 bytes) for validation, contexts of 2 images: 18 windows of 2, then one
+# last window for the 37th image. Every byte but the first is scored: 37 * 32 - 1 = 1183.
+mkdir -p "$work/img"
+head -c 64000 /dev/urandom | ./build/datatool pack "$work/img/train.bin" -kind image -height 4 -width 4 -channels 2
+head -c 1184 /dev/urandom | ./build/datatool pack "$work/img/val.bin" -kind image -height 4 -width 4 -channels 2
+./train -i "$work/img" -o "$work/img/out" -ctx 64 -stride 8 -dim 64 -heads 2 -layers 1 -batch 4 -steps 2 \
+    -eval_every 0 > "$work/img.log" 2>&1 || true
+grep -q 'on the whole validation split: 1183 bytes scored, every byte but the first (19 windows' "$work/img.log" &&
+    ok "images: every one of 37 validation images scored (1183 bytes in 19 windows)" || bad "images: $(tail -1 "$work/img.log")"
+
+# 5.
+mkdir -p "$work/f" && cp "$work/a/model.bin" "$work/f/model.bin" && cp "$work/a/model.bin" "$work/f/before.bin"
+limit=$(( $(stat -c %s "$work/a/model.bin") / 2048 )) # in 1024-byte blocks: half the checkpoint
+( trap '' XFSZ; ulimit -f $limit; ./train "${flags[@]}" -steps 20 -o "$work/f" -resume 1 > "$work/out.log" 2> "$work/err.log" ) && rc=0 || rc=$?
+if [ $rc = 1 ] && [ "$(wc -l < "$work/err.log")" = 1 ] && grep -q 'cannot write the checkpoint .*File too large; any earlier .* is unchanged' "$work/err.log" &&
+   cmp -s "$work/f/model.bin" "$work/f/before.bin" && [ ! -e "$work/f/model.bin.tmp" ]; then
+    ok "a save cut short by a file size limit: exit 1, the earlier checkpoint unchanged: $(cat "$work/err.log")"
+else
+    bad "failed save (exit $rc): $(cat "$work/err.log")"
+fi
 
 echo "$passed passed, $failed failed"
 [ $failed = 0 ]
