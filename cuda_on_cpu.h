@@ -31,7 +31,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #include <omp.h>
@@ -198,6 +200,14 @@ inline void enter_new_stack(Context *from, ucontext_t *start) {
 }
 #endif
 
+// A warp-collective operation (a WMMA load, store or product): every lane of the warp registers its
+// own arguments and waits; once all lanes wait at the same place, the scheduler runs `run` once for the
+// whole warp, with the 32 lanes' arguments in lane order, as the hardware does the operation at once.
+struct WarpOp {
+    void (*run)(void *const *lane_args, int lanes);
+    void *args;
+};
+
 // A fiber lives as long as its OS thread and runs one GPU thread after another.
 struct Fiber {
     Context context;
@@ -206,6 +216,7 @@ struct Fiber {
     bool finished;
     const char *barrier_file; // where it waits, or NULL while it runs
     int barrier_line;
+    WarpOp warp_op;           // what it waits for, if it waits at a warp-collective operation (run != NULL)
 };
 
 // Scheduler state of the block running on this OS thread.
@@ -242,6 +253,24 @@ inline void syncthreads(const char *file, int line) {
     }
     bs.current->barrier_file = file;
     bs.current->barrier_line = line;
+    bs.current->warp_op = WarpOp{NULL, NULL};
+    switch_context(&bs.current->context, &bs.scheduler);
+}
+
+// A lane's part of a warp-collective operation: it waits until all lanes of its warp are there.
+inline void warp_collective(const char *file, int line, const char *what, WarpOp op) {
+    BlockState &bs = block_state;
+    if (!bs.current) {
+        char msg[512];
+        snprintf(msg, sizeof msg,
+                 "thread (%u,%u,%u) reached %s at %s:%d, but thread %u, run first, finished without reaching "
+                 "it: a warp-collective operation must be reached by every lane of the warp",
+                 threadIdx.x, threadIdx.y, threadIdx.z, what, file, line, bs.fibers[0]->thread.x);
+        fail(msg);
+    }
+    bs.current->barrier_file = file;
+    bs.current->barrier_line = line;
+    bs.current->warp_op = op;
     switch_context(&bs.current->context, &bs.scheduler);
 }
 
@@ -279,6 +308,7 @@ inline void resume(Fiber *f) {
     bs.current = f;
     threadIdx = f->thread;
     f->barrier_file = NULL;
+    f->warp_op = WarpOp{NULL, NULL};
     switch_context(&bs.scheduler, &f->context);
 }
 
@@ -290,6 +320,46 @@ inline void start_thread(Fiber *f, uint3 thread) {
 
 inline uint3 thread_of(unsigned t, dim3 block) {
     return uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+}
+inline unsigned linear_id(uint3 t, dim3 block) { return t.x + block.x * (t.y + block.y * t.z); }
+
+// Runs the warp-collective operations that whole warps wait at, and resumes those warps. Returns false
+// when no warp waits at one (then every live thread waits at __syncthreads()). A warp whose lanes are
+// not all at the same operation (one finished, or waits elsewhere) aborts with both places named.
+inline bool run_warp_ops(unsigned n, dim3 block) {
+    BlockState &bs = block_state;
+    bool any = false;
+    for (unsigned w = 0; w * 32 < n; w++) {
+        const unsigned count = n - w * 32 < 32 ? n - w * 32 : 32;
+        Fiber *warp[32]; // the warp's lanes, in lane order
+        for (unsigned k = 0; k < n; k++) {
+            const unsigned t = linear_id(bs.fibers[k]->thread, block);
+            if (t / 32 == w) warp[t % 32] = bs.fibers[k];
+        }
+        unsigned first = 0;
+        while (first < count && (warp[first]->finished || !warp[first]->warp_op.run)) first++;
+        if (first == count) continue;
+        const Fiber *op = warp[first];
+        void *args[32];
+        for (unsigned l = 0; l < count; l++) {
+            const Fiber *f = warp[l];
+            if (f->finished || f->warp_op.run != op->warp_op.run || f->barrier_line != op->barrier_line ||
+                strcmp(f->barrier_file, op->barrier_file) != 0) {
+                char msg[512], where[256];
+                if (f->finished) snprintf(where, sizeof where, "has finished");
+                else snprintf(where, sizeof where, "waits at %s:%d", f->barrier_file, f->barrier_line);
+                snprintf(msg, sizeof msg, "lane %u of warp %u waits at a warp-collective operation at %s:%d, but "
+                         "lane %u %s: every lane of the warp must reach the same operation", first, w,
+                         op->barrier_file, op->barrier_line, l, where);
+                fail(msg);
+            }
+            args[l] = f->warp_op.args;
+        }
+        op->warp_op.run(args, (int)count);
+        for (unsigned l = 0; l < count; l++) resume(warp[l]);
+        any = true;
+    }
+    return any;
 }
 
 // Runs every thread of the current block (blockIdx, blockDim already set).
@@ -311,7 +381,9 @@ inline void run_block(void) {
     }
     for (unsigned k = 1; k < n; k++) start_thread(fiber(k), thread_of(nth(k), blockDim));
     for (;;) {
-        // Every thread now waits at a barrier or has finished: all must be at the same barrier.
+        // Every thread now waits at a barrier or has finished. Warps waiting at a collective go first;
+        // when none is left, all live threads must be at the same __syncthreads().
+        if (run_warp_ops(n, blockDim)) continue;
         const Fiber *waiting = NULL, *exited = NULL;
         for (unsigned k = 0; k < n; k++) {
             const Fiber *f = bs.fibers[k];
@@ -388,6 +460,154 @@ void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, 
 }
 
 } // namespace cuda_emu
+
+// ----------------------------------------------------------------------------
+// Tensor cores: the WMMA subset the kernels use (TF32, m16n16k8, float accumulators)
+//
+// A fragment is a 16 x 8 (matrix_a), 8 x 16 (matrix_b) or 16 x 16 (accumulator) tile spread over the
+// 32 lanes of a warp, num_elements per lane, as on the GPU. Which lane holds which element is not
+// specified by CUDA; here lane l holds elements l * num_elements ... in row-major order, and kernels
+// must not depend on it. Loads, stores and products are warp-collective (see warp_collective): they run
+// once all 32 lanes have reached them, and abort with file:line if a lane does not. The product uses
+// the top 19 bits of each operand (sign, exponent, 10 mantissa bits) as the hardware does, so operands
+// not rounded by __float_to_tf32 first are truncated, as they would be on the GPU; products are
+// summed in float32 in k order (the GPU's order of accumulation is its own).
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision { struct tf32 {}; }
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K> struct FragmentShape;
+template <int M, int N, int K> struct FragmentShape<matrix_a, M, N, K> { static const int rows = M, cols = K; };
+template <int M, int N, int K> struct FragmentShape<matrix_b, M, N, K> { static const int rows = K, cols = N; };
+template <int M, int N, int K> struct FragmentShape<accumulator, M, N, K> { static const int rows = M, cols = N; };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static const int rows = FragmentShape<Use, M, N, K>::rows, cols = FragmentShape<Use, M, N, K>::cols;
+    static const int num_elements = rows * cols / 32;
+    float x[num_elements];
+};
+
+// Round to nearest, ties away from zero, keeping 10 explicit mantissa bits (cvt.rna.tf32.f32).
+inline float __float_to_tf32(float f) {
+    if (!std::isfinite(f)) return f;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x1000u) & ~0x1fffu;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline float tf32_operand(float f) { // what a tensor core reads of a float: its top 19 bits
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u &= ~0x1fffu;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+template <typename Frag> inline void fill_fragment(Frag &frag, float value) {
+    for (int e = 0; e < Frag::num_elements; e++) frag.x[e] = value;
+}
+
+// Element (r, c) of a fragment: lane and slot, in this emulator's layout.
+template <typename Frag> inline float &element(Frag *const *lanes, int r, int c) {
+    const int at = r * Frag::cols + c;
+    return lanes[at / Frag::num_elements]->x[at % Frag::num_elements];
+}
+
+template <typename Frag> struct MemoryOp {
+    Frag *frag;
+    float *memory;
+    unsigned ldm;
+    bool col_major;
+};
+template <typename Frag, bool Store> inline void move_tile(void *const *lane_args, int lanes) {
+    if (lanes != 32) cuda_emu::fail("a WMMA operation needs all 32 lanes of a warp");
+    Frag *frags[32];
+    for (int l = 0; l < 32; l++) frags[l] = static_cast<MemoryOp<Frag> *>(lane_args[l])->frag;
+    const MemoryOp<Frag> *op = static_cast<MemoryOp<Frag> *>(lane_args[0]);
+    for (int l = 1; l < 32; l++) {
+        const MemoryOp<Frag> *other = static_cast<MemoryOp<Frag> *>(lane_args[l]);
+        if (other->memory != op->memory || other->ldm != op->ldm)
+            cuda_emu::fail("the lanes of a warp passed different pointers or ldm to one WMMA load or store");
+    }
+    for (int r = 0; r < Frag::rows; r++)
+        for (int c = 0; c < Frag::cols; c++) {
+            float &m = op->memory[op->col_major ? r + (size_t)c * op->ldm : (size_t)r * op->ldm + c];
+            if (Store) m = element(frags, r, c);
+            else element(frags, r, c) = m;
+        }
+}
+template <typename Frag> inline void memory_op(const char *file, int line, const char *what, Frag &frag,
+                                              const float *memory, unsigned ldm, bool col_major, bool store) {
+    if ((uintptr_t)memory % 32 || ldm % 4)
+        cuda_emu::fail("a WMMA load or store needs a 32-byte aligned pointer and ldm a multiple of 4 floats");
+    MemoryOp<Frag> op = {&frag, const_cast<float *>(memory), ldm, col_major};
+    cuda_emu::warp_collective(file, line, what, cuda_emu::WarpOp{store ? move_tile<Frag, true> : move_tile<Frag, false>, &op});
+}
+
+template <typename FA, typename FB, typename FC> struct MmaOp {
+    FC *d;
+    const FA *a;
+    const FB *b;
+    const FC *c;
+};
+template <typename FA, typename FB, typename FC> inline void mma_tiles(void *const *lane_args, int lanes) {
+    if (lanes != 32) cuda_emu::fail("a WMMA operation needs all 32 lanes of a warp");
+    FA *a[32];
+    FB *b[32];
+    FC *c[32], *d[32];
+    for (int l = 0; l < 32; l++) {
+        const MmaOp<FA, FB, FC> *op = static_cast<MmaOp<FA, FB, FC> *>(lane_args[l]);
+        a[l] = const_cast<FA *>(op->a), b[l] = const_cast<FB *>(op->b), c[l] = const_cast<FC *>(op->c), d[l] = op->d;
+    }
+    float out[FC::rows][FC::cols]; // d may be c: read all of c before writing
+    for (int r = 0; r < FC::rows; r++)
+        for (int col = 0; col < FC::cols; col++) {
+            float sum = element(c, r, col);
+            for (int k = 0; k < FA::cols; k++) sum += tf32_operand(element(a, r, k)) * tf32_operand(element(b, k, col));
+            out[r][col] = sum;
+        }
+    for (int r = 0; r < FC::rows; r++)
+        for (int col = 0; col < FC::cols; col++) element(d, r, col) = out[r][col];
+}
+template <typename FA, typename FB, typename FC>
+inline void mma(const char *file, int line, FC &d, const FA &a, const FB &b, const FC &c) {
+    MmaOp<FA, FB, FC> op = {&d, &a, &b, &c};
+    cuda_emu::warp_collective(file, line, "wmma::mma_sync", cuda_emu::WarpOp{mma_tiles<FA, FB, FC>, &op});
+}
+} // namespace wmma
+} // namespace nvcuda
+
+// The _sync calls carry the caller's file and line, for the abort message of a lane that misses one.
+#define load_matrix_sync(frag, ...) load_at(__FILE__, __LINE__, frag, __VA_ARGS__)
+#define store_matrix_sync(memory, ...) store_at(__FILE__, __LINE__, memory, __VA_ARGS__)
+#define mma_sync(...) mma(__FILE__, __LINE__, __VA_ARGS__)
+namespace nvcuda {
+namespace wmma {
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+inline void load_at(const char *file, int line, fragment<Use, M, N, K, T, Layout> &frag, const float *memory, unsigned ldm) {
+    memory_op(file, line, "wmma::load_matrix_sync", frag, memory, ldm, std::is_same<Layout, col_major>::value, false);
+}
+template <int M, int N, int K, typename T>
+inline void load_at(const char *file, int line, fragment<accumulator, M, N, K, T> &frag, const float *memory,
+                    unsigned ldm, layout_t layout) {
+    memory_op(file, line, "wmma::load_matrix_sync", frag, memory, ldm, layout == mem_col_major, false);
+}
+template <int M, int N, int K, typename T>
+inline void store_at(const char *file, int line, float *memory, const fragment<accumulator, M, N, K, T> &frag,
+                     unsigned ldm, layout_t layout) {
+    memory_op(file, line, "wmma::store_matrix_sync", const_cast<fragment<accumulator, M, N, K, T> &>(frag), memory,
+              ldm, layout == mem_col_major, true);
+}
+} // namespace wmma
+} // namespace nvcuda
 
 // kernel<<<grid, block, shared_bytes>>>(args...) spelled as a macro both builds understand.
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \

@@ -61,6 +61,63 @@ __global__ void thread0_skips_barrier(int *out) {
     out[threadIdx.x] = 1;
 }
 
+// Tensor cores: each warp of the block computes its own D = A B + C (16 x 8 by 8 x 16, TF32 operands,
+// float accumulators); warp w reads tile w and repeats the product w + 1 times (warps meet at their
+// collective operations independently), then all meet at a barrier.
+using namespace nvcuda;
+__global__ void wmma_products(float *d, const float *a, const float *b, const float *c, int round) {
+    const int w = threadIdx.x / 32;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+    wmma::load_matrix_sync(fa, a + w * 16 * 8, 8);
+    wmma::load_matrix_sync(fb, b + w * 16 * 8, 8); // B (8 x 16) stored column by column
+    if (round) {
+        for (int e = 0; e < fa.num_elements; e++) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
+        for (int e = 0; e < fb.num_elements; e++) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
+    }
+    wmma::load_matrix_sync(fc, c + w * 256, 16, wmma::mem_row_major);
+    for (int rep = 0; rep <= w; rep++) wmma::mma_sync(fc, fa, fb, fc);
+    __syncthreads();
+    wmma::store_matrix_sync(d + w * 256, fc, 16, wmma::mem_row_major);
+}
+
+// Collective bugs: lane 5 skips the product; lanes split between two products.
+__global__ void lane_skips_mma(float *d) {
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+    wmma::fill_fragment(fc, 1.0f);
+    if (threadIdx.x == 5) return;
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+    wmma::fill_fragment(fa, 1.0f);
+    wmma::fill_fragment(fb, 1.0f);
+    wmma::mma_sync(fc, fa, fb, fc);
+    wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+}
+__global__ void lanes_split(float *d) {
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
+    if (threadIdx.x < 16) wmma::load_matrix_sync(fc, d, 16, wmma::mem_row_major);
+    else wmma::load_matrix_sync(fc, d + 256, 16, wmma::mem_row_major);
+    wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+}
+
+// Device memory as cudaMalloc gives it (aligned), poisoned with NaN.
+struct Buffer {
+    float *p;
+    size_t n;
+    explicit Buffer(size_t count) : n(count) {
+        cudaMalloc(&p, n * sizeof(float));
+        for (size_t i = 0; i < n; i++) p[i] = NAN;
+    }
+    ~Buffer() { cudaFree(p); }
+    float &operator[](size_t i) { return p[i]; }
+    float *data() { return p; }
+    float *begin() { return p; }
+    float *end() { return p + n; }
+};
+
+static float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
 // Runs `body` in a child process; true if it exits 1 and its stderr contains `expected`.
 template <typename F> static bool aborts_with(F body, const char *expected) {
     int err[2];
@@ -68,6 +125,7 @@ template <typename F> static bool aborts_with(F body, const char *expected) {
     fflush(stdout);
     const pid_t pid = fork();
     if (pid == 0) {
+        omp_set_num_threads(1); // the parent's OpenMP threads do not exist here: a team of them would hang
         dup2(err[1], 2);
         close(err[0]);
         body();
@@ -124,6 +182,56 @@ int main() {
     check(aborts_with([&] { KERNEL_LAUNCH(block_sum, 1, 2048, 0, (float *)NULL, (const float *)NULL); },
                       "more than 1024 threads"),
           "a block of more than 1024 threads is refused");
+    {
+        // TF32 rounding: to nearest with 10 explicit mantissa bits, ties away from zero (cvt.rna)
+        const float one = 1.0f, ulp = ldexpf(1.0f, -10), half = ldexpf(1.0f, -11);
+        const bool ok = wmma::__float_to_tf32(one + half) == one + ulp &&            // a tie rounds away
+                        wmma::__float_to_tf32(-(one + half)) == -(one + ulp) &&
+                        wmma::__float_to_tf32(one + half - ldexpf(1.0f, -23)) == one && // below the tie: down
+                        wmma::__float_to_tf32(one + 3 * half) == one + 2 * ulp &&      // 1.5 ulp: a tie, away
+                        wmma::__float_to_tf32(bits_to_float(0x3f802000u)) == bits_to_float(0x3f802000u) &&
+                        std::isnan(wmma::__float_to_tf32(NAN)) && wmma::__float_to_tf32(INFINITY) == INFINITY;
+        check(ok, "__float_to_tf32 rounds to nearest, 10 mantissa bits, ties away from zero; NaN and inf stay");
+    }
+    {
+        // 4 warps, each its own product (a different number of times), against a double reference of
+        // the same rounded operands. Rounded operands are exact in float and their products too
+        // (11 x 11 bits); the sums of 8 terms err by at most 8 float roundings: 1e-6 relative.
+        const int warps = 4;
+        Buffer a(warps * 128), b(warps * 128), c(warps * 256), d(warps * 256); // WMMA wants 32-byte alignment
+        unsigned state = 12345;
+        auto rnd = [&] { state = state * 1664525u + 1013904223u; return (float)(state >> 8) / 16777216.0f * 2 - 1; };
+        for (auto &x : a) x = rnd();
+        for (auto &x : b) x = rnd();
+        for (auto &x : c) x = rnd();
+        double worst = 0;
+        for (int round = 1; round >= 0; round--) {
+            KERNEL_LAUNCH(wmma_products, 1, 32 * warps, 0, d.data(), a.data(), b.data(), c.data(), round);
+            worst = 0;
+            for (int w = 0; w < warps; w++)
+                for (int r = 0; r < 16; r++)
+                    for (int col = 0; col < 16; col++) {
+                        double dot = 0;
+                        for (int k = 0; k < 8; k++) {
+                            const float x = a[w * 128 + r * 8 + k], y = b[w * 128 + col * 8 + k];
+                            dot += (double)(round ? wmma::__float_to_tf32(x) : wmma::tf32_operand(x)) *
+                                   (round ? wmma::__float_to_tf32(y) : wmma::tf32_operand(y));
+                        }
+                        const double want = c[w * 256 + r * 16 + col] + (w + 1) * dot;
+                        worst = fmax(worst, fabs(d[w * 256 + r * 16 + col] - want) / (fabs(want) + 1));
+                    }
+            check(worst < 1e-6, round ? "WMMA TF32 products of 4 warps, each at its own pace: exact to float rounding"
+                                      : "WMMA reads unrounded operands' top 19 bits (truncation), as the hardware does");
+        }
+    }
+    {
+        Buffer tiles(512);
+        for (float &x : tiles) x = 1.0f;
+        check(aborts_with([&] { KERNEL_LAUNCH(lane_skips_mma, 1, 32, 0, tiles.data()); }, "lane 5 has finished"),
+              "a WMMA product that lane 5 skips aborts, naming the lane and the place");
+        check(aborts_with([&] { KERNEL_LAUNCH(lanes_split, 1, 32, 0, tiles.data()); }, "every lane of the warp must reach"),
+              "lanes split between two WMMA loads abort with both places named");
+    }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
