@@ -47,6 +47,7 @@ BINARIES = train sample test_kernels
 $(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
 
 .PHONY: all cpu gpu test bench asan fuzz clean announce
+.SECONDARY: # keep intermediate objects (the fuzz harness objects), so that nothing is rebuilt twice
 all: announce $(BINARIES) data/default
 
 # The default data set, made once: enwik8 if it can be downloaded, else kjv from Debian, else synthetic.

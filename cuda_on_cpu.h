@@ -48,6 +48,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ thread_local
 
 struct dim3 {
@@ -62,7 +63,7 @@ static thread_local dim3 blockDim, gridDim;
 
 // Dynamic shared memory of the running block (the largest an H100/H200 block may opt in to).
 #define CUDA_EMU_MAX_SHARED_BYTES (227 * 1024)
-alignas(16) thread_local float smem[CUDA_EMU_MAX_SHARED_BYTES / sizeof(float)];
+alignas(128) thread_local float smem[CUDA_EMU_MAX_SHARED_BYTES / sizeof(float)];
 
 // ----------------------------------------------------------------------------
 // Runtime API: errors, memory, synchronisation
@@ -117,31 +118,53 @@ template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribu
 // of A and 4 of B for 64 multiply-adds. Each element of C is summed by one OpenMP thread in a fixed
 // order, so results do not depend on the number of threads: a CPU run is repeatable bit for bit.
 
+// With CUBLAS_TF32_TENSOR_OP_MATH (cublasSetMathMode) the operands are rounded to TF32 first, as the
+// tensor cores take them (tf32_round below: to nearest, 10 mantissa bits); the sums stay float32.
+
 enum cublasStatus_t { CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7 };
 enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
-struct cublasContext {};
+enum cublasMath_t { CUBLAS_DEFAULT_MATH = 0, CUBLAS_TF32_TENSOR_OP_MATH = 3 };
+struct cublasContext { cublasMath_t math; };
 typedef cublasContext *cublasHandle_t;
 
 inline cublasStatus_t cublasCreate(cublasHandle_t *handle) {
-    static cublasContext context;
-    *handle = &context;
+    *handle = new cublasContext{CUBLAS_DEFAULT_MATH};
     return CUBLAS_STATUS_SUCCESS;
 }
-inline cublasStatus_t cublasDestroy(cublasHandle_t) { return CUBLAS_STATUS_SUCCESS; }
+inline cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+    delete handle;
+    return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t math) {
+    handle->math = math;
+    return CUBLAS_STATUS_SUCCESS;
+}
 
-inline cublasStatus_t cublasSgemm(cublasHandle_t, cublasOperation_t opA, cublasOperation_t opB, int m, int n,
+// Round to nearest, ties away from zero, keeping 10 explicit mantissa bits (cvt.rna.tf32.f32).
+inline float tf32_round(float f) {
+    if (!std::isfinite(f)) return f;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u + 0x1000u) & ~0x1fffu;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+inline cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t opA, cublasOperation_t opB, int m, int n,
                                   int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                                   const float *beta, float *C, int ldc) {
     if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
     const int TM = 16, TN = 4, M = (m + TM - 1) / TM * TM, N = (n + TN - 1) / TN * TN;
     // panels: a (k, M): column p of op(A), padded to M rows; b (N, k): column j of op(B), contiguous
     std::vector<float> a((size_t)k * M, 0.0f), b((size_t)N * k, 0.0f);
+    const bool tf32 = handle->math == CUBLAS_TF32_TENSOR_OP_MATH;
+    auto operand = [tf32](float x) { return tf32 ? tf32_round(x) : x; };
 #pragma omp parallel for schedule(static)
     for (int p = 0; p < k; p++)
-        for (int i = 0; i < m; i++) a[(size_t)p * M + i] = opA == CUBLAS_OP_N ? A[i + (size_t)p * lda] : A[p + (size_t)i * lda];
+        for (int i = 0; i < m; i++) a[(size_t)p * M + i] = operand(opA == CUBLAS_OP_N ? A[i + (size_t)p * lda] : A[p + (size_t)i * lda]);
 #pragma omp parallel for schedule(static)
     for (int j = 0; j < n; j++)
-        for (int p = 0; p < k; p++) b[(size_t)j * k + p] = opB == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb];
+        for (int p = 0; p < k; p++) b[(size_t)j * k + p] = operand(opB == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb]);
 #pragma omp parallel for collapse(2) schedule(static)
     for (int j0 = 0; j0 < N; j0 += TN) {
         for (int i0 = 0; i0 < M; i0 += TM) {
@@ -494,15 +517,7 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
     float x[num_elements];
 };
 
-// Round to nearest, ties away from zero, keeping 10 explicit mantissa bits (cvt.rna.tf32.f32).
-inline float __float_to_tf32(float f) {
-    if (!std::isfinite(f)) return f;
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u = (u + 0x1000u) & ~0x1fffu;
-    memcpy(&f, &u, 4);
-    return f;
-}
+inline float __float_to_tf32(float f) { return tf32_round(f); }
 inline float tf32_operand(float f) { // what a tensor core reads of a float: its top 19 bits
     uint32_t u;
     memcpy(&u, &f, 4);

@@ -28,6 +28,7 @@ All arithmetic is float32.
 #ifdef __CUDACC__
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <mma.h> // WMMA: the tensor cores
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \
     kernel<<<grid, block, shared_bytes>>>(__VA_ARGS__)
 #define BUILT_FOR_GPU 1
@@ -66,6 +67,19 @@ static void cublas_check(cublasStatus_t status, const char *file, int line) {
     exit(1);
 }
 #define cublasCheck(call) cublas_check((call), __FILE__, __LINE__)
+
+// The precision of the matrix products (sparse_transformer.h): a template parameter of the attention
+// kernels (section 5) and cuBLAS's math mode (section 8), chosen at run time.
+static StPrecision precision = BUILT_FOR_GPU ? ST_TF32 : ST_FP32;
+static const char *PRECISION_NAMES[] = {"fp32", "tf32"};
+void st_set_precision(StPrecision p) { precision = p; }
+StPrecision st_get_precision(void) { return precision; }
+const char *st_precision_name(StPrecision p) { return PRECISION_NAMES[p]; }
+int st_precision_from_name(const char *name) {
+    for (int p = 0; p < 2; p++)
+        if (strcmp(name, PRECISION_NAMES[p]) == 0) return p;
+    return -1;
+}
 
 // Random numbers for initialisation and data: splitmix64 (Steele, Lea, Flood 2014), one 64-bit state.
 static uint64_t splitmix64(uint64_t *state) {
@@ -424,32 +438,45 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // Every kernel below works on one tile of TILE rows at a time, with THREADS = 128 threads:
 //   - a score tile S (TILE x TILE): thread t owns row t % TILE, columns (t / TILE) + WARPS m;
 //   - an output tile (TILE x D): warp w owns rows w + WARPS m, lane owns columns lane + 32 u.
-// Rows in shared memory are padded to D + 1 floats, so that 32 threads reading 32 different rows
-// at the same column hit 32 different memory banks.
+// The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
+// tile_scores and accumulate_product, each with two bodies chosen by the kernels' template parameter
+// TF32: exact float32 loops on the CUDA cores, or the tensor cores (WMMA, TF32 operands, float32
+// sums). Everything else (masks, softmax, the merge) is the same code for both.
+//
+// Rows in shared memory are padded: by one float for the float32 loops, so that 32 threads reading
+// 32 different rows at one column hit 32 different memory banks; by four for the tensor cores, whose
+// loads need every row to start on a 16-byte boundary (and every tile on a 32-byte one).
 
 // The dynamic shared memory of a block (its size is given at launch); each kernel carves its tiles from it.
-extern __shared__ float smem[];
+extern __shared__ __align__(32) float smem[];
+
+// Blocks per multiprocessor that the register budget must allow (__launch_bounds__): 4 on the float32
+// path; 2 on the tensor cores, whose fragments need more registers and whose larger tiles leave room
+// in shared memory for 2 blocks of head size 128 anyway.
+#define MIN_BLOCKS(TF32) ((TF32) ? 2 : 4)
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-template <int D> struct TileShape {
-    static const int ROW = D + 1;               // floats per row of a (TILE, D) tile in shared memory
+template <int D, bool TF32> struct TileShape {
+    static const int PAD = TF32 ? 4 : 1;
+    static const int ROW = D + PAD;             // floats per row of a (TILE, D) tile in shared memory
     static const int MATRIX = TILE * ROW;       // floats of a (TILE, D) tile
-    static const int SCORES = TILE * (TILE + 1); // floats of a (TILE, TILE) tile, padded
+    static const int SROW = TILE + PAD;         // floats per row of a (TILE, TILE) score tile
+    static const int SCORES = TILE * SROW;      // floats of a (TILE, TILE) tile
     static const int OWN_ROWS = TILE / WARPS;   // output rows per thread
     static const int OWN_COLS = D / 32;         // output columns per thread
 };
 
 // Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
 // scaled by `scale`; padding slots and slots past the end load as zeros.
-template <int D>
+template <int D, bool TF32>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys,
                                  float scale) {
     for (int e = threadIdx.x; e < TILE * D; e += THREADS) {
         const int row = e / D, col = e % D;
         const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
-        tile[row * TileShape<D>::ROW + col] = pos >= 0 ? x[(size_t)pos * D + col] * scale : 0.0f;
+        tile[row * TileShape<D, TF32>::ROW + col] = pos >= 0 ? x[(size_t)pos * D + col] * scale : 0.0f;
     }
 }
 
@@ -469,14 +496,70 @@ template <int D> __device__ static inline float row_dot(const float *a, const fl
     return sum;
 }
 
+using namespace nvcuda; // wmma: <mma.h> on the GPU, cuda_on_cpu.h on the CPU
+// Tensor-core operands: a 16 x 8 slice of A, an 8 x 16 slice of B, a 16 x 16 float accumulator.
+template <typename Layout> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, Layout>;
+template <typename Layout> using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, Layout>;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
+
+// Loads an operand and rounds it to TF32 (to nearest, 10 mantissa bits): the tensor core would
+// otherwise just drop the low 13 bits.
+template <typename Frag> __device__ static inline void load_tf32(Frag &frag, const float *tile, int ldm) {
+    wmma::load_matrix_sync(frag, tile, ldm);
+    for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+}
+
+// S = A B^T for two (TILE, D) shared tiles A and B: the (TILE, TILE) tile of dot products of their rows.
+// The float32 body writes exactly the entries that each thread reads afterwards (the score tile's
+// ownership); on the tensor cores each warp computes a 16 x 16 quarter, read by other threads after
+// the barrier at the end.
+template <int D, bool TF32> __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_s) {
+    typedef TileShape<D, TF32> S;
+    if constexpr (!TF32) {
+        const int r = threadIdx.x % TILE;
+        for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) S_s[r * S::SROW + c] = row_dot<D>(A_s + r * S::ROW, B_s + c * S::ROW);
+    } else {
+        const int warp = threadIdx.x / 32, r0 = warp % 2 * 16, c0 = warp / 2 * 16;
+        FragA<wmma::row_major> a;
+        FragB<wmma::col_major> b; // B^T (D, TILE) is B read column by column
+        FragC acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int k = 0; k < D; k += 8) {
+            load_tf32(a, A_s + r0 * S::ROW + k, S::ROW);
+            load_tf32(b, B_s + c0 * S::ROW + k, S::ROW);
+            wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
+        __syncthreads();
+    }
+}
+
 // acc += A B for the rows of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
-// tile and B a (TILE, D) tile in shared memory. A is read as A[row][c] = A_s[row * a_row + c * a_col],
-// so a_row = 1, a_col = TILE + 1 multiplies by the transpose (dV += P^T dO).
-template <int D>
-__device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape<D>::OWN_ROWS][TileShape<D>::OWN_COLS],
-                                                          const float *A_s, int a_row, int a_col, const float *B_s) {
-    typedef TileShape<D> S;
+// tile (read transposed if TRANSPOSED: dV += P^T dO) and B a (TILE, D) tile in shared memory.
+// The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
+// after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
+template <int D, bool TF32, bool TRANSPOSED>
+__device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape<D, TF32>::OWN_ROWS][TileShape<D, TF32>::OWN_COLS],
+                                                          const float *A_s, const float *B_s, float *scratch_s) {
+    typedef TileShape<D, TF32> S;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if constexpr (TF32) {
+        typedef typename std::conditional<TRANSPOSED, wmma::col_major, wmma::row_major>::type LayoutA;
+        for (int piece = warp; piece < 2 * D / 16; piece += WARPS) {
+            const int r0 = piece % 2 * 16, c0 = piece / 2 * 16;
+            FragA<LayoutA> a;
+            FragB<wmma::row_major> b;
+            FragC product;
+            wmma::fill_fragment(product, 0.0f);
+            for (int k = 0; k < TILE; k += 8) {
+                load_tf32(a, TRANSPOSED ? A_s + k * S::SROW + r0 : A_s + r0 * S::SROW + k, S::SROW);
+                load_tf32(b, B_s + k * S::ROW + c0, S::ROW);
+                wmma::mma_sync(product, a, b, product);
+            }
+            wmma::store_matrix_sync(scratch_s + r0 * S::ROW + c0, product, S::ROW, wmma::mem_row_major);
+        }
+        __syncthreads();
+    }
     #pragma unroll
     for (int mi = 0; mi < S::OWN_ROWS; mi++) {
         const int row = warp + WARPS * mi;
@@ -484,11 +567,25 @@ __device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape
         for (int u = 0; u < S::OWN_COLS; u++) {
             const int col = lane + 32 * u;
             float sum = 0.0f;
-            #pragma unroll 8
-            for (int c = 0; c < TILE; c++) sum += A_s[row * a_row + c * a_col] * B_s[c * S::ROW + col];
+            if constexpr (TF32) {
+                sum = scratch_s[row * S::ROW + col];
+            } else {
+                #pragma unroll 8
+                for (int c = 0; c < TILE; c++)
+                    sum += (TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c]) * B_s[c * S::ROW + col];
+            }
             acc[mi][u] += sum;
         }
     }
+    if constexpr (TF32) __syncthreads();
+}
+
+// The mask of a tile pair that is not full: pairs the step does not allow get -inf (same ownership as
+// the scores).
+template <int D, bool TF32> __device__ static void mask_scores(float *S_s, const Step &st, int p0, int s0) {
+    const int r = threadIdx.x % TILE;
+    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS)
+        if (!step_allows_slots(st, p0 + r, s0 + c)) S_s[r * TileShape<D, TF32>::SROW + c] = -INFINITY;
 }
 
 // The backward's elementwise pass on one tile pair, shared by the dK/dV and the dQ kernels:
@@ -496,18 +593,19 @@ __device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape
 //   dP_ij = dO_i . v_j                         from out_i = sum_j P_ij v_j
 //   dS_ij = P_ij (dP_ij - D_i), D_i = dO_i . O_i   through the softmax
 // Q_s holds q / sqrt(D) * log2(e) and lse2_s holds lse * log2(e), so P = exp2(Q_s . k - lse2).
-template <int D>
+template <int D, bool TF32>
 __device__ static void probability_gradients(float *P_s, float *dS_s, const float *Q_s, const float *dO_s,
                                              const float *K_s, const float *V_s, const float *lse2_s,
                                              const float *D_s, const Step &st, int p0, int s0, bool full) {
-    typedef TileShape<D> S;
+    typedef TileShape<D, TF32> S;
+    tile_scores<D, TF32>(P_s, Q_s, K_s);  // s (base 2)
+    tile_scores<D, TF32>(dS_s, dO_s, V_s); // dP
     const int r = threadIdx.x % TILE;
     for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) {
         const bool allowed = full || step_allows_slots(st, p0 + r, s0 + c);
-        const float p = allowed ? exp2f(row_dot<D>(Q_s + r * S::ROW, K_s + c * S::ROW) - lse2_s[r]) : 0.0f;
-        const float dp = row_dot<D>(dO_s + r * S::ROW, V_s + c * S::ROW);
-        P_s[r * (TILE + 1) + c] = p;
-        dS_s[r * (TILE + 1) + c] = p * (dp - D_s[r]);
+        const float p = allowed ? exp2f(P_s[r * S::SROW + c] - lse2_s[r]) : 0.0f;
+        P_s[r * S::SROW + c] = p;
+        dS_s[r * S::SROW + c] = p * (dS_s[r * S::SROW + c] - D_s[r]);
     }
 }
 
@@ -517,11 +615,11 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
 // the first's by the log-sum-exp rule:
 //   lse = log(e^lse1 + e^lse2),  out = e^(lse1 - lse) out1 + e^(lse2 - lse) out2.
 // Grid: (query tiles, heads of this step, B); block: THREADS.
-template <int D>
-__global__ void __launch_bounds__(THREADS, 4)
+template <int D, bool TF32>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS(TF32))
 attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, Step st,
                          const int4 *tiles, const int *heads, int H, int accumulate) {
-    typedef TileShape<D> S;
+    typedef TileShape<D, TF32> S;
     float *Q_s = smem;                    // (TILE, D) queries * log2(e) / sqrt(D)
     float *K_s = Q_s + S::MATRIX;         // (TILE, D)
     float *V_s = K_s + S::MATRIX;         // (TILE, D)
@@ -530,6 +628,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     float *lse_s = alpha_s + TILE;        // (TILE) this step's log-sum-exp per row
     float *w_old_s = lse_s + TILE;        // (TILE) merge weights (accumulate)
     float *w_new_s = w_old_s + TILE;      // (TILE)
+    float *scratch_s = w_new_s + TILE;    // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
@@ -537,28 +636,25 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     const int4 range = tiles[qt];
     const int p0 = qt * TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-    load_tile<D>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
+    load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
     float o[S::OWN_ROWS][S::OWN_COLS] = {}; // this thread's share of the unnormalised output
     float m = -INFINITY, l = 0.0f;          // running max and sum of row threadIdx.x (threads < TILE)
 
     for (int kt = range.x; kt <= range.w; kt++) {
         const bool full = range.y <= kt && kt <= range.z;
         __syncthreads(); // the previous tile is no longer read
-        load_tile<D>(K_s, k, st, kt * TILE, true, 1.0f);
-        load_tile<D>(V_s, v, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32>(V_s, v, st, kt * TILE, true, 1.0f);
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
-        const int r = threadIdx.x % TILE;
-        for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) {
-            const bool allowed = full || step_allows_slots(st, p0 + r, kt * TILE + c);
-            P_s[r * (TILE + 1) + c] = allowed ? row_dot<D>(Q_s + r * S::ROW, K_s + c * S::ROW) : -INFINITY;
-        }
+        tile_scores<D, TF32>(P_s, Q_s, K_s);
+        if (!full) mask_scores<D, TF32>(P_s, st, p0, kt * TILE);
         __syncthreads();
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
         if (threadIdx.x < TILE) {
-            float *row = P_s + threadIdx.x * (TILE + 1);
+            float *row = P_s + threadIdx.x * S::SROW;
             float m_new = m;
             for (int c = 0; c < TILE; c++) m_new = fmaxf(m_new, row[c]);
             const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
@@ -578,7 +674,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         for (int mi = 0; mi < S::OWN_ROWS; mi++)
             #pragma unroll
             for (int u = 0; u < S::OWN_COLS; u++) o[mi][u] *= alpha_s[warp + WARPS * mi];
-        accumulate_product<D>(o, P_s, TILE + 1, 1, V_s);
+        accumulate_product<D, TF32, false>(o, P_s, V_s, scratch_s);
     }
 
     // Finish each row: its log-sum-exp (natural log), and the weights of the merge with the first step
@@ -617,12 +713,12 @@ template <int D> __global__ void attention_delta_kernel(float *delta, const floa
 }
 
 // Loads the query side of a tile pair for the backward: Q (scaled as in the forward), dO, lse and D.
-template <int D>
+template <int D, bool TF32>
 __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, float *D_s, const float *q,
                                        const float *dout, const float *lse, const float *delta,
                                        const Step &st, int p0) {
-    load_tile<D>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
-    load_tile<D>(dO_s, dout, st, p0, false, 1.0f);
+    load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
+    load_tile<D, TF32>(dO_s, dout, st, p0, false, 1.0f);
     load_row_values(lse2_s, lse, st, p0, LOG2E, INFINITY);
     load_row_values(D_s, delta, st, p0, 1.0f, 0.0f);
 }
@@ -633,12 +729,12 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 // Each key tile is owned by one block: no atomics, and a deterministic sum. Adds into dk, dv, since
 // a merged head's two steps touch the same keys.
 // Grid: (key tiles, heads of this step, B); block: THREADS.
-template <int D>
-__global__ void __launch_bounds__(THREADS, 4)
+template <int D, bool TF32>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS(TF32))
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                              const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                              const int *heads, int H) {
-    typedef TileShape<D> S;
+    typedef TileShape<D, TF32> S;
     float *K_s = smem;                  // (TILE, D)
     float *V_s = K_s + S::MATRIX;       // (TILE, D)
     float *Q_s = V_s + S::MATRIX;       // (TILE, D) queries * log2(e) / sqrt(D)
@@ -647,6 +743,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE) lse * log2(e)
     float *D_s = lse2_s + TILE;         // (TILE)
+    float *scratch_s = D_s + TILE;      // (TILE, D) the tensor cores' product (TF32 only)
 
     const int kt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
@@ -655,20 +752,20 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     const int4 range = tiles[kt];
     const int s0 = kt * TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-    load_tile<D>(K_s, k, st, s0, true, 1.0f);
-    load_tile<D>(V_s, v, st, s0, true, 1.0f);
+    load_tile<D, TF32>(K_s, k, st, s0, true, 1.0f);
+    load_tile<D, TF32>(V_s, v, st, s0, true, 1.0f);
     float dk_acc[S::OWN_ROWS][S::OWN_COLS] = {}, dv_acc[S::OWN_ROWS][S::OWN_COLS] = {};
 
     for (int qt = range.x; qt <= range.w; qt++) {
         const bool full = range.y <= qt && qt <= range.z;
         __syncthreads();
-        load_query_side<D>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, qt * TILE);
+        load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, qt * TILE);
         __syncthreads();
-        probability_gradients<D>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, qt * TILE, s0, full);
+        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, qt * TILE, s0, full);
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the rows of the key tile this thread owns
-        accumulate_product<D>(dv_acc, P_s, 1, TILE + 1, dO_s);
-        accumulate_product<D>(dk_acc, dS_s, 1, TILE + 1, Q_s);
+        accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s, scratch_s);
+        accumulate_product<D, TF32, true>(dk_acc, dS_s, Q_s, scratch_s);
     }
     // Q_s carries log2(e) / sqrt(D); ln 2 takes the log2(e) back out
     #pragma unroll
@@ -687,12 +784,12 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 // Backward for queries, one query tile per block, looping over its key tiles:
 //   dQ_i = sum_j dS_ij k_j / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
 // Grid: (query tiles, heads of this step, B); block: THREADS.
-template <int D>
-__global__ void __launch_bounds__(THREADS, 4)
+template <int D, bool TF32>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS(TF32))
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
                             const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                             const int *heads, int H) {
-    typedef TileShape<D> S;
+    typedef TileShape<D, TF32> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
     float *K_s = dO_s + S::MATRIX;      // (TILE, D)
@@ -701,6 +798,7 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE)
     float *D_s = lse2_s + TILE;         // (TILE)
+    float *scratch_s = D_s + TILE;      // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
@@ -709,19 +807,19 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     const int4 range = tiles[qt];
     const int p0 = qt * TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
-    load_query_side<D>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, p0);
+    load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, p0);
     float dq_acc[S::OWN_ROWS][S::OWN_COLS] = {};
 
     for (int kt = range.x; kt <= range.w; kt++) {
         const bool full = range.y <= kt && kt <= range.z;
         __syncthreads();
-        load_tile<D>(K_s, k, st, kt * TILE, true, 1.0f);
-        load_tile<D>(V_s, v, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32>(V_s, v, st, kt * TILE, true, 1.0f);
         __syncthreads();
-        probability_gradients<D>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, p0, kt * TILE, full);
+        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, p0, kt * TILE, full);
         __syncthreads();
         // dQ += dS K, for the rows of the query tile this thread owns
-        accumulate_product<D>(dq_acc, dS_s, TILE + 1, 1, K_s);
+        accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s, scratch_s);
     }
     const float scale = 1.0f / sqrtf((float)D);
     #pragma unroll
@@ -845,18 +943,27 @@ StAttentionStats st_attention_stats(const StAttention *a) {
 }
 
 // Dispatches on the head size, the kernels' template parameter.
-#define DISPATCH_HEAD_SIZE(D, CALL)                                  \
+#define DISPATCH_HEAD_SIZE(D, ...)                                   \
     switch (D) {                                                     \
-    case 32: { const int HS = 32; CALL; } break;                     \
-    case 64: { const int HS = 64; CALL; } break;                     \
-    default: { const int HS = 128; CALL; } break;                    \
+    case 32: { const int HS = 32; __VA_ARGS__; } break;              \
+    case 64: { const int HS = 64; __VA_ARGS__; } break;              \
+    default: { const int HS = 128; __VA_ARGS__; } break;             \
     }
 
-static size_t forward_shared_bytes(int D) {
-    return (3 * (size_t)TILE * (D + 1) + TILE * (TILE + 1) + 4 * TILE) * sizeof(float);
+// ... and on the precision of the tile products (st_set_precision), the other template parameter.
+#define DISPATCH_KERNEL(D, ...)                                                         \
+    if (precision == ST_TF32) { const bool TF = true; DISPATCH_HEAD_SIZE(D, __VA_ARGS__) } \
+    else { const bool TF = false; DISPATCH_HEAD_SIZE(D, __VA_ARGS__) }
+
+// The kernels' shared memory: (TILE, D) tiles, score tiles, rows of TILE values, and on the tensor
+// cores one more (TILE, D) tile for the products.
+template <int D, bool TF32> static size_t forward_shared_bytes(void) {
+    typedef TileShape<D, TF32> S;
+    return ((3 + TF32) * (size_t)S::MATRIX + S::SCORES + 4 * TILE) * sizeof(float);
 }
-static size_t backward_shared_bytes(int D) {
-    return (4 * (size_t)TILE * (D + 1) + 2 * TILE * (TILE + 1) + 2 * TILE) * sizeof(float);
+template <int D, bool TF32> static size_t backward_shared_bytes(void) {
+    typedef TileShape<D, TF32> S;
+    return ((4 + TF32) * (size_t)S::MATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
 }
 
 void st_attention_forward(StAttention *a, float *out, float *lse, const float *q, const float *k,
@@ -864,8 +971,8 @@ void st_attention_forward(StAttention *a, float *out, float *lse, const float *q
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         const dim3 grid(pl.n_qtiles, pl.n_heads, B); // y and z are limited to 65535
-        DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_forward_kernel<HS>, grid, THREADS, forward_shared_bytes(HS),
-                                        out, lse, q, k, v, pl.st, pl.q_tiles, pl.heads, a->H, pl.slot));
+        DISPATCH_KERNEL(a->D, LAUNCH((attention_forward_kernel<HS, TF>), grid, THREADS, (forward_shared_bytes<HS, TF>()),
+                                     out, lse, q, k, v, pl.st, pl.q_tiles, pl.heads, a->H, pl.slot));
     }
 }
 
@@ -885,12 +992,12 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     cudaCheck(cudaMemset(dv, 0, bytes));
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
-        DISPATCH_HEAD_SIZE(a->D, {
-            LAUNCH(attention_backward_kv_kernel<HS>, dim3(pl.n_ktiles, pl.n_heads, B), THREADS,
-                   backward_shared_bytes(HS), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
+        DISPATCH_KERNEL(a->D, {
+            LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), THREADS,
+                   (backward_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
                    pl.heads, a->H);
-            LAUNCH(attention_backward_q_kernel<HS>, dim3(pl.n_qtiles, pl.n_heads, B), THREADS,
-                   backward_shared_bytes(HS), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
+            LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), THREADS,
+                   (backward_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
                    pl.heads, a->H);
         });
     }
@@ -1445,12 +1552,18 @@ static void ensure_activations(StModel *m, int B) {
     m->B_alloc = B;
 }
 
+// The model's cuBLAS handle, in the math mode of the precision: TF32 tensor cores or plain float32.
+static cublasHandle_t blas(StModel *m) {
+    cublasCheck(cublasSetMathMode(m->cublas, precision == ST_TF32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    return m->cublas;
+}
+
 // out (N, OC) = inp (N, IC) W^T + b, W (OC, IC) row-major. cuBLAS is column-major: there W is an (IC, OC)
 // matrix, so this is out^T = op_T(W) inp^T.
 static void matmul_forward(StModel *m, float *out, const float *inp, const float *w, const float *b, int N, int IC,
                            int OC) {
     const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSgemm(m->cublas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
+    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
     if (b) LAUNCH(add_bias_kernel, blocks_for((size_t)N * OC), BLOCK, 0, out, b, (size_t)N, OC);
 }
 
@@ -1458,8 +1571,8 @@ static void matmul_forward(StModel *m, float *out, const float *inp, const float
 static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                             const float *w, int N, int IC, int OC) {
     const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSgemm(m->cublas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC));
-    cublasCheck(cublasSgemm(m->cublas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
+    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC));
+    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
     if (db) LAUNCH(bias_backward_kernel, blocks_for(OC), BLOCK, 0, db, dout, N, OC);
 }
 

@@ -28,6 +28,16 @@ void st_to_device(void *dst, const void *src, size_t bytes);
 void st_to_host(void *dst, const void *src, size_t bytes);
 void st_synchronize(void);
 
+// The precision of every matrix product: the attention's tile products and the model's cuBLAS calls.
+//   ST_FP32: float32 on the CUDA cores, exact float32 arithmetic (the CPU build's default);
+//   ST_TF32: tensor cores, each operand rounded to TF32 (8-bit exponent, 10 mantissa bits, unit
+//            roundoff 2^-11), products summed in float32 (the GPU build's default; ~7x the FLOP/s).
+typedef enum { ST_FP32, ST_TF32 } StPrecision;
+void st_set_precision(StPrecision p);
+StPrecision st_get_precision(void);
+int st_precision_from_name(const char *name); // "fp32" "tf32"; -1 for an unknown name
+const char *st_precision_name(StPrecision p);
+
 // ----------------------------------------------------------------------------
 // Attention patterns (Child et al. 2019, section 4): positions are 0-based, always causal (j <= i).
 

@@ -7,12 +7,16 @@ Read it in this order:
      the pattern formulas), and a plain dense attention over it in double, forward and backward;
   2. the checks of the reference itself: finite differences of its gradients, the masks against the
      library's formulas, the number of allowed pairs against counting arguments;
-  3. the kernels against the reference, on every pattern and combination, odd sizes, several heads;
+  3. the kernels against the reference, on every pattern and combination, odd sizes, several heads,
+     in both precisions (float32, and TF32 on the tensor cores);
   4. the data files (header round trip, rejection of bad files), mu-law audio, the synthetic data;
-  5. the model: every parameter's gradient against finite differences, recompute, overfitting a
-     string, checkpoints (round trip, resume, damaged files).
+  5. the model: every parameter's gradient against finite differences, TF32 against float32,
+     recompute, a smaller batch after a larger one, overfitting a string, cached decoding,
+     checkpoints (round trip, resume, damaged files).
 
-Run: ./test_kernels [-v]. The last line is "N passed, M failed"; the exit code is 1 if any failed.
+Run: ./test_kernels [-v] [-precision fp32|tf32] [-only NAME]. -v prints every check; -precision runs
+the kernels in one precision only; -only runs the groups of checks whose name contains NAME (the list
+is GROUPS, at the end). The last line is "N passed, M failed"; the exit code is 1 if any failed.
 CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
 */
 #define _POSIX_C_SOURCE 200809L // mkdtemp
@@ -27,6 +31,7 @@ CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
 #include "sparse_transformer.h"
 
 static int passed = 0, failed = 0, verbose = 0;
+static int only_precision = -1; // -precision fp32|tf32: the kernels in that precision only (default both)
 
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void check(int ok, const char *fmt, ...) {
@@ -286,6 +291,17 @@ static void test_rejections(void) {
 // the tolerances leave a 10x margin and still catch any wrong pair, which moves the error to 1e-2.
 #define TOL_FORWARD 1e-5
 #define TOL_BACKWARD 3e-5
+// TF32 (the tensor cores): every operand of every tile product is rounded to 10 mantissa bits, a
+// relative error of at most u = 2^-11 = 4.9e-4 (half an ulp of TF32), and the products are summed in
+// float32. A dot product of two rounded vectors errs by up to 2u of the sum of |terms|; for the random
+// inputs here that sum is about as large as the dot product's spread, so scores and outputs err by
+// about 2u relative. The backward chains two such products (dP or P, then dQ/dK/dV): about 4u.
+// Measured on the CPU build: forward 1.8e-4 to 3.7e-4 (0.4u to 0.8u: rounding errors of independent
+// terms partly cancel), backward 2.0e-4 to 5.3e-4 (up to 1.1u). Tolerances 2u forward and 4u backward
+// leave a margin of 2.6x and 3.7x; a wrong pair or a missing scale still moves the error to 1e-2.
+#define TF32_U 4.8828125e-4
+#define TOL_FORWARD_TF32 (2 * TF32_U)
+#define TOL_BACKWARD_TF32 (4 * TF32_U)
 
 typedef struct { double sq_err, sq_ref; } RelErr;
 static void rel_add(RelErr *e, double got, double ref) {
@@ -383,13 +399,14 @@ static void run_case(const Case *c) {
     const double err_fwd = fmax(rel_value(e_out), rel_value(e_lse));
     const double err_bwd = fmax(rel_value(e_dq), fmax(rel_value(e_dk), rel_value(e_dv)));
     char name[160];
-    snprintf(name, sizeof name, "%s/%s l=%d c=%d G=%d layer %d n=%d H=%d D=%d B=%d",
-             st_pattern_kind_name(c->p.kind), st_combine_name(c->p.combine), c->p.stride, c->p.summary,
-             c->p.groups, c->layer, n, H, D, B);
-    check(unwritten == 0 && lse_inf_mismatch == 0 && err_fwd < TOL_FORWARD,
+    snprintf(name, sizeof name, "%s %s/%s l=%d c=%d G=%d layer %d n=%d H=%d D=%d B=%d",
+             st_precision_name(st_get_precision()), st_pattern_kind_name(c->p.kind), st_combine_name(c->p.combine),
+             c->p.stride, c->p.summary, c->p.groups, c->layer, n, H, D, B);
+    const int tf32 = st_get_precision() == ST_TF32;
+    check(unwritten == 0 && lse_inf_mismatch == 0 && err_fwd < (tf32 ? TOL_FORWARD_TF32 : TOL_FORWARD),
           "forward  %-52s rel err %.1e (out %.1e, lse %.1e), %d unwritten, %d empty-row mismatches", name,
           err_fwd, rel_value(e_out), rel_value(e_lse), unwritten, lse_inf_mismatch);
-    check(unwritten == 0 && err_bwd < TOL_BACKWARD, "backward %-52s rel err %.1e (dq %.1e dk %.1e dv %.1e)",
+    check(unwritten == 0 && err_bwd < (tf32 ? TOL_BACKWARD_TF32 : TOL_BACKWARD), "backward %-52s rel err %.1e (dq %.1e dk %.1e dv %.1e)",
           name, err_bwd, rel_value(e_dq), rel_value(e_dk), rel_value(e_dv));
     check(stats.pairs_allowed == (double)allowed && stats.pairs_computed <= work_bound(c, allowed),
           "work     %-52s allowed %ld (layout %.0f), computed %.0f = %.2fx, bound %.0f", name, allowed,
@@ -432,7 +449,12 @@ static void test_kernels(void) {
         {{ST_FIXED, ST_MULTIHEAD, 15, 4, 2}, 0, 111, 4, 32, 2},
         {{ST_FIXED, ST_MERGED, 7, 7, 1}, 0, 50, 1, 32, 1},
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+    for (int p = 0; p < 2; p++) {
+        if (only_precision >= 0 && p != only_precision) continue;
+        st_set_precision((StPrecision)p);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+    }
+    st_set_precision(ST_FP32);
 }
 
 // At a realistic size (n = 16384, l = 128 = sqrt(n), the paper's c = 32) the tile edges are small next
@@ -762,6 +784,55 @@ static void test_model_gradients(void) {
     check_model_gradients("strided/merged, recompute, dropout 0.1", tiny_config(strided, 1, 0.1f));
 }
 
+// The model in TF32 (every matrix product on the tensor cores, cuBLAS included) against the same model
+// in float32, whose gradients the central differences above check: loss and every tensor's gradient.
+// (Central differences cannot check TF32 gradients directly: rounding each operand to 10 bits moves
+// the loss by about 1e-4, which a step of 1e-2 turns into 1e-2 of noise on the difference quotient.)
+// Each product errs by up to about 2u relative (see TOL_FORWARD_TF32), and a forward and backward
+// through 2 blocks chains about 10 of them, whose independent errors add up as sqrt(10): about 6u at
+// worst per gradient tensor (norm of the difference over norm of the float32 gradient); the loss, a
+// mean over B T = 128 bytes with independent errors, by about 2u / sqrt(128) = u/6. Measured:
+// gradients 1.5u to 1.8u, loss 0.015u. Tolerances 8u and u/8; a dropped term or a wrong scale errs by
+// 10% or more.
+static void test_model_tf32(void) {
+    const StPattern patterns[] = {{ST_STRIDED, ST_MERGED, 8, 0, 0}, {ST_FIXED, ST_MULTIHEAD, 16, 4, 2}};
+    for (size_t k = 0; k < sizeof patterns / sizeof patterns[0]; k++) {
+        StModelConfig cfg = tiny_config(patterns[k], (int)k, 0.1f);
+        const int B = 2, T = cfg.ctx;
+        StModel *m = st_model_create(&cfg, 17);
+        const size_t n = st_model_num_params(m);
+        float *p = malloc(n * sizeof(float)), *g[2] = {malloc(n * sizeof(float)), malloc(n * sizeof(float))};
+        st_model_get(m, ST_PARAMS, p);
+        for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
+        st_model_set(m, ST_PARAMS, p);
+        unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
+        random_batch(inputs, targets, B, T);
+        double loss[2];
+        for (int prec = 0; prec < 2; prec++) {
+            st_set_precision((StPrecision)prec);
+            loss[prec] = st_model_forward(m, inputs, targets, B, 1, 5);
+            st_model_backward(m);
+            st_model_get(m, ST_GRADS, g[prec]);
+        }
+        st_set_precision(ST_FP32);
+        double worst = 0;
+        const char *worst_name = "";
+        for (int t = 0; t < st_model_num_tensors(m); t++) {
+            size_t offset, size;
+            const char *name = st_model_tensor(m, t, &offset, &size);
+            RelErr e = {0, 0};
+            for (size_t i = offset; i < offset + size; i++) rel_add(&e, g[1][i], g[0][i]);
+            if (rel_value(e) > worst) worst = rel_value(e), worst_name = name;
+        }
+        const double loss_err = fabs(loss[1] - loss[0]) / loss[0];
+        check(loss_err < TF32_U / 8 && worst < 8 * TF32_U, "model in tf32 against fp32, %s/%s: loss %.1e, "
+              "gradients %.1e relative (worst tensor %s)", st_pattern_kind_name(patterns[k].kind),
+              st_combine_name(patterns[k].combine), loss_err, worst, worst_name);
+        st_model_free(m);
+        free(p), free(g[0]), free(g[1]), free(inputs), free(targets);
+    }
+}
+
 // Recomputing each block in the backward must give the very gradients of storing its activations:
 // the same operations on the same numbers, with the same dropout masks (drawn from a hash, not stored).
 static void test_recompute_equal(void) {
@@ -978,26 +1049,41 @@ static void test_decode_matches_forward(void) {
     }
 }
 
+// The groups of checks, in order; -only NAME runs those whose name contains NAME.
+static const struct {
+    const char *name;
+    void (*run)(void);
+} GROUPS[] = {
+    {"reference", test_reference_gradients}, {"masks", test_masks}, {"rejections", test_rejections},
+    {"kernels", test_kernels}, {"work", test_work_at_scale}, {"data", test_data},
+    {"model_gradients", test_model_gradients}, {"model_tf32", test_model_tf32}, {"recompute", test_recompute_equal},
+    {"partial_batch", test_partial_batch}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
+    {"checkpoint", test_checkpoint},
+};
+
 int main(int argc, char **argv) {
+    const char *only = "";
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "-v") == 0) verbose = 1;
-        else { fprintf(stderr, "unknown flag %s: usage: ./test_kernels [-v]\n", argv[i]); return 1; }
+        else if (strcmp(argv[i], "-precision") == 0 && i + 1 < argc && st_precision_from_name(argv[i + 1]) >= 0)
+            only_precision = st_precision_from_name(argv[++i]);
+        else if (strcmp(argv[i], "-only") == 0 && i + 1 < argc) only = argv[++i];
+        else {
+            fprintf(stderr, "unknown flag %s: usage: ./test_kernels [-v] [-precision fp32|tf32] [-only NAME]\n", argv[i]);
+            return 1;
+        }
     }
     printf("device: %s\n", st_device_init());
-    test_reference_gradients();
-    test_masks();
-    test_rejections();
-    test_kernels();
-    test_work_at_scale();
     make_temp_dir();
-    test_data();
-    test_model_gradients();
-    test_recompute_equal();
-    test_partial_batch();
-    test_overfit();
-    test_decode_matches_forward();
-    test_checkpoint();
+    int groups = 0;
+    for (size_t g = 0; g < sizeof GROUPS / sizeof GROUPS[0]; g++)
+        if (strstr(GROUPS[g].name, only)) GROUPS[g].run(), groups++;
     remove_temp_dir();
+    if (!groups) {
+        fprintf(stderr, "-only %s matches no group of checks: reference masks rejections kernels work data "
+                "model_gradients model_tf32 recompute partial_batch overfit decode checkpoint\n", only);
+        return 1;
+    }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

@@ -33,9 +33,10 @@ typedef struct {
         show_pattern;
     float lr, weight_decay, clip;
     long long seed, eval_bytes;
+    StPrecision precision;
 } Options;
 
-typedef enum { INT, FLOAT, LONG, TEXT, PATTERN, COMBINE } FlagType;
+typedef enum { INT, FLOAT, LONG, TEXT, PATTERN, COMBINE, PRECISION } FlagType;
 typedef struct {
     const char *name;
     FlagType type;
@@ -64,6 +65,8 @@ static Flag flags[] = {
     {"-ff", INT, &opt.model.ff, 1, ST_MAX_FF, "MLP width as a multiple of dim (2: the paper's half-size variant)", 0},
     {"-dropout", FLOAT, &opt.model.dropout, 0, ST_MAX_DROPOUT, "dropout at the end of each residual branch", 0},
     {"-recompute", INT, &opt.model.recompute, 0, 1, "1: keep only each block's input, recompute in the backward", 0},
+    {"-precision", PRECISION, &opt.precision, 0, 0, "matrix products: fp32 (exact float32) | tf32 (tensor cores, "
+     "10-bit mantissas; the GPU's default)", 0},
     {"-batch", INT, &opt.batch, 1, ST_MAX_BATCH, "sequences per step", 0},
     {"-steps", INT, &opt.steps, 1, ST_MAX_STEPS, "optimizer steps in all", 0},
     {"-lr", FLOAT, &opt.lr, 0, 1, "peak learning rate (linear warmup, then cosine decay to 0)", 0},
@@ -103,6 +106,7 @@ static void set_defaults(int gpu) {
     opt.eval_batches = gpu ? 16 : 8;
     opt.save_every = gpu ? 1000 : 500;
     opt.sample_every = gpu ? 500 : 200;
+    opt.precision = st_get_precision(); // tf32 on a GPU, fp32 on the CPU
 }
 
 static void print_value(const Flag *f) {
@@ -113,6 +117,7 @@ static void print_value(const Flag *f) {
     case TEXT: printf("%s", *(const char **)f->value); break;
     case PATTERN: printf("%s", st_pattern_kind_name(*(StPatternKind *)f->value)); break;
     case COMBINE: printf("%s", st_combine_name(*(StCombine *)f->value)); break;
+    case PRECISION: printf("%s", st_precision_name(*(StPrecision *)f->value)); break;
     }
 }
 
@@ -131,8 +136,9 @@ static void parse_flag(Flag *f, const char *text) {
     errno = 0;
     if (f->type == TEXT) {
         *(const char **)f->value = text;
-    } else if (f->type == PATTERN || f->type == COMBINE) {
-        const int v = f->type == PATTERN ? st_pattern_kind_from_name(text) : st_combine_from_name(text);
+    } else if (f->type == PATTERN || f->type == COMBINE || f->type == PRECISION) {
+        const int v = f->type == PATTERN ? st_pattern_kind_from_name(text)
+                      : f->type == COMBINE ? st_combine_from_name(text) : st_precision_from_name(text);
         if (v < 0) st_fail("%s does not take '%s' (./train -h lists the choices)", f->name, text);
         *(int *)f->value = v;
     } else {
@@ -480,6 +486,7 @@ int main(int argc, char **argv) {
     const char *device = st_device_init();
     set_defaults(st_device_is_gpu());
     parse_args(argc, argv);
+    st_set_precision(opt.precision);
     if (opt.show_pattern) {
         const char *err = opt.model.dim % opt.model.heads ? "-heads must divide -dim"
                           : st_pattern_check(&opt.model.pattern, opt.model.ctx, opt.model.heads, opt.model.dim / opt.model.heads);
@@ -512,9 +519,9 @@ int main(int argc, char **argv) {
     printf("device: %s\n", device);
     printf("data: %s, %s, train %zu bytes, val %zu bytes\n", opt.data_dir, st_data_kind_name(train.info.kind),
            train.info.n_bytes, val.info.n_bytes);
-    printf("model: %s/%s stride %d, ctx %d, dim %d, heads %d, layers %d: %.2fM parameters\n",
+    printf("model: %s/%s stride %d, ctx %d, dim %d, heads %d, layers %d: %.2fM parameters; %s products\n",
            st_pattern_kind_name(c->pattern.kind), st_combine_name(c->pattern.combine), c->pattern.stride, c->ctx,
-           c->dim, c->heads, c->layers, st_model_num_params(m) / 1e6);
+           c->dim, c->heads, c->layers, st_model_num_params(m) / 1e6, st_precision_name(opt.precision));
     install_sigint();
     if (opt.eval_only) {
         const int done = eval_final(m, &val);

@@ -1,16 +1,20 @@
 /*
 bench.c: times forward + backward of the attention, dense against strided/merged with l = sqrt(n).
 
-Run with `make bench` (it builds for the CPU or the GPU like `make`). For each n it prints the pairs
-the pattern allows, the time of one forward + backward, allowed pairs per second, and the bytes the
-attention itself allocated (tile layout and backward workspace: linear in n, never n x n). The last
-line is the summary:
-  bench: n=<largest n> speedup=<dense ms / sparse ms> pairs_ratio=<dense pairs / sparse pairs>
-         sparse_exponent=<e> dense_exponent=<e>
+Run with `make bench` (it builds for the CPU or the GPU like `make`). For each precision and n it
+prints the pairs the pattern allows, the time of one forward + backward, the effective TFLOP/s
+counted on the allowed pairs only (FlashAttention's convention: 4 D flops per pair forward, 2.5 times
+that backward, so 14 D per pair in all), and the bytes the attention itself allocated (tile layout
+and backward workspace: linear in n, never n x n). Each precision ends with a summary line:
+  bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
+         pairs_ratio=<dense pairs / sparse pairs> sparse_exponent=<e> dense_exponent=<e>
 with the exponents of time ~ n^e fitted by least squares on log-log over all sizes.
 
-Flags: -max_ctx N (default 8192 on the CPU, 32768 on a GPU), -batch B, -heads H (default 1 x 1 on the
-CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed runs per size; default 1 on the CPU, 5 on a GPU).
+Flags: -max_ctx N (largest n; default 8192 on the CPU, 262144 on a GPU), -max_dense N (largest n for
+dense, whose time grows as n^2; default 65536), -batch B, -heads H (default 1 x 1 on the CPU, 4 x 4 on
+a GPU), -head_size D (64), -reps R (timed runs per size; default 1 on the CPU, 5 on a GPU),
+-precision fp32|tf32|both (default: both on a GPU; the CPU build's fp32 on the CPU, where TF32 is
+only emulated and its speed means nothing).
 */
 #define _POSIX_C_SOURCE 199309L // clock_gettime
 #include <math.h>
@@ -78,54 +82,74 @@ static double fitted_exponent(const Result *r, int count) {
     return (count * sxy - sx * sy) / (count * sxx - sx * sx);
 }
 
-static void print_row(const char *name, const Result *r) {
-    printf("%7d  %-16s %14.0f %11.2f %14.3e %12zu\n", r->n, name, r->pairs, r->ms, r->pairs / (r->ms * 1e-3),
-           r->bytes);
+static void print_row(const char *name, const Result *r, int D) {
+    printf("%7d  %-16s %-5s %14.0f %11.2f %9.3g %12zu\n", r->n, name, st_precision_name(st_get_precision()), r->pairs,
+           r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes);
 }
 
+#define FLAGS "(flags: -max_ctx -max_dense -batch -heads -head_size -reps -precision fp32|tf32|both)"
 static int flag_value(int argc, char **argv, int i) {
     char *end;
     long value = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
     if (i + 1 >= argc || *end != '\0' || value < 1 || value > (1 << 24)) {
-        fprintf(stderr, "%s expects a positive whole number (flags: -max_ctx -batch -heads -head_size -reps)\n",
-                argv[i]);
+        fprintf(stderr, "%s expects a positive whole number " FLAGS "\n", argv[i]);
         exit(1);
     }
     return (int)value;
 }
 
+// One precision: dense up to max_dense and strided/merged up to max_ctx, then the summary line.
+static void bench(int max_ctx, int max_dense, int B, int H, int D, int reps) {
+    Result dense[32], sparse[32];
+    int sizes = 0, both = 0;
+    for (int n = 1024; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
+        if (n <= max_dense) {
+            const StPattern dense_pattern = {ST_DENSE, ST_INTERLEAVED, 0, 0, 0};
+            dense[both++] = time_attention(&dense_pattern, n, B, H, D, reps);
+            print_row("dense", &dense[both - 1], D);
+        }
+        const StPattern strided = {ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0};
+        sparse[sizes] = time_attention(&strided, n, B, H, D, reps);
+        char name[32];
+        snprintf(name, sizeof name, "strided l=%d", strided.stride);
+        print_row(name, &sparse[sizes], D);
+        fflush(stdout);
+    }
+    if (both == 0) { fprintf(stderr, "-max_ctx and -max_dense must be at least 1024\n"); exit(1); }
+    const Result *d = &dense[both - 1], *s = &sparse[both - 1];
+    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%.2f dense_exponent=%.2f\n",
+           st_precision_name(st_get_precision()), d->n, d->ms / s->ms, d->pairs / s->pairs,
+           fitted_exponent(sparse, sizes), fitted_exponent(dense, both));
+}
+
 int main(int argc, char **argv) {
     const char *device = st_device_init();
     const int on_gpu = st_device_is_gpu();
-    int max_ctx = on_gpu ? 32768 : 8192, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64, reps = on_gpu ? 5 : 1;
+    int max_ctx = on_gpu ? 262144 : 8192, max_dense = 65536, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64;
+    int reps = on_gpu ? 5 : 1, first = st_get_precision(), last = on_gpu ? ST_TF32 : first;
+    if (on_gpu) first = ST_FP32;
     for (int i = 1; i < argc; i += 2) {
+        if (strcmp(argv[i], "-precision") == 0 && i + 1 < argc) {
+            const int p = st_precision_from_name(argv[i + 1]);
+            if (p < 0 && strcmp(argv[i + 1], "both") != 0) { fprintf(stderr, "-precision takes fp32, tf32 or both\n"); return 1; }
+            first = p < 0 ? ST_FP32 : p, last = p < 0 ? ST_TF32 : p;
+            continue;
+        }
         int value = flag_value(argc, argv, i);
         if (strcmp(argv[i], "-max_ctx") == 0) max_ctx = value;
+        else if (strcmp(argv[i], "-max_dense") == 0) max_dense = value;
         else if (strcmp(argv[i], "-batch") == 0) B = value;
         else if (strcmp(argv[i], "-heads") == 0) H = value;
         else if (strcmp(argv[i], "-head_size") == 0) D = value;
         else if (strcmp(argv[i], "-reps") == 0) reps = value;
-        else { fprintf(stderr, "unknown flag %s (flags: -max_ctx -batch -heads -head_size -reps)\n", argv[i]); return 1; }
+        else { fprintf(stderr, "unknown flag %s " FLAGS "\n", argv[i]); return 1; }
     }
-    printf("device: %s\nbatch %d, heads %d, head size %d, forward + backward, best of %d\n", device, B, H, D, reps);
-    printf("%7s  %-16s %14s %11s %14s %12s\n", "n", "pattern", "allowed pairs", "ms", "pairs/s", "bytes");
-
-    Result dense[32], sparse[32];
-    int sizes = 0;
-    for (int n = 1024; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
-        const StPattern dense_pattern = {ST_DENSE, ST_INTERLEAVED, 0, 0, 0};
-        const StPattern strided = {ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0};
-        dense[sizes] = time_attention(&dense_pattern, n, B, H, D, reps);
-        print_row("dense", &dense[sizes]);
-        sparse[sizes] = time_attention(&strided, n, B, H, D, reps);
-        char name[32];
-        snprintf(name, sizeof name, "strided l=%d", strided.stride);
-        print_row(name, &sparse[sizes]);
-        fflush(stdout);
+    printf("device: %s\nbatch %d, heads %d, head size %d, forward + backward, best of %d; TFLOP/s on the allowed "
+           "pairs (14 D flops each)\n", device, B, H, D, reps);
+    printf("%7s  %-16s %-5s %14s %11s %9s %12s\n", "n", "pattern", "prec", "allowed pairs", "ms", "TFLOP/s", "bytes");
+    for (int p = first; p <= last; p++) {
+        st_set_precision((StPrecision)p);
+        bench(max_ctx, max_dense, B, H, D, reps);
     }
-    if (sizes == 0) { fprintf(stderr, "-max_ctx must be at least 1024\n"); return 1; }
-    const Result *d = &dense[sizes - 1], *s = &sparse[sizes - 1];
-    printf("bench: n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%.2f dense_exponent=%.2f\n", d->n,
-           d->ms / s->ms, d->pairs / s->pairs, fitted_exponent(sparse, sizes), fitted_exponent(dense, sizes));
     return 0;
 }
