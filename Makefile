@@ -22,7 +22,7 @@ GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
             -gencode arch=compute_90,code=compute_90  # PTX too, for GPUs newer than sm_90
 GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
             -Xcompiler -Wall,-Wextra
-LIBS = -lm
+LIBS = -lm -lpng
 
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -94,7 +94,7 @@ train: $(BUILD)/train.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
 
 sample: $(BUILD)/sample.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS) -lpng
+	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
 
 test_kernels: $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)

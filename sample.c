@@ -15,7 +15,6 @@ its attention pattern lets it see, not a pass over the whole context. The speed 
 #define _POSIX_C_SOURCE 200809L // clock_gettime
 #include <errno.h>
 #include <math.h>
-#include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,17 +73,7 @@ static void write_png(FILE *f, const char *path, const unsigned char *images, in
         for (int y = 0; y < h; y++)
             memcpy(canvas + ((size_t)(k / cols * (h + gap) + y) * W + k % cols * (w + gap)) * c,
                    images + ((size_t)k * h + y) * w * c, (size_t)w * c);
-    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
-    png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!info || setjmp(png_jmpbuf(png))) st_fail("cannot write the PNG file %s", path);
-    png_init_io(png, f);
-    png_set_IHDR(png, info, W, Hh, 8, c == 1 ? PNG_COLOR_TYPE_GRAY : c == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_RGBA,
-                 PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
-    png_write_info(png, info);
-    for (int y = 0; y < Hh; y++) png_write_row(png, canvas + (size_t)y * W * c);
-    png_write_end(png, NULL);
-    png_destroy_write_struct(&png, &info);
-    if (fclose(f) != 0) st_fail("cannot write %s: %s", path, strerror(errno));
+    st_png_write(f, path, canvas, W, Hh, c);
     free(canvas);
 }
 

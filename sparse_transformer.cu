@@ -10,19 +10,21 @@ One file, read top to bottom:
                   what makes the kernels' work proportional to the allowed pairs.
   4. Tile layout  per step, for every tile of queries the range of key tiles it touches (and back).
   5. Kernels      forward (online softmax, stores the log-sum-exp) and backward (dQ, dK, dV with the
-                  probabilities recomputed), written as plain loops over 32 x 32 tiles.
+                  probabilities recomputed), written as plain loops over 32 x 32 tiles; the tile
+                  products in float32 loops or on the tensor cores (TF32), one helper, two bodies.
   6. API          the C functions of sparse_transformer.h that run the attention.
   7. Model kernels embeddings, layer norm, GELU, dropout, cross-entropy, AdamW.
   8. Model        the byte-level Sparse Transformer: parameters, forward, backward, update.
   9. Decoding     one byte at a time with cached keys and values; sampling.
- 10. Data         the data file format, mu-law audio, the synthetic data set.
+ 10. Data         the data file format, PNG pictures, mu-law audio, the synthetic data set.
  11. Checkpoints  save and load the model with its training state.
 
 The same file builds for an NVIDIA GPU with nvcc and for the CPU with g++, through cuda_on_cpu.h,
 which runs these very kernels with the threads of a block as fibers. There is no separate CPU code.
 
 Shapes: q, k, v, out are (B, H, T, D): batch, heads, positions, head size. lse is (B, H, T).
-All arithmetic is float32.
+Data are float32; the matrix products run in float32 or, on the tensor cores, with TF32 operands
+(st_set_precision).
 */
 
 #ifdef __CUDACC__
@@ -38,6 +40,7 @@ All arithmetic is float32.
 #endif
 #include <errno.h>
 #include <float.h>
+#include <png.h> // st_png_write
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -1881,7 +1884,7 @@ void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, f
 }
 
 // ----------------------------------------------------------------------------
-// 10. Data files, mu-law audio, the synthetic data set (host code)
+// 10. Data files, PNG pictures, mu-law audio, the synthetic data set (host code)
 
 // Nothing is lost: a file is written to path + ".tmp", flushed to the disk, and renamed over path only
 // once it is whole, so a crash, a full disk or a file size limit leaves the previous file as it was.
@@ -2018,6 +2021,21 @@ unsigned char *st_data_load(const char *path, StDataInfo *info, const char **err
 }
 
 const char *st_data_kind_name(StDataKind kind) { return KIND_NAMES[kind]; }
+
+void st_png_write(FILE *f, const char *path, const unsigned char *pixels, int width, int height, int channels) {
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!info || setjmp(png_jmpbuf(png))) st_fail("cannot write the PNG file %s", path);
+    png_init_io(png, f);
+    const int color = channels == 1 ? PNG_COLOR_TYPE_GRAY : channels == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_RGBA;
+    png_set_IHDR(png, info, width, height, 8, color, PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT,
+                 PNG_FILTER_TYPE_DEFAULT);
+    png_write_info(png, info);
+    for (int y = 0; y < height; y++) png_write_row(png, (png_bytep)pixels + (size_t)y * width * channels);
+    png_write_end(png, NULL);
+    png_destroy_write_struct(&png, &info);
+    if (fclose(f) != 0) st_fail("cannot write %s: %s", path, strerror(errno));
+}
 
 // mu-law companding (mu = 255): y = sign(x) ln(1 + mu |x|) / ln(1 + mu), then y in [-1, 1] is
 // quantised to 256 levels. Quiet sounds get finer steps than loud ones, as the ear hears them.

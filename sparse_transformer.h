@@ -7,6 +7,7 @@
 #define SPARSE_TRANSFORMER_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -131,6 +132,11 @@ const char *st_data_write(const char *path, const StDataInfo *info, const unsign
 const char *st_data_read_info(const char *path, StDataInfo *info);
 // Reads the whole file: info and a malloc'd buffer of info->n_bytes, or NULL with *error set.
 unsigned char *st_data_load(const char *path, StDataInfo *info, const char **error);
+
+// Writes an 8-bit PNG image (channels: 1 grey, 3 RGB, 4 RGBA) of width x height pixels, row after row,
+// to the open file f (named path in messages) with libpng, and closes f. Exits 1 with a message if it
+// cannot.
+void st_png_write(FILE *f, const char *path, const unsigned char *pixels, int width, int height, int channels);
 
 // 8-bit mu-law (mu = 255) for audio: samples in [-1, 1] <-> bytes, monotonic (byte 0 is -1, 255 is +1).
 unsigned char st_mulaw_encode(float sample);

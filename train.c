@@ -27,7 +27,7 @@ resumed run prints the same losses, to the last digit, as a run that was never i
 // Flags
 
 typedef struct {
-    const char *data_dir, *out_dir;
+    const char *data_dir, *out_dir, *log_path;
     StModelConfig model;
     int batch, steps, warmup, eval_every, eval_batches, eval_batch, save_every, sample_every, resume, eval_only,
         show_pattern;
@@ -51,6 +51,8 @@ static volatile sig_atomic_t interrupted = 0; // set by Ctrl-C: save and stop
 static Flag flags[] = {
     {"-i", TEXT, &opt.data_dir, 0, 0, "data folder holding train.bin and val.bin (data/prepare.sh NAME)", 0},
     {"-o", TEXT, &opt.out_dir, 0, 0, "output folder; the checkpoint is DIR/model.bin", 0},
+    {"-log", TEXT, &opt.log_path, 0, 0, "also write a tab-separated line per step and per validation to FILE "
+     "(README: the columns; a resumed run appends)", 0},
     {"-pattern", PATTERN, &opt.model.pattern.kind, 0, 0, "attention pattern: dense | strided | fixed", 0},
     {"-combine", COMBINE, &opt.model.pattern.combine, 0, 0,
      "how a layer uses the pattern's two steps: interleaved | merged | multihead", 0},
@@ -85,7 +87,8 @@ static Flag flags[] = {
     {"-resume", INT, &opt.resume, 0, 1, "1: continue from DIR/model.bin", 0},
     {"-eval_only", INT, &opt.eval_only, 0, 1, "score DIR/model.bin on the validation split (the final evaluation) "
      "and exit", 0},
-    {"-show_pattern", INT, &opt.show_pattern, 0, 1, "print every layer's and head's attention mask and exit", 0},
+    {"-show_pattern", INT, &opt.show_pattern, 0, 1, "print every layer's and head's attention mask and exit "
+     "(with -o FILE.png: draw them, like the paper's Figure 3)", 0},
 };
 #define N_FLAGS (int)(sizeof flags / sizeof flags[0])
 
@@ -93,6 +96,7 @@ static Flag flags[] = {
 static void set_defaults(int gpu) {
     opt.data_dir = "data/default";
     opt.out_dir = "out";
+    opt.log_path = "";
     opt.model = (StModelConfig){gpu ? 1024 : 256, gpu ? 512 : 128, gpu ? 8 : 4, gpu ? 8 : 4, 4,
                                 {ST_STRIDED, ST_MERGED, gpu ? 32 : 16, gpu ? 8 : 4, 1}, 0.0f, 0, ST_TEXT, 0, 0, 0, 0};
     opt.batch = gpu ? 16 : 8;
@@ -183,7 +187,40 @@ static int given(const void *value) {
 }
 
 // ----------------------------------------------------------------------------
-// The pattern viewer: for every layer and head, ctx lines of ctx characters
+// The pattern viewer: for every layer and head, ctx lines of ctx characters, or a picture
+
+// The picture (-show_pattern -o FILE.png), like the paper's Figure 3: a grid with a row per layer and a
+// column per head, each cell the (query i, key j) mask, key j to the right. A cell is at most 256
+// pixels wide; beyond that each pixel covers a square of pairs and its darkness is the square root of
+// the share of them allowed (so that a stride's lone keys still show). A grey frame separates cells.
+static void draw_pattern(const char *path) {
+    const StModelConfig *c = &opt.model;
+    const int n = c->ctx, cell = n < 256 ? n : 256, gap = 4;
+    const int width = c->heads * (cell + gap) + gap, height = c->layers * (cell + gap) + gap;
+    if ((double)n * n * c->layers * c->heads > 4e9)
+        st_fail("-show_pattern -o FILE.png looks at every (query, key) pair: ctx^2 x layers x heads must stay "
+                "below 4e9 (use a smaller -ctx, or fewer -layers or -heads)");
+    FILE *f = fopen(path, "wb");
+    if (!f) st_fail("cannot write %s: %s", path, strerror(errno));
+    unsigned char *pixels = st_host_alloc((size_t)width * height);
+    memset(pixels, 160, (size_t)width * height); // the frame
+    for (int layer = 0; layer < c->layers; layer++)
+        for (int head = 0; head < c->heads; head++)
+            for (int y = 0; y < cell; y++)
+                for (int x = 0; x < cell; x++) {
+                    const int i0 = (int)((long)y * n / cell), i1 = (int)((long)(y + 1) * n / cell);
+                    const int j0 = (int)((long)x * n / cell), j1 = (int)((long)(x + 1) * n / cell);
+                    long allowed = 0;
+                    for (int i = i0; i < i1; i++)
+                        for (int j = j0; j < j1; j++) allowed += st_pattern_allows(&c->pattern, layer, head, i, j);
+                    const double share = (double)allowed / ((long)(i1 - i0) * (j1 - j0));
+                    const size_t at = (size_t)(gap + layer * (cell + gap) + y) * width + gap + head * (cell + gap) + x;
+                    pixels[at] = (unsigned char)lround(255 * (1 - sqrt(share))); // allowed is dark
+                }
+    st_png_write(f, path, pixels, width, height, 1);
+    free(pixels);
+    printf("wrote %s: %d layers x %d heads, %d x %d pixels per head (ctx %d)\n", path, c->layers, c->heads, cell, cell, n);
+}
 
 static void show_pattern(void) {
     const StModelConfig *c = &opt.model;
@@ -344,9 +381,9 @@ static int final_eval_batch(StModel *m, long windows) {
     return B < windows ? B : (int)windows;
 }
 
-// Bits per byte of the split's first n bytes (all of them without -eval_bytes), with a line that says
-// what was scored. Returns 0 when Ctrl-C stopped it.
-static int eval_final(StModel *m, const Split *s) {
+// The mean loss over the split's first n bytes (all of them without -eval_bytes), with a line that
+// says what was scored. NaN when Ctrl-C stopped it.
+static double eval_final(StModel *m, const Split *s) {
     const size_t T = opt.model.ctx, unit = window_unit(s), all = s->info.n_bytes;
     size_t n = all;
     if (opt.eval_bytes && (size_t)opt.eval_bytes < all - 1) {
@@ -361,11 +398,50 @@ static int eval_final(StModel *m, const Split *s) {
     size_t scored;
     const double loss = score(m, s, w, count, batch, &scored);
     free(w);
-    if (interrupted) return 0;
+    if (interrupted) return NAN;
     if (n == all) printf("val %.4f bpb on the whole validation split: %zu bytes scored, every byte but the first", loss / M_LN2, scored);
     else printf("val %.4f bpb on the first %zu bytes of the validation split: %zu bytes scored (-eval_bytes)", loss / M_LN2, n, scored);
     printf(" (%ld windows, batch %d, %.1f s)\n", count, batch, (now_ms() - start) / 1e3);
-    return 1;
+    return loss;
+}
+
+// ----------------------------------------------------------------------------
+// The training log (-log FILE): tab-separated columns, for plotting
+//   kind  step  loss (nats per byte)  bpb  lr  ms  tok/s
+// kind is "train" (one line per step), "val" (each validation) or "final" (the whole split at the end);
+// validation lines have "-" for lr, ms and tok/s. Lines starting with # are comments.
+
+static FILE *log_file;
+
+// A new run starts the file anew. A resumed run keeps the lines up to its checkpoint's step and
+// appends: the steps after it are trained again, and would otherwise appear twice.
+static void log_open(int resumed, long long step) {
+    if (!opt.log_path[0]) return;
+    FILE *old = resumed ? fopen(opt.log_path, "r") : NULL;
+    char tmp[4096], line[512];
+    snprintf(tmp, sizeof tmp, "%s.tmp", opt.log_path);
+    FILE *f = fopen(old ? tmp : opt.log_path, "w");
+    if (!f) st_fail("cannot write the log %s: %s", old ? tmp : opt.log_path, strerror(errno));
+    if (!old) fprintf(f, "# kind\tstep\tloss\tbpb\tlr\tms\ttok/s\n");
+    while (old && fgets(line, sizeof line, old)) {
+        long long at = 0;
+        if (line[0] == '#' || (sscanf(strchr(line, '\t') ? strchr(line, '\t') + 1 : "", "%lld", &at) == 1 && at <= step))
+            fputs(line, f);
+    }
+    if (old) {
+        fclose(old);
+        if (fclose(f) != 0 || rename(tmp, opt.log_path) != 0 || !(f = fopen(opt.log_path, "a")))
+            st_fail("cannot rewrite the log %s: %s", opt.log_path, strerror(errno));
+    }
+    log_file = f;
+}
+
+static void log_line(const char *kind, int step, double loss, float lr, double ms, double tok_per_s) {
+    if (!log_file) return;
+    fprintf(log_file, "%s\t%d\t%.6f\t%.6f\t", kind, step, loss, loss / M_LN2);
+    if (ms > 0) fprintf(log_file, "%.3e\t%.1f\t%.1f\n", lr, ms, tok_per_s);
+    else fprintf(log_file, "-\t-\t-\n");
+    fflush(log_file);
 }
 
 // ----------------------------------------------------------------------------
@@ -491,7 +567,12 @@ int main(int argc, char **argv) {
         const char *err = opt.model.dim % opt.model.heads ? "-heads must divide -dim"
                           : st_pattern_check(&opt.model.pattern, opt.model.ctx, opt.model.heads, opt.model.dim / opt.model.heads);
         if (err) st_fail("%s", err);
-        if (opt.model.ctx > 2048) st_fail("-show_pattern draws ctx x ctx characters per head: use -ctx 2048 or less");
+        const size_t len = strlen(opt.out_dir);
+        if (len > 4 && strcmp(opt.out_dir + len - 4, ".png") == 0) {
+            draw_pattern(opt.out_dir);
+            return 0;
+        }
+        if (opt.model.ctx > 2048) st_fail("-show_pattern draws ctx x ctx characters per head: use -ctx 2048 or less, or a picture: -o FILE.png");
         show_pattern();
         return 0;
     }
@@ -524,9 +605,9 @@ int main(int argc, char **argv) {
            c->dim, c->heads, c->layers, st_model_num_params(m) / 1e6, st_precision_name(opt.precision));
     install_sigint();
     if (opt.eval_only) {
-        const int done = eval_final(m, &val);
+        const double loss = eval_final(m, &val);
         st_model_free(m);
-        return done ? 0 : 130;
+        return isnan(loss) ? 130 : 0;
     }
     struct stat out_dir;
     if ((mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) || stat(opt.out_dir, &out_dir) != 0 || !S_ISDIR(out_dir.st_mode))
@@ -534,6 +615,7 @@ int main(int argc, char **argv) {
     state.seed = (unsigned long long)opt.seed, state.steps = opt.steps, state.warmup = opt.warmup;
     state.batch = opt.batch, state.lr = opt.lr, state.weight_decay = opt.weight_decay, state.clip = opt.clip;
 
+    log_open(opt.resume, state.step);
     const int T = c->ctx, B = opt.batch;
     unsigned char *inputs = st_host_alloc((size_t)B * T), *targets = st_host_alloc((size_t)B * T);
     printf("activations: %.1f MiB for batch %d%s; %.1f MiB with -recompute %d\n",
@@ -557,9 +639,13 @@ int main(int argc, char **argv) {
         printf("step %d/%d | loss %.4f | %.2f bpb | lr %.1e | %.0f ms | %.0f tok/s\n", step + 1, opt.steps, loss,
                loss / M_LN2, lr, ms, B * T / (ms / 1e3));
         fflush(stdout);
+        log_line("train", step + 1, loss, lr, ms, B * T / (ms / 1e3));
         const int last = step + 1 == opt.steps;
-        if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last)
-            printf("val %.4f bpb (step %d)\n", eval_spread(m, &val) / M_LN2, step + 1);
+        if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
+            const double val_loss = eval_spread(m, &val);
+            printf("val %.4f bpb (step %d)\n", val_loss / M_LN2, step + 1);
+            log_line("val", step + 1, val_loss, 0, 0, 0);
+        }
         if (opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT) print_sample(m, &val, step + 1);
         if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || interrupted) save(m, &state);
         if (interrupted) {
@@ -568,10 +654,12 @@ int main(int argc, char **argv) {
         }
     }
     free(inputs), free(targets);
-    if (!eval_final(m, &val)) {
+    const double final_loss = eval_final(m, &val);
+    if (isnan(final_loss)) {
         printf("interrupted during the final evaluation; the checkpoint is saved\n");
         return 130;
     }
+    log_line("final", opt.steps, final_loss, 0, 0, 0);
     st_model_free(m);
     free(train.bytes), free(val.bytes);
     return 0;

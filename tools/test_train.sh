@@ -6,6 +6,7 @@
 #   4. the final evaluation: every byte of the split but the first scored once, whatever the batch;
 #      images: every image; -eval_bytes caps it
 #   5. a save that fails midway (a file size limit) keeps the earlier checkpoint and exits 1
+#   6. the training log (-log): a run killed after a checkpoint, then resumed, logs what a straight run does
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
@@ -20,7 +21,7 @@ flags=(-i "$work" -ctx 64 -stride 8 -dim 64 -heads 2 -layers 2 -batch 4 -steps 1
        -sample_every 8 -save_every 5)
 
 # 1.
-./train "${flags[@]}" -o "$work/a" > "$work/a.log" 2>&1 && a=0 || a=$?
+./train "${flags[@]}" -o "$work/a" -log "$work/a.tsv" > "$work/a.log" 2>&1 && a=0 || a=$?
 steps=$(grep -c '^step [0-9]*/16 | loss [0-9.]* | [0-9.]* bpb | lr [0-9.e+-]* | [0-9]* ms | [0-9]* tok/s$' "$work/a.log" || true)
 if [ $a = 0 ] && [ "$steps" = 16 ] && grep -q '^val .* bpb (step 8)' "$work/a.log" && grep -q '^sample: ' "$work/a.log" &&
    grep -q 'on the whole validation split: 19999 bytes scored' "$work/a.log" && [ -s "$work/a/model.bin" ]; then
@@ -117,6 +118,22 @@ if [ $rc = 1 ] && [ "$(wc -l < "$work/err.log")" = 1 ] && grep -q 'cannot write 
     ok "a save cut short by a file size limit: exit 1, the earlier checkpoint unchanged: $(cat "$work/err.log")"
 else
     bad "failed save (exit $rc): $(cat "$work/err.log")"
+fi
+
+# 6. Killed (no save) after the checkpoint of step 10, at step 12 or later; the log then runs ahead of
+# the checkpoint, and the resumed run must neither repeat nor lose a line.
+./train "${flags[@]}" -o "$work/k" -log "$work/k.tsv" > "$work/k1.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 3000); do grep -q '^step 12/' "$work/k1.log" 2>/dev/null && break; sleep 0.01; done
+kill -KILL $pid; wait $pid 2>/dev/null || true
+ahead=$(grep -c '^train' "$work/k.tsv" || true) # lines logged before the kill: more than the checkpoint's 10
+./train "${flags[@]}" -o "$work/k" -log "$work/k.tsv" -resume 1 > "$work/k2.log" 2>&1 || true
+columns() { grep -v '^#' "$1" | cut -f1-5; }
+if [ "$ahead" -gt 10 ] && [ "$(columns "$work/a.tsv")" = "$(columns "$work/k.tsv")" ] && [ "$(grep -c '^train' "$work/a.tsv")" = 16 ] &&
+   [ "$(grep -c '^val' "$work/a.tsv")" = 1 ] && [ "$(grep -c '^final' "$work/a.tsv")" = 1 ]; then
+    ok "-log: 16 train lines, a validation, the final line; killed with $ahead steps logged, resumed from step 10: the same lines"
+else
+    bad "-log after a kill and resume"; diff <(columns "$work/a.tsv") <(columns "$work/k.tsv") | head -5
 fi
 
 echo "$passed passed, $failed failed"
