@@ -23,6 +23,7 @@ GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
 GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
             -Xcompiler -Wall,-Wextra
 LIBS = -lm -lpng
+CPU_LIBS = $(LIBS) -lopenblas # the CPU build's cublasSgemm is OpenBLAS's (cuda_on_cpu.h)
 
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -86,29 +87,31 @@ build/cpu/sparse_transformer.o build/asan/sparse_transformer.o: sparse_transform
 
 ifeq ($(TARGET),gpu)
 LINK = $(NVCC) $(GPU_ARCHS) -lcublas
+LINK_LIBS = $(LIBS)
 else
+LINK_LIBS = $(CPU_LIBS)
 LINK = $(CXX) -fopenmp $(SANITIZE)
 endif
 
 train: $(BUILD)/train.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
 
 sample: $(BUILD)/sample.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
 
 test_kernels: $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+	$(LINK) $(BUILD)/test_kernels.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
 
 $(BUILD)/bench: $(BUILD)/bench.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/bench.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+	$(LINK) $(BUILD)/bench.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
 
 # The data tool and the emulator's own test are built for the CPU whatever the target.
 build/datatool: build/cpu/datatool.o build/cpu/sparse_transformer.o
-	$(CXX) -fopenmp $^ -o $@ $(LIBS)
+	$(CXX) -fopenmp $^ -o $@ $(CPU_LIBS)
 
 build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
-	$(CXX) -O2 -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@
+	$(CXX) -O2 -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ -lopenblas
 
 test: announce $(BINARIES) build/test_emulator build/replay_checkpoint build/replay_data
 	build/test_emulator
@@ -130,10 +133,10 @@ $(BUILD)/fuzz_%.o: tools/fuzz/fuzz_loader.c sparse_transformer.h
 $(BUILD)/replay.o: tools/fuzz/replay.c
 	$(COMPILE_C)
 build/replay_%: $(BUILD)/fuzz_%.o $(BUILD)/replay.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/fuzz_$*.o $(BUILD)/replay.o $(BUILD)/sparse_transformer.o -o $@ $(LIBS)
+	$(LINK) $(BUILD)/fuzz_$*.o $(BUILD)/replay.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
 build/fuzz_seeds: tools/fuzz/seeds.c build/cpu/sparse_transformer.o sparse_transformer.h
 	$(CC) $(CFLAGS) -c $< -o build/cpu/seeds.o
-	$(CXX) -fopenmp build/cpu/seeds.o build/cpu/sparse_transformer.o -o $@ $(LIBS)
+	$(CXX) -fopenmp build/cpu/seeds.o build/cpu/sparse_transformer.o -o $@ $(CPU_LIBS)
 build/fuzz/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
 	@mkdir -p $(@D)
 	clang++ -std=c++17 -fopenmp -x c++ -Wall -Wextra -Werror -Wno-unknown-pragmas -Wno-pass-failed $(FUZZ_SANITIZE) \
@@ -141,7 +144,7 @@ build/fuzz/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda
 build/fuzz/fuzz_%: tools/fuzz/fuzz_loader.c build/fuzz/sparse_transformer.o sparse_transformer.h
 	clang -std=c11 -Wall -Wextra -Werror $(FUZZ_SANITIZE) -fsanitize=fuzzer -DFUZZ_$(shell echo $* | tr a-z A-Z) \
 	  -c $< -o $@.o
-	clang++ -fopenmp $(FUZZ_SANITIZE) -fsanitize=fuzzer $@.o build/fuzz/sparse_transformer.o -o $@ $(LIBS)
+	clang++ -fopenmp $(FUZZ_SANITIZE) -fsanitize=fuzzer $@.o build/fuzz/sparse_transformer.o -o $@ $(CPU_LIBS)
 fuzz: build/fuzz/fuzz_checkpoint build/fuzz/fuzz_data build/fuzz_seeds
 	mkdir -p build/fuzz/corpus/checkpoint build/fuzz/corpus/data
 	build/fuzz_seeds build/fuzz/corpus
@@ -156,7 +159,7 @@ asan:
 	  SANITIZE="-g -O1 -fsanitize=address,undefined -fno-omit-frame-pointer" build/asan/test_kernels
 
 build/asan/test_kernels: build/asan/test_kernels.o build/asan/sparse_transformer.o
-	$(LINK) $^ -o $@ $(LIBS)
+	$(LINK) $^ -o $@ $(LINK_LIBS)
 
 clean:
 	rm -rf build $(BINARIES)

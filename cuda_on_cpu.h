@@ -20,7 +20,7 @@
 //   - CUDA_EMU_REVERSE=1 in the environment runs threads (and blocks) in reverse order: a kernel that
 //     forgot a barrier between writing and reading shared memory gives different results then.
 //   - cudaMalloc is an aligned malloc; copies are memcpy. Memory is host memory.
-//   - cublasSgemm, the one cuBLAS call the model makes, is a blocked matrix product on the host.
+//   - cublasSgemm, the one cuBLAS call the model makes, is OpenBLAS's cblas_sgemm.
 #pragma once
 #ifdef __CUDACC__
 #error "cuda_on_cpu.h is for the CPU build only: nvcc uses the real CUDA runtime"
@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include <cblas.h> // OpenBLAS: cublasSgemm
 #include <omp.h>
 #include <setjmp.h>
 #include <ucontext.h>
@@ -113,11 +114,10 @@ template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribu
 // ----------------------------------------------------------------------------
 // cuBLAS: the one call the model uses, cublasSgemm, column-major as cuBLAS defines it:
 //   C (m x n) = alpha op(A) op(B) + beta C,  op(A) m x k, op(B) k x n, X(i, j) = X[i + j * ldX]
-// How: op(A) and op(B) are first copied into contiguous panels (zero-padded to whole tiles), then
-// C is computed in tiles of 16 x 4 held in registers while p runs over k: each step loads 16 values
-// of A and 4 of B for 64 multiply-adds. Each element of C is summed by one OpenMP thread in a fixed
-// order, so results do not depend on the number of threads: a CPU run is repeatable bit for bit.
-
+// It is OpenBLAS's cblas_sgemm (Debian's libopenblas-dev), a well-kept CPU matrix product. OpenBLAS
+// splits C between its threads, each element summed by one thread in a fixed order, so at a given
+// number of threads a run repeats bit for bit (a resumed run repeats the losses of an uninterrupted
+// one; tools/test_train.sh checks it).
 // With CUBLAS_TF32_TENSOR_OP_MATH (cublasSetMathMode) the operands are rounded to TF32 first, as the
 // tensor cores take them (tf32_round below: to nearest, 10 mantissa bits); the sums stay float32.
 
@@ -150,40 +150,27 @@ inline float tf32_round(float f) {
     return f;
 }
 
+// A TF32 copy of the (rows, cols) column-major matrix X, packed (leading dimension rows).
+inline std::vector<float> tf32_copy(const float *X, int rows, int cols, int ld) {
+    std::vector<float> copy((size_t)rows * cols);
+    for (int j = 0; j < cols; j++)
+        for (int i = 0; i < rows; i++) copy[i + (size_t)j * rows] = tf32_round(X[i + (size_t)j * ld]);
+    return copy;
+}
+
 inline cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t opA, cublasOperation_t opB, int m, int n,
                                   int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
                                   const float *beta, float *C, int ldc) {
     if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
-    const int TM = 16, TN = 4, M = (m + TM - 1) / TM * TM, N = (n + TN - 1) / TN * TN;
-    // panels: a (k, M): column p of op(A), padded to M rows; b (N, k): column j of op(B), contiguous
-    std::vector<float> a((size_t)k * M, 0.0f), b((size_t)N * k, 0.0f);
-    const bool tf32 = handle->math == CUBLAS_TF32_TENSOR_OP_MATH;
-    auto operand = [tf32](float x) { return tf32 ? tf32_round(x) : x; };
-#pragma omp parallel for schedule(static)
-    for (int p = 0; p < k; p++)
-        for (int i = 0; i < m; i++) a[(size_t)p * M + i] = operand(opA == CUBLAS_OP_N ? A[i + (size_t)p * lda] : A[p + (size_t)i * lda]);
-#pragma omp parallel for schedule(static)
-    for (int j = 0; j < n; j++)
-        for (int p = 0; p < k; p++) b[(size_t)j * k + p] = operand(opB == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb]);
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int j0 = 0; j0 < N; j0 += TN) {
-        for (int i0 = 0; i0 < M; i0 += TM) {
-            float acc[TN][TM] = {};
-            for (int p = 0; p < k; p++) {
-                const float *ap = &a[(size_t)p * M + i0];
-                for (int jj = 0; jj < TN; jj++) {
-                    const float bp = b[(size_t)(j0 + jj) * k + p];
-#pragma omp simd
-                    for (int ii = 0; ii < TM; ii++) acc[jj][ii] += ap[ii] * bp;
-                }
-            }
-            for (int jj = 0; jj < TN && j0 + jj < n; jj++) {
-                float *c = C + (size_t)(j0 + jj) * ldc;
-                for (int ii = 0; ii < TM && i0 + ii < m; ii++)
-                    c[i0 + ii] = *alpha * acc[jj][ii] + (*beta == 0.0f ? 0.0f : *beta * c[i0 + ii]);
-            }
-        }
+    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+    std::vector<float> a, b;
+    if (handle->math == CUBLAS_TF32_TENSOR_OP_MATH && k > 0) { // A is stored (m, k) or (k, m); B (k, n) or (n, k)
+        const int a_rows = opA == CUBLAS_OP_N ? m : k, b_rows = opB == CUBLAS_OP_N ? k : n;
+        a = tf32_copy(A, a_rows, opA == CUBLAS_OP_N ? k : m, lda), A = a.data(), lda = a_rows;
+        b = tf32_copy(B, b_rows, opB == CUBLAS_OP_N ? n : k, ldb), B = b.data(), ldb = b_rows;
     }
+    cblas_sgemm(CblasColMajor, opA == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
+                opB == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, *alpha, A, lda, B, ldb, *beta, C, ldc);
     return CUBLAS_STATUS_SUCCESS;
 }
 
