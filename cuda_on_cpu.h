@@ -251,30 +251,16 @@ inline bool reverse_order(void) {
     exit(1);
 }
 
-inline void syncthreads(const char *file, int line) {
+// A thread waits at a barrier (op.run == NULL) or at a warp-collective operation: its fiber hands control
+// back to the scheduler (run_block), which resumes it once every thread concerned is there.
+inline void wait_at(const char *file, int line, const char *what, WarpOp op) {
     BlockState &bs = block_state;
     if (!bs.current) {
         char msg[512];
         snprintf(msg, sizeof msg,
-                 "thread (%u,%u,%u) reached __syncthreads() at %s:%d, but thread %u, run first, finished "
-                 "without reaching any barrier: a barrier must be reached by every live thread of the block",
-                 threadIdx.x, threadIdx.y, threadIdx.z, file, line, bs.fibers[0]->thread.x);
-        fail(msg);
-    }
-    bs.current->barrier_file = file;
-    bs.current->barrier_line = line;
-    bs.current->warp_op = WarpOp{NULL, NULL};
-    switch_context(&bs.current->context, &bs.scheduler);
-}
-
-// A lane's part of a warp-collective operation: it waits until all lanes of its warp are there.
-inline void warp_collective(const char *file, int line, const char *what, WarpOp op) {
-    BlockState &bs = block_state;
-    if (!bs.current) {
-        char msg[512];
-        snprintf(msg, sizeof msg,
-                 "thread (%u,%u,%u) reached %s at %s:%d, but thread %u, run first, finished without reaching "
-                 "it: a warp-collective operation must be reached by every lane of the warp",
+                 "thread (%u,%u,%u) reached %s at %s:%d, but thread %u, run first, finished without reaching it: "
+                 "a barrier must be reached by every live thread of the block (and a warp-collective "
+                 "operation by every lane of the warp)",
                  threadIdx.x, threadIdx.y, threadIdx.z, what, file, line, bs.fibers[0]->thread.x);
         fail(msg);
     }
@@ -283,6 +269,8 @@ inline void warp_collective(const char *file, int line, const char *what, WarpOp
     bs.current->warp_op = op;
     switch_context(&bs.current->context, &bs.scheduler);
 }
+inline void syncthreads(const char *file, int line) { wait_at(file, line, "__syncthreads()", WarpOp{NULL, NULL}); }
+inline void warp_collective(const char *file, int line, const char *what, WarpOp op) { wait_at(file, line, what, op); }
 
 // The life of a fiber: wait to be given a thread, run the kernel for it, say so, wait again.
 inline void fiber_main(void) {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# compare_torch.sh: ./train against the same model in PyTorch on this CPU, side by side in one run.
+#
+# The peer is torch_peer.py (PyTorch with the pattern as a dense boolean mask, what a PyTorch user
+# without custom kernels writes); it is a measuring instrument, not part of the project, and needs
+# Debian's python3-torch. For each configuration (width 128, 4 heads, strided/merged with l = sqrt(ctx))
+# both train for STEPS steps on the same thread count; the table gives the median tokens/s of the steps
+# after the first, and the ratio. The last line is a summary: compare: <ctx>=<ratio> ...
+#
+# Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-8}
+threads=${THREADS:-2}
+peer=${PEER:-}
+for p in "$peer" build/peers/torch_peer.py ../shared/tools/torch_peer.py; do
+    [ -n "$p" ] && [ -f "$p" ] && { peer=$p; break; }
+done
+if [ -z "$peer" ] || [ ! -f "$peer" ]; then
+    echo "compare_torch.sh: no torch_peer.py (give PEER=path/to/torch_peer.py)" >&2; exit 1
+fi
+if ! python3 -c 'import torch' 2> /dev/null; then
+    echo "compare_torch.sh: PyTorch is not installed: apt-get install python3-torch (Debian), then run again" >&2; exit 1
+fi
+make -s cpu train build/datatool > /dev/null
+data=build/compare
+mkdir -p "$data"
+[ -f "$data/train.bin" ] || ./build/datatool synthetic -bytes 300000 2> /dev/null | ./build/datatool pack "$data/train.bin" -kind text
+[ -f "$data/val.bin" ] || ./build/datatool synthetic -bytes 20000 -seed 2 2> /dev/null | ./build/datatool pack "$data/val.bin" -kind text
+# A current OpenBLAS is slowed by these (set on some machines for an older one)
+unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
+export OMP_NUM_THREADS=$threads
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : 0) }'; }
+printf '%-8s %-18s %14s %14s %8s\n' ctx "batch, layers" "./train tok/s" "PyTorch tok/s" ratio
+summary="compare:"
+for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
+    read -r ctx batch layers <<< "$config"
+    stride=$(awk -v n="$ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
+    ours=$(./train -i "$data" -o "$data/out" -ctx "$ctx" -stride "$stride" -dim 128 -heads 4 -layers "$layers" \
+        -batch "$batch" -steps "$steps" -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 1 |
+        sed -n 's/^step \([0-9]*\)\/.* | \([0-9]*\) tok\/s$/\1 \2/p' | awk '$1 > 1 { print $2 }' | median)
+    theirs=$(python3 "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
+        --steps "$steps" --threads "$threads" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
+    ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
+    printf '%-8s %-18s %14s %14s %7sx\n' "$ctx" "$batch, $layers" "$ours" "$theirs" "$ratio"
+    summary="$summary $ctx=${ratio}x"
+done
+echo "$summary (threads $threads, $steps steps each)"
