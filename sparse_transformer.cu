@@ -513,15 +513,16 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 }
 
 // S = A B^T for two (TILE, D) shared tiles A and B: the (TILE, TILE) tile of dot products of their rows.
-// The float32 body writes exactly the entries that each thread reads afterwards (the score tile's
-// ownership); on the tensor cores each warp computes a 16 x 16 quarter, read by other threads after
-// the barrier at the end.
-template <int D, bool TF32> __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_s) {
+// With a step (st != NULL) and a tile pair that is not full, the pairs the step does not allow get
+// -inf instead: the float32 body skips their dot products; the tensor cores compute the whole tile
+// (each warp a 16 x 16 quarter, then a barrier) and the mask follows. Either way each thread ends by
+// writing the entries it owns in the score tile's ownership, which later passes can rely on.
+template <int D, bool TF32>
+__device__ static void tile_scores(float *S_s, const float *A_s, const float *B_s, const Step *st, int p0, int s0,
+                                   bool full) {
     typedef TileShape<D, TF32> S;
-    if constexpr (!TF32) {
-        const int r = threadIdx.x % TILE;
-        for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) S_s[r * S::SROW + c] = row_dot<D>(A_s + r * S::ROW, B_s + c * S::ROW);
-    } else {
+    const int r = threadIdx.x % TILE;
+    if constexpr (TF32) {
         const int warp = threadIdx.x / 32, r0 = warp % 2 * 16, c0 = warp / 2 * 16;
         FragA<wmma::row_major> a;
         FragB<wmma::col_major> b; // B^T (D, TILE) is B read column by column
@@ -534,6 +535,11 @@ template <int D, bool TF32> __device__ static void tile_scores(float *S_s, const
         }
         wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         __syncthreads();
+    }
+    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) {
+        const bool allowed = !st || full || step_allows_slots(*st, p0 + r, s0 + c);
+        if (!allowed) S_s[r * S::SROW + c] = -INFINITY;
+        else if (!TF32) S_s[r * S::SROW + c] = row_dot<D>(A_s + r * S::ROW, B_s + c * S::ROW);
     }
 }
 
@@ -583,14 +589,6 @@ __device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape
     if constexpr (TF32) __syncthreads();
 }
 
-// The mask of a tile pair that is not full: pairs the step does not allow get -inf (same ownership as
-// the scores).
-template <int D, bool TF32> __device__ static void mask_scores(float *S_s, const Step &st, int p0, int s0) {
-    const int r = threadIdx.x % TILE;
-    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS)
-        if (!step_allows_slots(st, p0 + r, s0 + c)) S_s[r * TileShape<D, TF32>::SROW + c] = -INFINITY;
-}
-
 // The backward's elementwise pass on one tile pair, shared by the dK/dV and the dQ kernels:
 //   P_ij  = exp(s_ij - lse_i)                  the forward's probabilities, recomputed
 //   dP_ij = dO_i . v_j                         from out_i = sum_j P_ij v_j
@@ -601,12 +599,12 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
                                              const float *K_s, const float *V_s, const float *lse2_s,
                                              const float *D_s, const Step &st, int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
-    tile_scores<D, TF32>(P_s, Q_s, K_s);  // s (base 2)
-    tile_scores<D, TF32>(dS_s, dO_s, V_s); // dP
+    tile_scores<D, TF32>(P_s, Q_s, K_s, &st, p0, s0, full);   // s (base 2), -inf where not allowed
+    tile_scores<D, TF32>(dS_s, dO_s, V_s, NULL, p0, s0, full); // dP
     const int r = threadIdx.x % TILE;
-    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) {
-        const bool allowed = full || step_allows_slots(st, p0 + r, s0 + c);
-        const float p = allowed ? exp2f(P_s[r * S::SROW + c] - lse2_s[r]) : 0.0f;
+    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) { // the entries this thread's scores wrote
+        const float s = P_s[r * S::SROW + c];
+        const float p = s == -INFINITY ? 0.0f : exp2f(s - lse2_s[r]); // a row with no key has lse -inf
         P_s[r * S::SROW + c] = p;
         dS_s[r * S::SROW + c] = p * (dS_s[r * S::SROW + c] - D_s[r]);
     }
@@ -651,8 +649,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
-        tile_scores<D, TF32>(P_s, Q_s, K_s);
-        if (!full) mask_scores<D, TF32>(P_s, st, p0, kt * TILE);
+        tile_scores<D, TF32>(P_s, Q_s, K_s, &st, p0, kt * TILE, full);
         __syncthreads();
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
