@@ -7,7 +7,8 @@
 # both train for STEPS steps on the same thread count; the table gives the median tokens/s of the steps
 # after the first, and the ratio. The last line is a summary: compare: <ctx>=<ratio> ...
 #
-# Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2)
+# Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2,
+#        PYTHON=a python3 that has torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-8}
@@ -19,7 +20,11 @@ done
 if [ -z "$peer" ] || [ ! -f "$peer" ]; then
     echo "compare_torch.sh: no torch_peer.py (give PEER=path/to/torch_peer.py)" >&2; exit 1
 fi
-if ! python3 -c 'import torch' 2> /dev/null; then
+python=""
+for p in ${PYTHON:-} /usr/bin/python3 python3; do # Debian's python3-torch is for Debian's python3
+    "$p" -c 'import torch' 2> /dev/null && { python=$p; break; }
+done
+if [ -z "$python" ]; then
     echo "compare_torch.sh: PyTorch is not installed: apt-get install python3-torch (Debian), then run again" >&2; exit 1
 fi
 make -s cpu train build/datatool > /dev/null
@@ -40,9 +45,9 @@ for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
     ours=$(./train -i "$data" -o "$data/out" -ctx "$ctx" -stride "$stride" -dim 128 -heads 4 -layers "$layers" \
         -batch "$batch" -steps "$steps" -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 1 |
         sed -n 's/^step \([0-9]*\)\/.* | \([0-9]*\) tok\/s$/\1 \2/p' | awk '$1 > 1 { print $2 }' | median)
-    theirs=$(python3 "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
+    theirs=$("$python" "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
         --steps "$steps" --threads "$threads" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
-    ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
+    ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
     printf '%-8s %-18s %14s %14s %7sx\n' "$ctx" "$batch, $layers" "$ours" "$theirs" "$ratio"
     summary="$summary $ctx=${ratio}x"
 done
