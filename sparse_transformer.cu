@@ -547,9 +547,10 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_
 // tile (read transposed if TRANSPOSED: dV += P^T dO) and B a (TILE, D) tile in shared memory.
 // The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
 // after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
+template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN_ROWS][TileShape<D, TF32>::OWN_COLS];
 template <int D, bool TF32, bool TRANSPOSED>
-__device__ static __forceinline__ void accumulate_product(float (&acc)[TileShape<D, TF32>::OWN_ROWS][TileShape<D, TF32>::OWN_COLS],
-                                                          const float *A_s, const float *B_s, float *scratch_s) {
+__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
+                                                          float *scratch_s) {
     typedef TileShape<D, TF32> S;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     if constexpr (TF32) {
