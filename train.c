@@ -118,7 +118,7 @@ static void print_value(const Flag *f) {
     case INT: printf("%d", *(int *)f->value); break;
     case FLOAT: printf("%g", *(float *)f->value); break;
     case LONG: printf("%lld", *(long long *)f->value); break;
-    case TEXT: printf("%s", *(const char **)f->value); break;
+    case TEXT: printf("%s", **(const char **)f->value ? *(const char **)f->value : "none"); break;
     case PATTERN: printf("%s", st_pattern_kind_name(*(StPatternKind *)f->value)); break;
     case COMBINE: printf("%s", st_combine_name(*(StCombine *)f->value)); break;
     case PRECISION: printf("%s", st_precision_name(*(StPrecision *)f->value)); break;
