@@ -1178,13 +1178,24 @@ __global__ void sum_squares_kernel(float *partial, const float *x, size_t n) {
     partial[t] = sum;
 }
 
+// The gradient's global norm from the partial sums, and the factor that clips it to `clip`: one
+// thread sums the partials in order, in double (deterministic), so the host never waits for it.
+// norm_scale: (2) the norm, then the factor.
+__global__ void clip_scale_kernel(float *norm_scale, const float *partial, size_t count, float clip) {
+    double sum = 0.0;
+    for (size_t i = 0; i < count; i++) sum += partial[i];
+    const float norm = (float)sqrt(sum);
+    norm_scale[0] = norm;
+    norm_scale[1] = clip > 0.0f && norm > clip ? clip / norm : 1.0f;
+}
+
 // AdamW on one parameter (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments.
 __global__ void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, float lr,
-                             float grad_scale, float beta1, float beta2, float correction1, float correction2,
+                             const float *grad_scale, float beta1, float beta2, float correction1, float correction2,
                              float eps, float weight_decay) {
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n) return;
-    const float grad = g[e] * grad_scale; // grad_scale < 1 clips the global norm
+    const float grad = g[e] * *grad_scale; // a factor below 1 clips the global norm
     m[e] = beta1 * m[e] + (1.0f - beta1) * grad;
     v[e] = beta2 * v[e] + (1.0f - beta2) * grad * grad;
     const float step = (m[e] / correction1) / (sqrtf(v[e] / correction2) + eps);
@@ -1323,7 +1334,7 @@ struct StModel {
     float *dres, *dscratch, *dbig;   // gradient scratch: (B, T, C), (B, T, C), (B, T, max(3C, F))
     float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
     float *act_base;                 // the one buffer all of the above are carved from
-    float *partial;                  // (grid of sum_squares_kernel)
+    float *partial;                  // (grid of sum_squares_kernel), then the norm and the clip factor
     // incremental decoding (B = 1): each head's steps per layer, and scratch for one byte
     Step *decode_steps;              // (L, H, 2) on the device
     int *decode_n_steps;             // (L, H) on the device
@@ -1487,7 +1498,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     m->attention = (StAttention **)st_host_alloc(m->L * sizeof(StAttention *));
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
-    m->partial = (float *)st_malloc(64 * BLOCK * sizeof(float));
+    m->partial = (float *)st_malloc((64 * BLOCK + 2) * sizeof(float));
     Step *steps = (Step *)host_zeroed((size_t)m->L * m->H * 2 * sizeof(Step));
     int *n_steps = (int *)st_host_alloc((size_t)m->L * m->H * sizeof(int));
     for (int l = 0; l < m->L; l++)
@@ -1730,22 +1741,23 @@ void st_model_backward(StModel *m) {
     }
 }
 
-float st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
+void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
     const unsigned grid = 64;
+    float *norm_scale = m->partial + grid * BLOCK;
     LAUNCH(sum_squares_kernel, grid, BLOCK, 0, m->partial, m->grads, m->n_params);
-    float partial[64 * BLOCK];
-    st_to_host(partial, m->partial, sizeof partial);
-    double sum = 0.0;
-    for (size_t i = 0; i < grid * BLOCK; i++) sum += partial[i];
-    const float norm = (float)sqrt(sum), scale = clip > 0.0f && norm > clip ? clip / norm : 1.0f;
+    LAUNCH(clip_scale_kernel, 1, 1, 0, norm_scale, m->partial, (size_t)grid * BLOCK, clip);
     const float beta1 = 0.9f, beta2 = 0.95f;
     const float c1 = 1.0f - powf(beta1, (float)step), c2 = 1.0f - powf(beta2, (float)step);
     for (int i = 0; i < m->n_tensors; i++) {
         const Tensor &t = m->tensors[i];
         LAUNCH(adamw_kernel, blocks_for(t.size), BLOCK, 0, m->params + t.offset, m->adam_m + t.offset,
-               m->adam_v + t.offset, m->grads + t.offset, t.size, lr, scale, beta1, beta2, c1, c2, 1e-8f,
+               m->adam_v + t.offset, m->grads + t.offset, t.size, lr, norm_scale + 1, beta1, beta2, c1, c2, 1e-8f,
                t.decay ? weight_decay : 0.0f);
     }
+}
+float st_model_grad_norm(const StModel *m) {
+    float norm;
+    st_to_host(&norm, m->partial + 64 * BLOCK, sizeof norm);
     return norm;
 }
 

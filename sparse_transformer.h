@@ -187,8 +187,10 @@ float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned c
                        int training, unsigned long long seed);
 void st_model_backward(StModel *m); // gradients of the last forward's loss (overwritten)
 // One AdamW step (t = step, from 1): clips the gradient to global norm `clip` (if > 0), decays
-// matrices only. Returns the gradient norm before clipping.
-float st_model_update(StModel *m, float lr, float weight_decay, float clip, int step);
+// matrices only. It runs on the device without waiting for it (the norm never visits the host);
+// st_model_grad_norm waits and returns the last update's gradient norm before clipping.
+void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step);
+float st_model_grad_norm(const StModel *m);
 void st_model_set_recompute(StModel *m, int recompute); // same results, other memory use
 size_t st_model_num_params(const StModel *m);
 size_t st_model_activation_bytes(const StModel *m, int B, int recompute); // device memory for B sequences

@@ -898,6 +898,33 @@ static void test_partial_batch(void) {
     }
 }
 
+// The update clips with the gradient's global norm, computed on the device: it equals the norm of
+// st_model_get(ST_GRADS) summed in double on the host (1e-6 relative: float32 squares, summed in
+// another order).
+static void test_grad_norm(void) {
+    StModelConfig cfg = tiny_config((StPattern){ST_STRIDED, ST_MERGED, 8, 0, 0}, 0, 0);
+    const int B = 2, T = cfg.ctx;
+    StModel *m = st_model_create(&cfg, 19);
+    const size_t n = st_model_num_params(m);
+    float *p = malloc(n * sizeof(float));
+    st_model_get(m, ST_PARAMS, p);
+    for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
+    st_model_set(m, ST_PARAMS, p);
+    unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
+    random_batch(inputs, targets, B, T);
+    st_model_forward(m, inputs, targets, B, 1, 3);
+    st_model_backward(m);
+    st_model_get(m, ST_GRADS, p);
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) sum += (double)p[i] * p[i];
+    st_model_update(m, 1e-3f, 0.01f, 0.5f, 1);
+    const double norm = st_model_grad_norm(m), want = sqrt(sum);
+    check(fabs(norm - want) <= 1e-6 * want, "the update's gradient norm, computed on the device: %.6f, on the host %.6f",
+          norm, want);
+    st_model_free(m);
+    free(p), free(inputs), free(targets);
+}
+
 // A small model learns a fixed 64-byte string by heart: below 0.1 bits per byte within 400 steps.
 static void test_overfit(void) {
     const char *text = "Sparse Transformers factorize attention: O(n sqrt n), not O(n^2).";
@@ -1057,7 +1084,7 @@ static const struct {
     {"reference", test_reference_gradients}, {"masks", test_masks}, {"rejections", test_rejections},
     {"kernels", test_kernels}, {"work", test_work_at_scale}, {"data", test_data},
     {"model_gradients", test_model_gradients}, {"model_tf32", test_model_tf32}, {"recompute", test_recompute_equal},
-    {"partial_batch", test_partial_batch}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
+    {"partial_batch", test_partial_batch}, {"grad_norm", test_grad_norm}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
     {"checkpoint", test_checkpoint},
 };
 
@@ -1081,7 +1108,7 @@ int main(int argc, char **argv) {
     remove_temp_dir();
     if (!groups) {
         fprintf(stderr, "-only %s matches no group of checks: reference masks rejections kernels work data "
-                "model_gradients model_tf32 recompute partial_batch overfit decode checkpoint\n", only);
+                "model_gradients model_tf32 recompute partial_batch grad_norm overfit decode checkpoint\n", only);
         return 1;
     }
     printf("%d passed, %d failed\n", passed, failed);
