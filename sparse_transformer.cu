@@ -169,8 +169,11 @@ void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 //   multihead    head h uses step (h mod 2)
 //
 // With l ~ sqrt(n) each query sees about l + n/l keys: O(n sqrt n) pairs instead of n^2 / 2.
+// Two baselines have a single step: dense (every j <= i) and local (strided's local step alone:
+// i - l < j <= i, a sliding window). One local layer sees l - 1 bytes back; R layers stacked see at
+// most R (l - 1): what is further back is out of reach, which the strided and fixed patterns reach.
 
-static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed"};
+static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed", "local"};
 static const char *COMBINE_NAMES[] = {"interleaved", "merged", "multihead"};
 
 static int name_index(const char *name, const char *const *names, int count) {
@@ -178,7 +181,7 @@ static int name_index(const char *name, const char *const *names, int count) {
         if (strcmp(name, names[i]) == 0) return i;
     return -1;
 }
-int st_pattern_kind_from_name(const char *name) { return name_index(name, PATTERN_NAMES, 3); }
+int st_pattern_kind_from_name(const char *name) { return name_index(name, PATTERN_NAMES, 4); }
 int st_combine_from_name(const char *name) { return name_index(name, COMBINE_NAMES, 3); }
 const char *st_pattern_kind_name(StPatternKind kind) { return PATTERN_NAMES[kind]; }
 const char *st_combine_name(StCombine combine) { return COMBINE_NAMES[combine]; }
@@ -187,6 +190,7 @@ int st_pattern_allows(const StPattern *p, int layer, int head, int i, int j) {
     if (j < 0 || j > i) return 0; // causal
     if (p->kind == ST_DENSE) return 1;
     const int l = p->stride;
+    if (p->kind == ST_LOCAL) return i - j < l;
     int step0, step1;
     if (p->kind == ST_STRIDED) {
         step0 = i - j < l;
@@ -215,8 +219,8 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
     else if (d_head != 32 && d_head != 64 && d_head != 128)
         snprintf(msg, sizeof msg, "head size %d is not supported: the kernels take 32, 64 or 128 "
                  "(choose dim = heads * head size)", d_head);
-    else if (p->kind < ST_DENSE || p->kind > ST_FIXED)
-        snprintf(msg, sizeof msg, "unknown pattern %d: use dense, strided or fixed", (int)p->kind);
+    else if (p->kind < ST_DENSE || p->kind > ST_LOCAL)
+        snprintf(msg, sizeof msg, "unknown pattern %d: use dense, strided, fixed or local", (int)p->kind);
     else if (p->kind == ST_DENSE)
         return NULL;
     else if (p->combine < ST_INTERLEAVED || p->combine > ST_MULTIHEAD)
@@ -231,7 +235,7 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
     else if (p->kind == ST_FIXED && (long)p->groups * p->summary > p->stride)
         snprintf(msg, sizeof msg, "fixed needs summary_groups * summary <= stride (the summary cells "
                  "must fit in a block), got %d * %d > %d", p->groups, p->summary, p->stride);
-    else if (p->combine == ST_MULTIHEAD && n_head < 2)
+    else if (p->combine == ST_MULTIHEAD && n_head < 2 && p->kind != ST_LOCAL)
         snprintf(msg, sizeof msg, "multihead splits the heads between the two steps: it needs at "
                  "least 2 heads, got %d", n_head);
     else
@@ -343,8 +347,8 @@ static Step make_step(int kind, int n, const StPattern *p, int head, int exclusi
 
 // The steps of head `head` in layer `layer` (1 or 2), in the order they must run.
 static int head_steps(const StPattern *p, int layer, int head, int n, Step steps[2]) {
-    if (p->kind == ST_DENSE) {
-        steps[0] = make_step(STEP_CAUSAL, n, p, head, 0);
+    if (p->kind == ST_DENSE || p->kind == ST_LOCAL) {
+        steps[0] = make_step(p->kind == ST_DENSE ? STEP_CAUSAL : STEP_LOCAL, n, p, head, 0);
         return 1;
     }
     const int first = p->kind == ST_STRIDED ? STEP_LOCAL : STEP_BLOCK;
@@ -1359,7 +1363,7 @@ const char *st_model_check(const StModelConfig *c) {
     const struct { const char *flag; int value, lo, hi; } ranges[] = {
         {"-ctx", c->ctx, 1, ST_MAX_CTX}, {"-dim", c->dim, 1, ST_MAX_DIM}, {"-heads", c->heads, 1, ST_MAX_HEADS},
         {"-layers", c->layers, 1, ST_MAX_LAYERS}, {"-ff", c->ff, 1, ST_MAX_FF}, {"-recompute", c->recompute, 0, 1},
-        {"-pattern", c->pattern.kind, ST_DENSE, ST_FIXED}, {"-combine", c->pattern.combine, ST_INTERLEAVED, ST_MULTIHEAD},
+        {"-pattern", c->pattern.kind, ST_DENSE, ST_LOCAL}, {"-combine", c->pattern.combine, ST_INTERLEAVED, ST_MULTIHEAD},
         {"-stride", c->pattern.stride, 1, ST_MAX_CTX}, // unused settings of other patterns may be 0
         {"-summary", c->pattern.summary, fixed, ST_MAX_CTX}, {"-summary_groups", c->pattern.groups, fixed, ST_MAX_CTX}};
     for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
@@ -2143,7 +2147,7 @@ static const char *checkpoint_header(const char *path, const unsigned char *h, u
     int v[16];
     for (int i = 0; i < 16; i++) v[i] = (int)get_u32(h + 16 + 4 * i);
     const char *bad = "unknown pattern, combination or data kind";
-    if ((unsigned)v[5] <= ST_FIXED && (unsigned)v[6] <= ST_MULTIHEAD && (unsigned)v[11] <= ST_AUDIO) {
+    if ((unsigned)v[5] <= ST_LOCAL && (unsigned)v[6] <= ST_MULTIHEAD && (unsigned)v[11] <= ST_AUDIO) {
         *c = StModelConfig{v[0], v[1], v[2], v[3], v[4], {(StPatternKind)v[5], (StCombine)v[6], v[7], v[8], v[9]},
                            get_f32(h + 80), v[10], (StDataKind)v[11], v[12], v[13], v[14], v[15]};
         bad = st_model_check(c);

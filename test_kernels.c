@@ -68,7 +68,7 @@ static void mark_step(unsigned char *mask, int n, StPatternKind kind, int step, 
         unsigned char *row = mask + (size_t)i * n;
         if (kind == ST_DENSE) {
             for (int j = 0; j <= i; j++) row[j] = 1;
-        } else if (kind == ST_STRIDED && step == 0) {
+        } else if ((kind == ST_STRIDED && step == 0) || kind == ST_LOCAL) {
             for (int j = i; j >= 0 && j > i - l; j--) row[j] = 1;
         } else if (kind == ST_STRIDED) {
             for (int j = i; j >= 0; j -= l) row[j] = 1;
@@ -85,7 +85,7 @@ static void mark_step(unsigned char *mask, int n, StPatternKind kind, int step, 
 static void build_mask(unsigned char *mask, int n, const StPattern *p, int layer, int head) {
     memset(mask, 0, (size_t)n * n);
     const int g = p->kind == ST_FIXED ? head % p->groups : 0;
-    if (p->kind == ST_DENSE) { mark_step(mask, n, ST_DENSE, 0, 0, 0, 0); return; }
+    if (p->kind == ST_DENSE || p->kind == ST_LOCAL) { mark_step(mask, n, p->kind, 0, p->stride, 0, 0); return; }
     if (p->combine == ST_MERGED) {
         mark_step(mask, n, p->kind, 0, p->stride, p->summary, g);
         mark_step(mask, n, p->kind, 1, p->stride, p->summary, g);
@@ -203,6 +203,7 @@ static void test_reference_gradients(void) {
 // Allowed keys of query i in each step, by counting arguments (not by looking at a mask).
 static long count_step(StPatternKind kind, int step, int l, int c, int g, int i) {
     if (kind == ST_DENSE) return i + 1;
+    if (kind == ST_LOCAL) return i + 1 < l ? i + 1 : l;
     if (kind == ST_STRIDED) return step == 0 ? (i + 1 < l ? i + 1 : l) : i / l + 1;
     if (step == 0) return i % l + 1;
     const int own = i % l - (l - (g + 1) * c) + 1; // summary cells <= i in i's own block
@@ -215,7 +216,7 @@ static long expected_pairs(const StPattern *p, int n, int layer, int head) {
     const int l = p->stride, c = p->summary, g = p->kind == ST_FIXED ? head % p->groups : 0;
     long total = 0;
     for (int i = 0; i < n; i++) {
-        if (p->kind == ST_DENSE) { total += i + 1; continue; }
+        if (p->kind == ST_DENSE || p->kind == ST_LOCAL) { total += count_step(p->kind, 0, l, c, g, i); continue; }
         if (p->combine != ST_MERGED) {
             const int step = p->combine == ST_INTERLEAVED ? layer % 2 : head % 2;
             total += count_step(p->kind, step, l, c, g, i);
@@ -236,6 +237,7 @@ static void test_masks(void) {
         {ST_STRIDED, ST_MERGED, 37, 0, 0},   {ST_FIXED, ST_INTERLEAVED, 6, 2, 3},
         {ST_FIXED, ST_MERGED, 10, 3, 2},     {ST_FIXED, ST_MULTIHEAD, 9, 1, 1},
         {ST_FIXED, ST_MERGED, 4, 4, 1},      {ST_FIXED, ST_MERGED, 37, 5, 7},
+        {ST_LOCAL, ST_MULTIHEAD, 1, 0, 0},   {ST_LOCAL, ST_MERGED, 9, 0, 0},
     };
     const int n = 37, H = 4;
     unsigned char *mask = malloc(n * n);
@@ -340,7 +342,7 @@ typedef struct { StPattern p; int layer, n, H, D, B; } Case;
 // the range a causal triangle of tiles is computed whole (at most 2x the allowed pairs).
 #define TILE 32
 static double work_bound(const Case *c, double allowed) {
-    const int steps = c->p.kind != ST_DENSE && c->p.combine == ST_MERGED ? 2 : 1;
+    const int steps = (c->p.kind == ST_STRIDED || c->p.kind == ST_FIXED) && c->p.combine == ST_MERGED ? 2 : 1;
     const double query_tiles = ceil(2.0 * c->n / TILE);
     return 2.0 * allowed + 4.0 * TILE * TILE * query_tiles * c->H * steps;
 }
@@ -448,6 +450,10 @@ static void test_kernels(void) {
         {{ST_FIXED, ST_MERGED, 6, 2, 3}, 0, 17, 3, 128, 2},
         {{ST_FIXED, ST_MULTIHEAD, 15, 4, 2}, 0, 111, 4, 32, 2},
         {{ST_FIXED, ST_MERGED, 7, 7, 1}, 0, 50, 1, 32, 1},
+        // local: one step whatever the combination; a window below, at and above the tile size
+        {{ST_LOCAL, ST_MERGED, 5, 0, 0}, 0, 77, 2, 64, 2},
+        {{ST_LOCAL, ST_MULTIHEAD, 32, 0, 0}, 1, 100, 1, 32, 1},
+        {{ST_LOCAL, ST_INTERLEAVED, 45, 0, 0}, 1, 200, 2, 128, 1},
     };
     for (int p = 0; p < 2; p++) {
         if (only_precision >= 0 && p != only_precision) continue;
@@ -468,11 +474,12 @@ static void test_work_at_scale(void) {
         {ST_STRIDED, ST_MERGED, 128, 0, 0},    {ST_STRIDED, ST_MULTIHEAD, 128, 0, 0},
         {ST_STRIDED, ST_MERGED, 100, 0, 0},    {ST_FIXED, ST_INTERLEAVED, 128, 32, 1},
         {ST_FIXED, ST_MERGED, 128, 32, 4},     {ST_FIXED, ST_MULTIHEAD, 128, 32, 2},
-        {ST_FIXED, ST_MERGED, 100, 7, 3},
+        {ST_FIXED, ST_MERGED, 100, 7, 3},      {ST_LOCAL, ST_MERGED, 128, 0, 0},
     };
     for (size_t t = 0; t < sizeof patterns / sizeof patterns[0]; t++) {
         const StPattern *p = &patterns[t];
-        for (int layer = 0; layer < (p->combine == ST_INTERLEAVED && p->kind != ST_DENSE ? 2 : 1); layer++) {
+        const int two_steps = p->kind == ST_STRIDED || p->kind == ST_FIXED;
+        for (int layer = 0; layer < (p->combine == ST_INTERLEAVED && two_steps ? 2 : 1); layer++) {
             StAttention *att = st_attention_create(p, layer, n, H, 64);
             const StAttentionStats s = st_attention_stats(att);
             long expected = 0;
@@ -782,6 +789,7 @@ static void test_model_gradients(void) {
     check_model_gradients("fixed/multihead", tiny_config(fixed_m, 0, 0));
     check_model_gradients("fixed/merged, dropout 0.1", tiny_config(fixed, 0, 0.1f));
     check_model_gradients("strided/merged, recompute, dropout 0.1", tiny_config(strided, 1, 0.1f));
+    check_model_gradients("local", tiny_config((StPattern){ST_LOCAL, ST_MERGED, 8, 0, 0}, 0, 0));
 }
 
 // The model in TF32 (every matrix product on the tensor cores, cuBLAS included) against the same model
@@ -1044,7 +1052,7 @@ static void test_checkpoint(void) {
 static void test_decode_matches_forward(void) {
     const StPattern patterns[] = {{ST_DENSE, ST_INTERLEAVED, 8, 0, 0}, {ST_STRIDED, ST_MERGED, 8, 0, 0},
                                   {ST_STRIDED, ST_INTERLEAVED, 6, 0, 0}, {ST_FIXED, ST_MERGED, 16, 3, 2},
-                                  {ST_FIXED, ST_MULTIHEAD, 10, 2, 3}};
+                                  {ST_FIXED, ST_MULTIHEAD, 10, 2, 3}, {ST_LOCAL, ST_MERGED, 12, 0, 0}};
     for (size_t k = 0; k < sizeof patterns / sizeof patterns[0]; k++) {
         StModelConfig cfg = tiny_config(patterns[k], 0, 0);
         const int T = cfg.ctx, prompt = 10;
