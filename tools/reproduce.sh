@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# reproduce.sh: the paper's Table 2 at a scale that fits, with plots.
+#
+#   1. text (enwik8 if data/enwik8 is there, else kjv) and images (cifar10 if there, else fashion_mnist):
+#      dense, fixed and strided attention with the same context, model and steps; the final validation
+#      bits per byte (bits per dim) and the time per iteration, side by side, as in the paper's Table 2;
+#   2. the synthetic long-range task (lines of 64 bytes, each byte copying the one a line above, 5% noise):
+#      a local window that cannot reach a line up, against strided (stride 16 divides the period),
+#      fixed (a block per line) and dense; the floor a model can reach is about 0.50 bits per byte.
+#
+# Each run writes its log (./train -log) and checkpoint to OUT/NAME; the table goes to OUT/table.md and
+# to the screen, the validation curves to OUT/text.png, OUT/images.png and OUT/synthetic.png (gnuplot,
+# installed from Debian when run as root). The final evaluation of each run scores the first
+# EVAL_BYTES of the validation split (all runs of a task the same bytes).
+#
+# Usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]     (default OUT: build/reproduce/MODE)
+#   cpu    about 25 minutes on 2 CPU cores (budget 45)
+#   gpu    a larger model and more steps for one H200 (budget 30 minutes; not run yet)
+#   quick  a few steps of tiny models, to check that the script works (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+case "$mode" in cpu|gpu|quick) ;; *) echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]" >&2; exit 1 ;; esac
+out=${2:-build/reproduce/$mode}
+mkdir -p "$out"
+
+if ! command -v gnuplot > /dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+        echo "reproduce.sh: installing the Debian package gnuplot-nox" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1 ||
+            { apt-get update -qq > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1; } ||
+            { echo "reproduce.sh: could not install gnuplot-nox" >&2; exit 1; }
+    else
+        echo "reproduce.sh: the plots need gnuplot: run  sudo apt-get install gnuplot-nox  and try again" >&2; exit 1
+    fi
+fi
+make -s train build/datatool > /dev/null
+
+# The data: the paper's where they are, else the Debian ones (prepare.sh keeps what it made).
+text=data/kjv; [ -f data/enwik8/val.bin ] && text=data/enwik8
+images=data/fashion_mnist; [ -f data/cifar10/val.bin ] && images=data/cifar10
+[ -f "$text/val.bin" ] || bash data/prepare.sh kjv
+[ -f "$images/val.bin" ] || bash data/prepare.sh fashion_mnist
+synthetic=$out/synthetic_data
+if [ ! -f "$synthetic/val.bin" ]; then
+    mkdir -p "$synthetic"
+    ./build/datatool synthetic -bytes 600000 -period 64 -seed 1 2> /dev/null | ./build/datatool pack "$synthetic/train.bin" -kind text
+    ./build/datatool synthetic -bytes 60000 -period 64 -seed 2 2> /dev/null | ./build/datatool pack "$synthetic/val.bin" -kind text
+fi
+image_bytes=$(./build/datatool info "$images/val.bin" | sed -n 's/.* of \([0-9]*\) x \([0-9]*\) x \([0-9]*\).*/\1 \2 \3/p' | awk '{ print $1 * $2 * $3 }')
+side=$(awk -v n="$image_bytes" 'BEGIN { printf "%d", sqrt(n) + 0.5 }') # about sqrt(ctx)
+
+# The sizes: model, steps, evaluation. Every run of a task gets the same, only the pattern differs.
+case "$mode" in
+cpu)   model=(-dim 64 -heads 2 -layers 2 -batch 4 -lr 1e-3); text_ctx=512; text_steps=400; image_steps=300
+       syn_ctx=256; syn_steps=400; eval_every=50; eval_bytes=40000 ;;
+gpu)   model=(-dim 256 -heads 4 -layers 4 -batch 16 -lr 5e-4); text_ctx=4096; text_steps=3000; image_steps=2000
+       syn_ctx=1024; syn_steps=2000; eval_every=250; eval_bytes=1000000 ;;
+quick) model=(-dim 32 -heads 1 -layers 1 -batch 2 -lr 1e-3); text_ctx=64; text_steps=4; image_steps=2
+       syn_ctx=128; syn_steps=4; eval_every=2; eval_bytes=$image_bytes ;;
+esac
+text_l=$(awk -v n="$text_ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
+
+# run TASK NAME DATA CTX STEPS PATTERN-FLAGS...: one training run, logged to OUT/NAME.tsv
+run() {
+    local task=$1 name=$2 data=$3 ctx=$4 steps=$5
+    shift 5
+    echo "reproduce.sh: $task, $name ($*)" >&2
+    ./train -i "$data" -o "$out/$name" -log "$out/$name.tsv" -ctx "$ctx" -steps "$steps" -warmup $((steps / 10 + 1)) \
+        "${model[@]}" -eval_every "$eval_every" -eval_batches 4 -sample_every 0 -save_every 0 -eval_bytes "$eval_bytes" \
+        "$@" > "$out/$name.log" 2>&1 || { echo "reproduce.sh: the run $name failed: $out/$name.log" >&2; exit 1; }
+    echo "$task $name $*" >> "$out/runs.txt"
+}
+: > "$out/runs.txt"
+run text text_dense "$text" "$text_ctx" "$text_steps" -pattern dense
+run text text_fixed "$text" "$text_ctx" "$text_steps" -pattern fixed -combine merged -stride 32 -summary 4
+run text text_strided "$text" "$text_ctx" "$text_steps" -pattern strided -combine merged -stride "$text_l"
+run images images_dense "$images" "$image_bytes" "$image_steps" -pattern dense -stride "$side"
+run images images_fixed "$images" "$image_bytes" "$image_steps" -pattern fixed -combine merged -stride "$side" -summary 4
+run images images_strided "$images" "$image_bytes" "$image_steps" -pattern strided -combine merged -stride "$side"
+run synthetic synthetic_local "$synthetic" "$syn_ctx" "$syn_steps" -pattern local -stride 16
+run synthetic synthetic_strided "$synthetic" "$syn_ctx" "$syn_steps" -pattern strided -combine merged -stride 16
+run synthetic synthetic_fixed "$synthetic" "$syn_ctx" "$syn_steps" -pattern fixed -combine merged -stride 64 -summary 8
+run synthetic synthetic_dense "$synthetic" "$syn_ctx" "$syn_steps" -pattern dense
+
+# The table: final bits per byte (the "final" line of each log) and the median time per step.
+{
+    echo "| task | pattern | validation bits per byte | ms per iteration |"
+    echo "|---|---|---|---|"
+    while read -r task name flags; do
+        bpb=$(awk -F'\t' '$1 == "final" { printf "%.3f", $4 }' "$out/$name.tsv")
+        ms=$(awk -F'\t' '$1 == "train" && $2 > 1 { print $6 }' "$out/$name.tsv" | sort -n |
+             awk '{ v[NR] = $1 } END { printf "%.0f", v[int((NR + 1) / 2)] }')
+        echo "| $task | ${name#*_} ($flags) | $bpb | $ms |"
+    done < "$out/runs.txt"
+} > "$out/table.md"
+cat "$out/table.md"
+
+# The plots: the validation during training (the same windows every time) against the step, one
+# picture per task. The table's numbers are the final evaluation's, on other windows: not plotted.
+for task in text images synthetic; do
+    plots=""
+    while read -r t name flags; do
+        [ "$t" = "$task" ] || continue
+        plots="$plots${plots:+, }'< grep ^val $out/$name.tsv' using 2:4 with linespoints title '${name#*_}'"
+    done < "$out/runs.txt"
+    gnuplot -e "set terminal png size 800,480; set output '$out/$task.png'; set xlabel 'step';
+                set ylabel 'validation bits per byte'; set title '$task ($mode)'; set key top right; plot $plots"
+done
+echo "reproduce.sh: $out/table.md, $out/text.png, $out/images.png, $out/synthetic.png"
