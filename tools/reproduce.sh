@@ -56,7 +56,7 @@ cpu)   model=(-dim 64 -heads 2 -layers 2 -batch 4 -lr 1e-3); text_ctx=512; text_
        syn_ctx=256; syn_steps=400; eval_every=50; eval_bytes=40000 ;;
 gpu)   model=(-dim 256 -heads 4 -layers 4 -batch 16 -lr 5e-4); text_ctx=4096; text_steps=3000; image_steps=2000
        syn_ctx=1024; syn_steps=2000; eval_every=250; eval_bytes=1000000 ;;
-quick) model=(-dim 32 -heads 1 -layers 1 -batch 2 -lr 1e-3); text_ctx=64; text_steps=4; image_steps=2
+quick) model=(-dim 32 -heads 1 -layers 1 -batch 2 -lr 1e-3); text_ctx=64; text_steps=4; image_steps=4
        syn_ctx=128; syn_steps=4; eval_every=2; eval_bytes=$image_bytes ;;
 esac
 text_l=$(awk -v n="$text_ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
