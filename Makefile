@@ -2,7 +2,8 @@
 #
 #   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise;
 #                   also prepares the default data set once (data/prepare.sh default)
-#   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h)
+#   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h; needs
+#                   OpenBLAS, Debian's libopenblas-openmp-dev, for its matrix products)
 #   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)
 #   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp), ./test_kernels
 #                   and the loaders over the inputs that once crashed them (tools/fuzz/regressions/)
