@@ -1182,6 +1182,8 @@ __global__ void sum_squares_kernel(float *partial, const float *x, size_t n) {
     partial[t] = sum;
 }
 
+#define NORM_GRID 64 // blocks of sum_squares_kernel: NORM_GRID * BLOCK partial sums
+
 // The gradient's global norm from the partial sums, and the factor that clips it to `clip`: one
 // thread sums the partials in order, in double (deterministic), so the host never waits for it.
 // norm_scale: (2) the norm, then the factor.
@@ -1364,7 +1366,8 @@ const char *st_model_check(const StModelConfig *c) {
         {"-ctx", c->ctx, 1, ST_MAX_CTX}, {"-dim", c->dim, 1, ST_MAX_DIM}, {"-heads", c->heads, 1, ST_MAX_HEADS},
         {"-layers", c->layers, 1, ST_MAX_LAYERS}, {"-ff", c->ff, 1, ST_MAX_FF}, {"-recompute", c->recompute, 0, 1},
         {"-pattern", c->pattern.kind, ST_DENSE, ST_LOCAL}, {"-combine", c->pattern.combine, ST_INTERLEAVED, ST_MULTIHEAD},
-        {"-stride", c->pattern.stride, 1, ST_MAX_CTX}, // unused settings of other patterns may be 0
+        {"-stride", c->pattern.stride, 1, ST_MAX_CTX},
+        // summary and groups only matter to fixed: other patterns may leave them 0
         {"-summary", c->pattern.summary, fixed, ST_MAX_CTX}, {"-summary_groups", c->pattern.groups, fixed, ST_MAX_CTX}};
     for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
         if (ranges[i].value < ranges[i].lo || ranges[i].value > ranges[i].hi) {
@@ -1502,7 +1505,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     m->attention = (StAttention **)st_host_alloc(m->L * sizeof(StAttention *));
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
-    m->partial = (float *)st_malloc((64 * BLOCK + 2) * sizeof(float));
+    m->partial = (float *)st_malloc((NORM_GRID * BLOCK + 2) * sizeof(float));
     Step *steps = (Step *)host_zeroed((size_t)m->L * m->H * 2 * sizeof(Step));
     int *n_steps = (int *)st_host_alloc((size_t)m->L * m->H * sizeof(int));
     for (int l = 0; l < m->L; l++)
@@ -1746,10 +1749,9 @@ void st_model_backward(StModel *m) {
 }
 
 void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
-    const unsigned grid = 64;
-    float *norm_scale = m->partial + grid * BLOCK;
-    LAUNCH(sum_squares_kernel, grid, BLOCK, 0, m->partial, m->grads, m->n_params);
-    LAUNCH(clip_scale_kernel, 1, 1, 0, norm_scale, m->partial, (size_t)grid * BLOCK, clip);
+    float *norm_scale = m->partial + NORM_GRID * BLOCK;
+    LAUNCH(sum_squares_kernel, NORM_GRID, BLOCK, 0, m->partial, m->grads, m->n_params);
+    LAUNCH(clip_scale_kernel, 1, 1, 0, norm_scale, m->partial, (size_t)NORM_GRID * BLOCK, clip);
     const float beta1 = 0.9f, beta2 = 0.95f;
     const float c1 = 1.0f - powf(beta1, (float)step), c2 = 1.0f - powf(beta2, (float)step);
     for (int i = 0; i < m->n_tensors; i++) {
@@ -1761,7 +1763,7 @@ void st_model_update(StModel *m, float lr, float weight_decay, float clip, int s
 }
 float st_model_grad_norm(const StModel *m) {
     float norm;
-    st_to_host(&norm, m->partial + 64 * BLOCK, sizeof norm);
+    st_to_host(&norm, m->partial + NORM_GRID * BLOCK, sizeof norm);
     return norm;
 }
 
