@@ -8,7 +8,7 @@
 #   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp), ./test_kernels
 #                   and the loaders over the inputs that once crashed them (tools/fuzz/regressions/)
 #   make fuzz       fuzz the checkpoint and data-file loaders with libFuzzer (clang), FUZZ_SECONDS each
-#   make bench      build, then time the attention (tools/bench.c)
+#   make bench      build, then time the attention (tools/bench.c; flags in BENCH_FLAGS="...")
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
 #   make clean
 #
@@ -121,7 +121,7 @@ test: announce $(BINARIES) build/test_emulator build/replay_checkpoint build/rep
 	build/replay_data tools/fuzz/regressions/data
 
 bench: announce $(BUILD)/bench
-	$(BUILD)/bench
+	$(BUILD)/bench $(BENCH_FLAGS)
 
 # Fuzzing the loaders (tools/fuzz/fuzz_loader.c, one source, a target per -DFUZZ_ name).
 # The replays are the harness with a plain main, built like the tests; `make fuzz` builds it with clang

@@ -25,6 +25,9 @@ which runs these very kernels with the threads of a block as fibers. There is no
 Shapes: q, k, v, out are (B, H, T, D): batch, heads, positions, head size. lse is (B, H, T).
 Data are float32; the matrix products run in float32 or, on the tensor cores, with TF32 operands
 (st_set_precision).
+
+The signposts "Exercise N starts here" and "Exercise N ends here" mark the code of the classroom
+exercises: tools/exercise.sh N start blanks it, for you to write again (README: Teaching with it).
 */
 
 #ifdef __CUDACC__
@@ -192,6 +195,7 @@ int st_pattern_allows(const StPattern *p, int layer, int head, int i, int j) {
     const int l = p->stride;
     if (p->kind == ST_LOCAL) return i - j < l;
     int step0, step1;
+    // Exercise 1 starts here: the two steps of the strided and fixed patterns.
     if (p->kind == ST_STRIDED) {
         step0 = i - j < l;
         step1 = (i - j) % l == 0;
@@ -200,6 +204,7 @@ int st_pattern_allows(const StPattern *p, int layer, int head, int i, int j) {
         step0 = j / l == i / l;
         step1 = j % l >= l - (g + 1) * c && j % l <= l - g * c - 1;
     }
+    // Exercise 1 ends here.
     switch (p->combine) {
     case ST_INTERLEAVED: return layer % 2 ? step1 : step0;
     case ST_MULTIHEAD: return head % 2 ? step1 : step0;
@@ -280,6 +285,7 @@ struct Step {
     int nq, nk;     // length of the query and the key order (slots)
 };
 
+// Exercise 2 starts here: the transposed order of the stride step.
 // Natural position of slot p of the query order, or -1 for a padding slot.
 static __host__ __device__ inline int step_query_position(const Step &st, int p) {
     if (p >= st.nq) return -1;
@@ -293,6 +299,7 @@ static __host__ __device__ inline int step_query_position(const Step &st, int p)
 static __host__ __device__ inline int step_query_slot(const Step &st, int i) {
     return st.kind == STEP_STRIDE ? i % st.l * st.column + i / st.l : i;
 }
+// Exercise 2 ends here.
 
 // Natural position of slot s of the key order, or -1 for a padding slot.
 static __host__ __device__ inline int step_key_position(const Step &st, int s) {
@@ -608,10 +615,12 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
     tile_scores<D, TF32>(dS_s, dO_s, V_s, NULL, p0, s0, full); // dP
     const int r = threadIdx.x % TILE;
     for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) { // the entries this thread's scores wrote
+        // Exercise 5 starts here: the softmax's backward.
         const float s = P_s[r * S::SROW + c];
         const float p = s == -INFINITY ? 0.0f : exp2f(s - lse2_s[r]); // a row with no key has lse -inf
         P_s[r * S::SROW + c] = p;
         dS_s[r * S::SROW + c] = p * (dS_s[r * S::SROW + c] - D_s[r]);
+        // Exercise 5 ends here.
     }
 }
 
@@ -659,6 +668,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
         if (threadIdx.x < TILE) {
+            // Exercise 3 starts here: the online softmax's rescale.
             float *row = P_s + threadIdx.x * S::SROW;
             float m_new = m;
             for (int c = 0; c < TILE; c++) m_new = fmaxf(m_new, row[c]);
@@ -671,6 +681,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
             l = l * alpha + sum;
             m = m_new;
             alpha_s[threadIdx.x] = alpha;
+            // Exercise 3 ends here.
         }
         __syncthreads();
 
@@ -685,6 +696,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     // Finish each row: its log-sum-exp (natural log), and the weights of the merge with the first step
     if (threadIdx.x < TILE) {
         const int row = threadIdx.x, i = step_query_position(st, p0 + row);
+        // Exercise 4 starts here: the log-sum-exp merge of a merged head's two steps.
         const float lse_new = l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
         float lse_old = -INFINITY;
         if (accumulate && i >= 0) lse_old = lse[i];
@@ -693,6 +705,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         w_old_s[row] = merged == -INFINITY ? 0.0f : expf(lse_old - merged);
         w_new_s[row] = merged == -INFINITY || l == 0.0f ? 0.0f : expf(lse_new - merged) / l;
         if (i >= 0) lse[i] = merged;
+        // Exercise 4 ends here.
     }
     __syncthreads();
     #pragma unroll
@@ -1062,6 +1075,7 @@ __global__ void layernorm_forward_kernel(float *y, float *mean, float *rstd, con
     rstd[row] = s;
 }
 
+// Exercise 6 starts here: the layer norm's backward.
 // Backward of y = xhat * w + b, xhat = (x - mean) rstd, for the input (one thread per row):
 //   dxhat = dy w;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))      (added to dx)
 __global__ void layernorm_backward_input_kernel(float *dx, const float *dy, const float *x, const float *w,
@@ -1080,6 +1094,7 @@ __global__ void layernorm_backward_input_kernel(float *dx, const float *dy, cons
         dx[(size_t)row * C + c] += rstd[row] * (dyr[c] * w[c] - sum_d / C - xhat * sum_dx / C);
     }
 }
+// Exercise 6 ends here.
 
 // ... and for the parameters (one thread per channel): dw += sum_rows dy xhat, db += sum_rows dy.
 __global__ void layernorm_backward_params_kernel(float *dw, float *db, const float *dy, const float *x,
@@ -1109,17 +1124,20 @@ __global__ void bias_backward_kernel(float *db, const float *dy, int rows, int c
     db[o] += sum;
 }
 
-// The paper's GELU: gelu(x) = x sigmoid(1.702 x). Backward: d/dx = s + 1.702 x s (1 - s).
+// The paper's GELU: gelu(x) = x sigmoid(1.702 x).
 __global__ void gelu_forward_kernel(float *y, const float *x, size_t n) {
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e < n) y[e] = x[e] / (1.0f + expf(-1.702f * x[e]));
 }
+// Exercise 7 starts here: the GELU's backward.
+// Backward, with s = sigmoid(1.702 x): d gelu / dx = s + 1.702 x s (1 - s).
 __global__ void gelu_backward_kernel(float *dx, const float *dy, const float *x, size_t n) {
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= n) return;
     const float s = 1.0f / (1.0f + expf(-1.702f * x[e]));
     dx[e] = dy[e] * (s + 1.702f * x[e] * s * (1.0f - s));
 }
+// Exercise 7 ends here.
 
 // (B, T, 3C) -> q, k, v (B, H, T, D), and back. `to_heads` chooses the direction, so that the forward
 // and the backward of both re-layouts share one index computation.
@@ -1244,11 +1262,12 @@ __global__ void __launch_bounds__(THREADS)
 attention_decode_kernel(float *out, const float *qkv, const float *kcache, const float *vcache, float *scores,
                         const Step *steps, const int *n_steps, int i, int T) {
     const int h = blockIdx.x;
-    const float *q = qkv + h * D;
     kcache += (size_t)h * T * D, vcache += (size_t)h * T * D, scores += (size_t)h * T;
     const Step *mine = steps + 2 * h;
     // 1.
     int count = 0;
+    // Exercise 8 starts here: the keys a new byte sees.
+    const float *q = qkv + h * D;
     for (int s = 0; s < n_steps[h]; s++) {
         const int p = step_query_slot(mine[s], i);
         int lo, hi;
@@ -1261,6 +1280,7 @@ attention_decode_kernel(float *out, const float *qkv, const float *kcache, const
         }
         count += hi >= lo ? hi - lo + 1 : 0;
     }
+    // Exercise 8 ends here.
     __syncthreads();
     // 2.
     float top = -INFINITY, sum = 0.0f;

@@ -7,14 +7,16 @@ counted on the allowed pairs only (FlashAttention's convention: 4 D flops per pa
 that backward, so 14 D per pair in all), and the bytes the attention itself allocated (tile layout
 and backward workspace: linear in n, never n x n). Each precision ends with a summary line:
   bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
-         pairs_ratio=<dense pairs / sparse pairs> sparse_exponent=<e> dense_exponent=<e>
-with the exponents of time ~ n^e fitted by least squares on log-log over all sizes.
+         pairs_ratio=<dense pairs / sparse pairs> sparse_exponent=<e> dense_exponent=<e> crossover=<n>
+with the exponents of time ~ n^e fitted by least squares on log-log over all sizes, and the smallest
+n from which the sparse pattern is faster at every size ("none" if dense is faster at the largest).
 
-Flags: -max_ctx N (largest n; default 8192 on the CPU, 262144 on a GPU), -max_dense N (largest n for
-dense, whose time grows as n^2; default 65536), -batch B, -heads H (default 1 x 1 on the CPU, 4 x 4 on
-a GPU), -head_size D (64), -reps R (timed runs per size; default 1 on the CPU, 5 on a GPU),
--precision fp32|tf32|both (default: both on a GPU; the CPU build's fp32 on the CPU, where TF32 is
-only emulated and its speed means nothing).
+Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
+the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows as n^2; default 65536),
+-batch B, -heads H (default 1 x 1 on the CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed
+runs per size; default 1 on the CPU, 5 on a GPU), -precision fp32|tf32|both (default: both on a GPU;
+the CPU build's fp32 on the CPU, where TF32 is only emulated and its speed means nothing).
+`make bench BENCH_FLAGS="..."` passes flags.
 */
 #define _POSIX_C_SOURCE 199309L // clock_gettime
 #include <math.h>
@@ -72,7 +74,8 @@ static Result time_attention(const StPattern *pattern, int n, int B, int H, int 
     return r;
 }
 
-// Least-squares slope of log(ms) against log(n).
+// Exercise 9 starts here: the cost exponent and the crossover.
+// The exponent e of time ~ n^e: the least-squares slope of log(ms) against log(n).
 static double fitted_exponent(const Result *r, int count) {
     double sx = 0, sy = 0, sxx = 0, sxy = 0;
     for (int i = 0; i < count; i++) {
@@ -82,12 +85,21 @@ static double fitted_exponent(const Result *r, int count) {
     return (count * sxy - sx * sy) / (count * sxx - sx * sx);
 }
 
+// Where sparse starts to beat dense: the smallest n from which the sparse pattern is faster at every
+// n measured with both (dense[i] and sparse[i] have the same n), or 0 if dense is faster at the largest.
+static int crossover(const Result *dense, const Result *sparse, int both) {
+    int n = 0;
+    for (int i = both - 1; i >= 0 && sparse[i].ms < dense[i].ms; i--) n = dense[i].n;
+    return n;
+}
+// Exercise 9 ends here.
+
 static void print_row(const char *name, const Result *r, int D) {
-    printf("%7d  %-16s %-5s %14.0f %11.2f %9.3g %12zu\n", r->n, name, st_precision_name(st_get_precision()), r->pairs,
+    printf("%7d  %-16s %-5s %14.0f %11.3f %9.3g %12zu\n", r->n, name, st_precision_name(st_get_precision()), r->pairs,
            r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes);
 }
 
-#define FLAGS "(flags: -max_ctx -max_dense -batch -heads -head_size -reps -precision fp32|tf32|both)"
+#define FLAGS "(flags: -min_ctx -max_ctx -max_dense -batch -heads -head_size -reps -precision fp32|tf32|both)"
 static int flag_value(int argc, char **argv, int i) {
     char *end;
     long value = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
@@ -98,11 +110,11 @@ static int flag_value(int argc, char **argv, int i) {
     return (int)value;
 }
 
-// One precision: dense up to max_dense and strided/merged up to max_ctx, then the summary line.
-static void bench(int max_ctx, int max_dense, int B, int H, int D, int reps) {
+// One precision: from min_ctx, dense up to max_dense and strided/merged up to max_ctx, then the summary line.
+static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, int reps) {
     Result dense[32], sparse[32];
     int sizes = 0, both = 0;
-    for (int n = 1024; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
+    for (int n = min_ctx; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
         if (n <= max_dense) {
             const StPattern dense_pattern = {ST_DENSE, ST_INTERLEAVED, 0, 0, 0};
             dense[both++] = time_attention(&dense_pattern, n, B, H, D, reps);
@@ -115,17 +127,19 @@ static void bench(int max_ctx, int max_dense, int B, int H, int D, int reps) {
         print_row(name, &sparse[sizes], D);
         fflush(stdout);
     }
-    if (both == 0) { fprintf(stderr, "-max_ctx and -max_dense must be at least 1024\n"); exit(1); }
+    if (both == 0) { fprintf(stderr, "-max_ctx and -max_dense must be at least -min_ctx (%d)\n", min_ctx); exit(1); }
     const Result *d = &dense[both - 1], *s = &sparse[both - 1];
-    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%.2f dense_exponent=%.2f\n",
-           st_precision_name(st_get_precision()), d->n, d->ms / s->ms, d->pairs / s->pairs,
-           fitted_exponent(sparse, sizes), fitted_exponent(dense, both));
+    char where[32] = "none";
+    if (crossover(dense, sparse, both)) snprintf(where, sizeof where, "%d", crossover(dense, sparse, both));
+    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%.2f dense_exponent=%.2f "
+           "crossover=%s\n", st_precision_name(st_get_precision()), d->n, d->ms / s->ms, d->pairs / s->pairs,
+           fitted_exponent(sparse, sizes), fitted_exponent(dense, both), where);
 }
 
 int main(int argc, char **argv) {
     const char *device = st_device_init();
     const int on_gpu = st_device_is_gpu();
-    int max_ctx = on_gpu ? 262144 : 8192, max_dense = 65536, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64;
+    int min_ctx = 1024, max_ctx = on_gpu ? 262144 : 8192, max_dense = 65536, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64;
     int reps = on_gpu ? 5 : 1, first = st_get_precision(), last = on_gpu ? ST_TF32 : first;
     if (on_gpu) first = ST_FP32;
     for (int i = 1; i < argc; i += 2) {
@@ -136,7 +150,8 @@ int main(int argc, char **argv) {
             continue;
         }
         int value = flag_value(argc, argv, i);
-        if (strcmp(argv[i], "-max_ctx") == 0) max_ctx = value;
+        if (strcmp(argv[i], "-min_ctx") == 0) min_ctx = value;
+        else if (strcmp(argv[i], "-max_ctx") == 0) max_ctx = value;
         else if (strcmp(argv[i], "-max_dense") == 0) max_dense = value;
         else if (strcmp(argv[i], "-batch") == 0) B = value;
         else if (strcmp(argv[i], "-heads") == 0) H = value;
@@ -149,7 +164,7 @@ int main(int argc, char **argv) {
     printf("%7s  %-16s %-5s %14s %11s %9s %12s\n", "n", "pattern", "prec", "allowed pairs", "ms", "TFLOP/s", "bytes");
     for (int p = first; p <= last; p++) {
         st_set_precision((StPrecision)p);
-        bench(max_ctx, max_dense, B, H, D, reps);
+        bench(min_ctx, max_ctx, max_dense, B, H, D, reps);
     }
     return 0;
 }
