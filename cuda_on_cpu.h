@@ -237,6 +237,7 @@ struct BlockState {
     const char *kernel;         // for error messages
     void (*body)(void *);       // runs the kernel for the current threadIdx
     void *body_arg;
+    unsigned warp_waiters;      // fibers now waiting at a warp-collective operation
 };
 static thread_local BlockState block_state;
 
@@ -267,6 +268,7 @@ inline void wait_at(const char *file, int line, const char *what, WarpOp op) {
     bs.current->barrier_file = file;
     bs.current->barrier_line = line;
     bs.current->warp_op = op;
+    if (op.run) bs.warp_waiters++;
     switch_context(&bs.current->context, &bs.scheduler);
 }
 inline void syncthreads(const char *file, int line) { wait_at(file, line, "__syncthreads()", WarpOp{NULL, NULL}); }
@@ -319,21 +321,24 @@ inline void start_thread(Fiber *f, uint3 thread) {
 inline uint3 thread_of(unsigned t, dim3 block) {
     return uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
 }
-inline unsigned linear_id(uint3 t, dim3 block) { return t.x + block.x * (t.y + block.y * t.z); }
+// Whether two fibers wait at the same place (the same file pointer, almost always, or an equal name).
+inline bool same_place(const Fiber *a, const Fiber *b) {
+    return a->barrier_line == b->barrier_line &&
+           (a->barrier_file == b->barrier_file || strcmp(a->barrier_file, b->barrier_file) == 0);
+}
 
 // Runs the warp-collective operations that whole warps wait at, and resumes those warps. Returns false
 // when no warp waits at one (then every live thread waits at __syncthreads()). A warp whose lanes are
 // not all at the same operation (one finished, or waits elsewhere) aborts with both places named.
-inline bool run_warp_ops(unsigned n, dim3 block) {
+inline bool run_warp_ops(unsigned n, bool reverse) {
     BlockState &bs = block_state;
+    if (bs.warp_waiters == 0) return false;
+    bs.warp_waiters = 0; // every waiting warp runs below, or the block aborts
     bool any = false;
     for (unsigned w = 0; w * 32 < n; w++) {
         const unsigned count = n - w * 32 < 32 ? n - w * 32 : 32;
-        Fiber *warp[32]; // the warp's lanes, in lane order
-        for (unsigned k = 0; k < n; k++) {
-            const unsigned t = linear_id(bs.fibers[k]->thread, block);
-            if (t / 32 == w) warp[t % 32] = bs.fibers[k];
-        }
+        Fiber *warp[32] = {}; // the warp's lanes, in lane order: fiber k runs thread k (n - 1 - k in reverse)
+        for (unsigned l = 0; l < count; l++) warp[l] = bs.fibers[reverse ? n - 1 - (w * 32 + l) : w * 32 + l];
         unsigned first = 0;
         while (first < count && (warp[first]->finished || !warp[first]->warp_op.run)) first++;
         if (first == count) continue;
@@ -341,8 +346,7 @@ inline bool run_warp_ops(unsigned n, dim3 block) {
         void *args[32];
         for (unsigned l = 0; l < count; l++) {
             const Fiber *f = warp[l];
-            if (f->finished || f->warp_op.run != op->warp_op.run || f->barrier_line != op->barrier_line ||
-                strcmp(f->barrier_file, op->barrier_file) != 0) {
+            if (f->finished || f->warp_op.run != op->warp_op.run || !same_place(f, op)) {
                 char msg[512], where[256];
                 if (f->finished) snprintf(where, sizeof where, "has finished");
                 else snprintf(where, sizeof where, "waits at %s:%d", f->barrier_file, f->barrier_line);
@@ -366,6 +370,7 @@ inline void run_block(void) {
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     const bool reverse = reverse_order();
     auto nth = [&](unsigned k) { return reverse ? n - 1 - k : k; };
+    bs.warp_waiters = 0;
 
     // The first thread as a fiber: it tells whether this kernel uses barriers.
     start_thread(fiber(0), thread_of(nth(0), blockDim));
@@ -381,7 +386,7 @@ inline void run_block(void) {
     for (;;) {
         // Every thread now waits at a barrier or has finished. Warps waiting at a collective go first;
         // when none is left, all live threads must be at the same __syncthreads().
-        if (run_warp_ops(n, blockDim)) continue;
+        if (run_warp_ops(n, reverse)) continue;
         const Fiber *waiting = NULL, *exited = NULL;
         for (unsigned k = 0; k < n; k++) {
             const Fiber *f = bs.fibers[k];
@@ -389,8 +394,7 @@ inline void run_block(void) {
                 exited = f;
                 continue;
             }
-            if (waiting && (f->barrier_line != waiting->barrier_line ||
-                            strcmp(f->barrier_file, waiting->barrier_file) != 0)) {
+            if (waiting && !same_place(f, waiting)) {
                 char msg[512];
                 snprintf(msg, sizeof msg,
                          "threads wait at different barriers: thread %u at %s:%d, thread %u at %s:%d",

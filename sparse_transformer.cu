@@ -1044,19 +1044,18 @@ __global__ void embedding_forward_kernel(float *x, const int *tokens, const int 
     x[e] = wte[tokens[bt] * C + c] + wp0[p[0] * C + c] + wp1[p[1] * C + c] + wp2[p[2] * C + c];
 }
 
-// Backward of one embedding table: dtable[row, c] += sum over the (b, t) that used the row of dx[b, t, c].
-// One thread per (row, c). index(bt) = tokens[bt] for wte (stride 1), positions[3 t + factor] otherwise.
+// Backward of one embedding table: dtable[index(bt), c] += dx[bt, c] for every (b, t), in bt order.
+// One thread per channel c: it owns that column of the table, so no two threads add to one element,
+// and every sum runs in the same order on every run. index(bt) = tokens[bt] for wte, positions[3 t +
+// factor] for the position tables.
 __global__ void embedding_backward_kernel(float *dtable, const float *dx, const int *index, int per_t, int factor,
-                                          int rows, int BT, int T, int C) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (size_t)rows * C) return;
-    const int row = (int)(e / C), c = (int)(e % C);
-    float sum = 0.0f;
+                                          int BT, int T, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
     for (int bt = 0; bt < BT; bt++) {
-        const int used = per_t ? index[3 * (bt % T) + factor] : index[bt];
-        if (used == row) sum += dx[(size_t)bt * C + c];
+        const int row = per_t ? index[3 * (bt % T) + factor] : index[bt];
+        dtable[(size_t)row * C + c] += dx[(size_t)bt * C + c];
     }
-    dtable[e] += sum;
 }
 
 // y = (x - mean) / sqrt(var + 1e-5) * w + b over the C channels of each row; keeps mean and 1/std.
@@ -1759,13 +1758,10 @@ void st_model_backward(StModel *m) {
         layer_backward(m, l, acts_of(m, l), B);
     }
     // x = wte[token] + wp0[pos0] + wp1[pos1] + wp2[pos2]
-    LAUNCH(embedding_backward_kernel, blocks_for((size_t)VOCAB * C), BLOCK, 0, G(m, -1, WTE), m->dres, m->tokens, 0,
-           0, VOCAB, BT, m->T, C);
-    for (int f = 0; f < 3; f++) {
-        const int rows = m->tensors[WP0 + f].rows;
-        LAUNCH(embedding_backward_kernel, blocks_for((size_t)rows * C), BLOCK, 0, G(m, -1, WP0 + f), m->dres,
-               m->positions, 1, f, rows, BT, m->T, C);
-    }
+    LAUNCH(embedding_backward_kernel, blocks_for(C), BLOCK, 0, G(m, -1, WTE), m->dres, m->tokens, 0, 0, BT, m->T, C);
+    for (int f = 0; f < 3; f++)
+        LAUNCH(embedding_backward_kernel, blocks_for(C), BLOCK, 0, G(m, -1, WP0 + f), m->dres, m->positions, 1, f, BT,
+               m->T, C);
 }
 
 void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
