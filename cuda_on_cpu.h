@@ -10,7 +10,8 @@
 //     then the next one runs; when every thread waits at the same barrier they are all released.
 //     A barrier that some thread of the block does not reach (it waits elsewhere, or has returned)
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
-//   - Kernels without barriers are run as plain function calls, thread after thread (much cheaper).
+//   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
+//     calls the kernel directly (it is a template argument of launch, so the compiler can inline it).
 //     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
 //     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
@@ -236,6 +237,7 @@ struct BlockState {
     Fiber *current;             // the fiber running now, NULL in plain mode
     const char *kernel;         // for error messages
     void (*body)(void *);       // runs the kernel for the current threadIdx
+    void (*body_plain)(void *, unsigned, unsigned, bool); // runs it for threads first.. in a plain loop
     void *body_arg;
     unsigned warp_waiters;      // fibers now waiting at a warp-collective operation
 };
@@ -376,10 +378,7 @@ inline void run_block(void) {
     start_thread(fiber(0), thread_of(nth(0), blockDim));
     if (fiber(0)->finished) {
         bs.current = NULL;
-        for (unsigned k = 1; k < n; k++) {
-            threadIdx = thread_of(nth(k), blockDim);
-            bs.body(bs.body_arg);
-        }
+        bs.body_plain(bs.body_arg, 1, n, reverse);
         return;
     }
     for (unsigned k = 1; k < n; k++) start_thread(fiber(k), thread_of(nth(k), blockDim));
@@ -418,9 +417,15 @@ inline void run_block(void) {
     }
 }
 
-template <typename... Params, typename... Args>
-void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
-            Args... args) {
+// The parameter types of a kernel, as a tuple.
+template <typename K> struct KernelParams;
+template <typename... Params> struct KernelParams<void (*)(Params...)> { typedef std::tuple<Params...> type; };
+
+// The kernel is a template argument, so that the plain loop over a block's threads calls it directly
+// (inlined): a barrier-free kernel then costs about what the same loop written for the CPU costs.
+template <auto kernel, typename... Args>
+void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+    typedef typename KernelParams<decltype(kernel)>::type Params;
     if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535) {
         fprintf(stderr, "cuda_on_cpu: kernel %s launched with grid (%u, %u, %u): each must be >= 1, and y and z "
                         "at most 65535, as on a GPU\n", name, grid.x, grid.y, grid.z);
@@ -435,14 +440,16 @@ void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, 
                 name, shared_bytes, CUDA_EMU_MAX_SHARED_BYTES);
         exit(1);
     }
-    std::tuple<Params...> params(args...);
-    struct Call {
-        void (*kernel)(Params...);
-        std::tuple<Params...> *params;
-    } call = {kernel, &params};
-    auto body = [](void *p) {
-        Call *c = static_cast<Call *>(p);
-        std::apply(c->kernel, *c->params);
+    Params params(args...);
+    auto body = [](void *p) { std::apply(kernel, *static_cast<Params *>(p)); };
+    auto body_plain = [](void *p, unsigned first, unsigned n, bool reverse) {
+        const Params &params = *static_cast<Params *>(p);
+        const bool flat = blockDim.y == 1 && blockDim.z == 1;
+        for (unsigned k = first; k < n; k++) {
+            const unsigned t = reverse ? n - 1 - k : k;
+            threadIdx = flat ? uint3{t, 0, 0} : thread_of(t, blockDim);
+            std::apply(kernel, params);
+        }
     };
     const long blocks = (long)grid.x * grid.y * grid.z;
     const bool reverse = reverse_order();
@@ -452,7 +459,8 @@ void launch(const char *name, void (*kernel)(Params...), dim3 grid, dim3 block, 
         BlockState &bs = block_state;
         bs.kernel = name;
         bs.body = body;
-        bs.body_arg = &call;
+        bs.body_plain = body_plain;
+        bs.body_arg = &params;
         gridDim = grid;
         blockDim = block;
         blockIdx = uint3{unsigned(id % grid.x), unsigned(id / grid.x % grid.y),
@@ -605,4 +613,4 @@ inline void store_at(const char *file, int line, float *memory, const fragment<a
 
 // kernel<<<grid, block, shared_bytes>>>(args...) spelled as a macro both builds understand.
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \
-    cuda_emu::launch(#kernel, kernel, grid, block, shared_bytes, __VA_ARGS__)
+    cuda_emu::launch<kernel>(#kernel, grid, block, shared_bytes, __VA_ARGS__)
