@@ -144,8 +144,10 @@ float st_mulaw_decode(unsigned char byte);
 
 // The synthetic data set: lines of `period` bytes (lowercase letters and spaces, a newline last).
 // The first line is random; every later byte copies the byte one period back, except that with
-// probability `noise` it is a fresh random letter. A window shorter than the period cannot predict
-// it; a stride or block that divides the period can. Deterministic in `seed`.
+// probability `noise` it is a fresh random letter. Deterministic in `seed`. A model predicts byte
+// t + 1 at position t, so the byte to copy lies period - 1 back from the query: a window shorter than
+// that cannot reach it; one stride step reaches it when the stride divides period - 1 (65 and 16);
+// other strides need two steps, local then stride, which a small model learns far more slowly.
 void st_synthetic(unsigned char *out, size_t n, int period, double noise, unsigned long long seed);
 // The entropy of that source, in bits per byte, once the first line is seen: what a model can reach.
 double st_synthetic_entropy(int period, double noise);
