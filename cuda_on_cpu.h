@@ -39,7 +39,6 @@
 #include <vector>
 #include <cblas.h> // OpenBLAS: cublasSgemm
 #include <omp.h>
-#include <setjmp.h>
 #include <ucontext.h>
 
 // ----------------------------------------------------------------------------
@@ -185,10 +184,13 @@ namespace cuda_emu {
 const size_t FIBER_STACK_BYTES = 256 * 1024;
 const unsigned MAX_THREADS = 1024;
 
-// Switching between fibers. swapcontext also saves the signal mask, a system call each time;
-// _setjmp/_longjmp do not, and are about 20x cheaper, so they do the switching. A fresh stack can only
-// be entered with makecontext/swapcontext, which is used once per fiber. AddressSanitizer follows
-// swapcontext but not jumps between stacks, so the sanitizer build switches with swapcontext only.
+// Switching between fibers. swapcontext also saves the signal mask, a system call each time. The
+// compiler's __builtin_setjmp/__builtin_longjmp (what GCC's setjmp-longjmp exceptions use) keep only
+// the stack and frame pointers and the place to resume: the function that calls __builtin_setjmp saves
+// every other register itself. That is several times cheaper again than libc's _setjmp/_longjmp, which
+// also mangle the pointers and unwind cleanup handlers. A fresh stack can only be entered with
+// makecontext/swapcontext, which is used once per fiber. AddressSanitizer follows swapcontext but not
+// jumps between stacks, so the sanitizer build switches with swapcontext only.
 #if defined(__SANITIZE_ADDRESS__) // g++ says so; clang answers __has_feature
 #define CUDA_EMU_ASAN 1
 #elif defined(__has_feature)
@@ -201,13 +203,15 @@ typedef ucontext_t Context;
 inline void switch_context(Context *from, Context *to) { swapcontext(from, to); }
 inline void enter_new_stack(Context *from, ucontext_t *start) { swapcontext(from, start); }
 #else
-struct Context { jmp_buf jump; };
+struct Context { void *jump[5]; };
+// (__builtin_longjmp may not be called from the function that called __builtin_setjmp)
+__attribute__((noinline)) inline void jump_to(Context *to) { __builtin_longjmp(to->jump, 1); }
 inline void switch_context(Context *from, Context *to) {
-    if (_setjmp(from->jump) == 0) _longjmp(to->jump, 1);
+    if (__builtin_setjmp(from->jump) == 0) jump_to(to);
 }
 inline void enter_new_stack(Context *from, ucontext_t *start) {
-    ucontext_t abandoned; // the fiber comes back with _longjmp to `from`, never to this
-    if (_setjmp(from->jump) == 0) swapcontext(&abandoned, start);
+    ucontext_t abandoned; // the fiber comes back with a jump to `from`, never to this
+    if (__builtin_setjmp(from->jump) == 0) swapcontext(&abandoned, start);
 }
 #endif
 

@@ -326,12 +326,13 @@ static __host__ __device__ inline void step_key_range(const Step &st, int p, int
     }
 }
 
-static __host__ __device__ inline bool step_allows_slots(const Step &st, int p, int s) {
+// The keys of the query in slot p are the key slots lo..hi; none (hi < lo) for a padding slot. Every
+// slot of a range is a real key (padding only ends a column), so the pair (p, s) is allowed exactly
+// when lo <= s <= hi: a kernel's mask is two comparisons per pair, its row's range computed once.
+static __host__ __device__ inline void step_slot_range(const Step &st, int p, int *lo, int *hi) {
     const int i = step_query_position(st, p);
-    if (i < 0 || step_key_position(st, s) < 0) return false;
-    int lo, hi;
-    step_key_range(st, p, i, &lo, &hi);
-    return lo <= s && s <= hi;
+    *lo = 0, *hi = -1;
+    if (i >= 0) step_key_range(st, p, i, lo, hi);
 }
 
 static Step make_step(int kind, int n, const StPattern *p, int head, int exclusive) {
@@ -391,9 +392,8 @@ static TileRange query_tile_range(const Step &st, int qt, double *allowed) {
     int lo_min = INT_MAX, hi_max = -1, lo_max = -1, hi_min = INT_MAX;
     bool every_row_real = true; // a real query with a non-empty range in every row of the tile
     for (int p = qt * TILE; p < (qt + 1) * TILE; p++) {
-        const int i = step_query_position(st, p);
-        int lo = 0, hi = -1;
-        if (i >= 0) step_key_range(st, p, i, &lo, &hi);
+        int lo, hi;
+        step_slot_range(st, p, &lo, &hi);
         if (hi < lo) { every_row_real = false; continue; }
         *allowed += hi - lo + 1;
         lo_min = lo < lo_min ? lo : lo_min;
@@ -547,8 +547,10 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_
         wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         __syncthreads();
     }
+    int lo = 0, hi = -1; // the keys of this thread's row r (section 3)
+    if (st && !full) step_slot_range(*st, p0 + r, &lo, &hi);
     for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) {
-        const bool allowed = !st || full || step_allows_slots(*st, p0 + r, s0 + c);
+        const bool allowed = !st || full || (lo <= s0 + c && s0 + c <= hi);
         if (!allowed) S_s[r * S::SROW + c] = -INFINITY;
         else if (!TF32) S_s[r * S::SROW + c] = row_dot<D>(A_s + r * S::ROW, B_s + c * S::ROW);
     }
