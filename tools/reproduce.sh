@@ -16,7 +16,7 @@
 # EVAL_BYTES of the validation split (all runs of a task the same bytes).
 #
 # Usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]     (default OUT: build/reproduce/MODE)
-#   cpu    about 25 minutes on 2 CPU cores (budget 45)
+#   cpu    about 15 minutes on 2 CPU cores (budget 45)
 #   gpu    a larger model and more steps for one H200 (budget 30 minutes; not run yet)
 #   quick  a few steps of tiny models, to check that the script works (CI)
 set -euo pipefail
