@@ -16,11 +16,11 @@ cd "$(dirname "$0")/.."
 SAVED=build/exercises
 
 fail() { echo "exercise.sh: $*" >&2; exit 1; }
-usage() { fail "usage: tools/exercise.sh list | N start | N check | N reset | reset   (N from: $(numbers | tr '\n' ' '))"; }
-numbers() { ls tools/exercises/ | sed -n 's/^\([0-9]*\)-.*\.txt$/\1/p' | sort -n; }
+usage() { fail "usage: tools/exercise.sh list | N start | N check | N reset | reset   (N from: $(numbers))"; }
+numbers() { ls tools/exercises/ | sed -n 's/^\([0-9]*\)-.*\.txt$/\1/p' | sort -n | paste -sd' '; }
 spec() {
     local found=(tools/exercises/"$1"-*.txt)
-    [[ "$1" =~ ^[0-9]+$ && -f "${found[0]}" ]] || fail "there is no exercise $1 (the exercises: $(numbers | tr '\n' ' '))"
+    [[ "$1" =~ ^[0-9]+$ && -f "${found[0]}" ]] || fail "there is no exercise $1 (the exercises: $(numbers))"
     echo "${found[0]}"
 }
 field() { sed -n "s/^$2: //p" "$1" | head -n 1; }
@@ -92,7 +92,7 @@ case "${1:-}-${2:-}" in
 list-)
     for n in $(numbers); do
         s=$(spec "$n")
-        printf '%-60s %s\n' "$(title "$s")" "$([ -f "$SAVED/$n.orig" ] && echo started || true)"
+        echo "$(title "$s")$([ -f "$SAVED/$n.orig" ] && echo "   (started)" || true)"
     done ;;
 reset-)
     for n in $(numbers); do [ ! -f "$SAVED/$n.orig" ] || reset "$n"; done ;;
