@@ -583,23 +583,30 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
         }
         __syncthreads();
     }
-    #pragma unroll
-    for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-        const int row = warp + WARPS * mi;
+    // The sums of this thread's rows (warp + WARPS mi) and columns (lane + 32 u): each one a dot product
+    // summed in c order, all of them advancing together, one c at a time (independent sums, which a
+    // CPU can overlap; a GPU unrolls them all anyway).
+    float sum[S::OWN_ROWS][S::OWN_COLS] = {};
+    if constexpr (TF32) {
         #pragma unroll
-        for (int u = 0; u < S::OWN_COLS; u++) {
-            const int col = lane + 32 * u;
-            float sum = 0.0f;
-            if constexpr (TF32) {
-                sum = scratch_s[row * S::ROW + col];
-            } else {
-                #pragma unroll 8
-                for (int c = 0; c < TILE; c++)
-                    sum += (TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c]) * B_s[c * S::ROW + col];
+        for (int mi = 0; mi < S::OWN_ROWS; mi++)
+            #pragma unroll
+            for (int u = 0; u < S::OWN_COLS; u++) sum[mi][u] = scratch_s[(warp + WARPS * mi) * S::ROW + lane + 32 * u];
+    } else {
+        #pragma unroll 4
+        for (int c = 0; c < TILE; c++)
+            #pragma unroll
+            for (int mi = 0; mi < S::OWN_ROWS; mi++) {
+                const int row = warp + WARPS * mi;
+                const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
+                #pragma unroll
+                for (int u = 0; u < S::OWN_COLS; u++) sum[mi][u] += a * B_s[c * S::ROW + lane + 32 * u];
             }
-            acc[mi][u] += sum;
-        }
     }
+    #pragma unroll
+    for (int mi = 0; mi < S::OWN_ROWS; mi++)
+        #pragma unroll
+        for (int u = 0; u < S::OWN_COLS; u++) acc[mi][u] += sum[mi][u];
     if constexpr (TF32) __syncthreads();
 }
 
