@@ -503,13 +503,6 @@ __device__ static void load_row_values(float *dst, const float *x, const Step &s
     }
 }
 
-// dot(a_row, b_row) of two rows of (TILE, D) shared tiles.
-template <int D> __device__ static inline float row_dot(const float *a, const float *b) {
-    float sum = 0.0f;
-    for (int x = 0; x < D; x++) sum += a[x] * b[x];
-    return sum;
-}
-
 using namespace nvcuda; // wmma: <mma.h> on the GPU, cuda_on_cpu.h on the CPU
 // Tensor-core operands: a 16 x 8 slice of A, an 8 x 16 slice of B, a 16 x 16 float accumulator.
 template <typename Layout> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, Layout>;
@@ -525,9 +518,11 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 
 // S = A B^T for two (TILE, D) shared tiles A and B: the (TILE, TILE) tile of dot products of their rows.
 // With a step (st != NULL) and a tile pair that is not full, the pairs the step does not allow get
-// -inf instead: the float32 body skips their dot products; the tensor cores compute the whole tile
-// (each warp a 16 x 16 quarter, then a barrier) and the mask follows. Either way each thread ends by
-// writing the entries it owns in the score tile's ownership, which later passes can rely on.
+// -inf instead. The float32 body computes this thread's TILE / WARPS dot products (row r, columns
+// c0 + WARPS m) together, one term at a time, each summed in x order: independent sums, which a CPU
+// overlaps. The tensor cores compute the whole tile (each warp a 16 x 16 quarter, then a barrier).
+// Then the mask, and each thread writes the entries it owns in the score tile's ownership, which
+// later passes can rely on.
 template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_s, const Step *st, int p0, int s0,
                                    bool full) {
@@ -547,12 +542,23 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_
         wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         __syncthreads();
     }
+    const int c0 = threadIdx.x / TILE;
     int lo = 0, hi = -1; // the keys of this thread's row r (section 3)
     if (st && !full) step_slot_range(*st, p0 + r, &lo, &hi);
-    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) {
+    float dot[TILE / WARPS] = {};
+    if (!TF32 && (!st || full || (lo < s0 + TILE && hi >= s0))) { // (a row with no key here: nothing)
+        for (int x = 0; x < D; x++) {
+            const float a = A_s[r * S::ROW + x];
+            #pragma unroll
+            for (int m = 0; m < TILE / WARPS; m++) dot[m] += a * B_s[(c0 + WARPS * m) * S::ROW + x];
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < TILE / WARPS; m++) {
+        const int c = c0 + WARPS * m;
         const bool allowed = !st || full || (lo <= s0 + c && s0 + c <= hi);
         if (!allowed) S_s[r * S::SROW + c] = -INFINITY;
-        else if (!TF32) S_s[r * S::SROW + c] = row_dot<D>(A_s + r * S::ROW, B_s + c * S::ROW);
+        else if (!TF32) S_s[r * S::SROW + c] = dot[m];
     }
 }
 
