@@ -5,9 +5,8 @@
 //
 // How it works:
 //   - A launch runs the grid's blocks in parallel over OpenMP threads, one block per OS thread at a time.
-//   - The threads of a block run as fibers (stacks of their own, switched with _setjmp/_longjmp; see
-//     switch_context): each runs until it reaches __syncthreads(),
-//     then the next one runs; when every thread waits at the same barrier they are all released.
+//   - The threads of a block run as fibers (stacks of their own, switched with the compiler's
+//     __builtin_setjmp; see switch_context): each runs until it reaches __syncthreads(), then the next one runs; when every thread waits at the same barrier they are all released.
 //     A barrier that some thread of the block does not reach (it waits elsewhere, or has returned)
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
