@@ -1206,25 +1206,57 @@ __global__ void crossentropy_kernel(float *losses, float *dlogits, const float *
         dlogits[(size_t)r * V + i] = (expf(z[i] - top) / sum - (i == targets[r] ? 1.0f : 0.0f)) / BT;
 }
 
-// Sum of squares of the gradient, in partial sums the host adds up (one per thread, fixed order).
-__global__ void sum_squares_kernel(float *partial, const float *x, size_t n) {
+// Deterministic sums that stay on the device, so that a training step never waits for the host. Two
+// passes, each in a fixed order whatever the hardware:
+//   1. partial_sums_kernel: each of the SUM_GRID * BLOCK threads adds a strided slice of x (or of its
+//      squares) in float;
+//   2. one block of THREADS threads adds the partials in double (block_reduce).
+// Used for the gradient's global norm (clip_scale_kernel) and for the mean loss (mean_kernel).
+#define SUM_GRID 64
+__global__ void partial_sums_kernel(float *partial, const float *x, size_t n, int squares) {
     const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x, threads = (size_t)gridDim.x * blockDim.x;
     float sum = 0.0f;
-    for (size_t e = t; e < n; e += threads) sum += x[e] * x[e];
+    for (size_t e = t; e < n; e += threads) sum += squares ? x[e] * x[e] : x[e];
     partial[t] = sum;
 }
 
-#define NORM_GRID 64 // blocks of sum_squares_kernel: NORM_GRID * BLOCK partial sums
+// Block-wide max or sum of one value per thread (THREADS threads), through shared memory: a tree whose
+// shape, and so whose rounding, is fixed.
+template <typename F>
+__device__ static F block_reduce(F value, bool is_max) {
+    __shared__ F tree[THREADS];
+    __syncthreads(); // the previous reduction's reads are done
+    tree[threadIdx.x] = value;
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        __syncthreads();
+        if ((int)threadIdx.x < half) {
+            const F other = tree[threadIdx.x + half];
+            tree[threadIdx.x] = is_max ? (other > tree[threadIdx.x] ? other : tree[threadIdx.x]) : tree[threadIdx.x] + other;
+        }
+    }
+    __syncthreads();
+    return tree[0];
+}
 
-// The gradient's global norm from the partial sums, and the factor that clips it to `clip`: one
-// thread sums the partials in order, in double (deterministic), so the host never waits for it.
-// norm_scale: (2) the norm, then the factor.
-__global__ void clip_scale_kernel(float *norm_scale, const float *partial, size_t count, float clip) {
+// Pass 2 of a sum (one block of THREADS threads): the SUM_GRID * BLOCK partials, in double.
+__device__ static double sum_partials(const float *partial) {
     double sum = 0.0;
-    for (size_t i = 0; i < count; i++) sum += partial[i];
-    const float norm = (float)sqrt(sum);
+    for (int i = threadIdx.x; i < SUM_GRID * BLOCK; i += THREADS) sum += partial[i];
+    return block_reduce(sum, false);
+}
+
+// The gradient's global norm, and the factor that clips it to `clip`. norm_scale: (2) the norm, then the factor.
+__global__ void clip_scale_kernel(float *norm_scale, const float *partial, float clip) {
+    const float norm = (float)sqrt(sum_partials(partial));
+    if (threadIdx.x != 0) return;
     norm_scale[0] = norm;
     norm_scale[1] = clip > 0.0f && norm > clip ? clip / norm : 1.0f;
+}
+
+// The mean of n values from their partial sums (the loss of a batch).
+__global__ void mean_kernel(float *mean, const float *partial, size_t n) {
+    const double sum = sum_partials(partial);
+    if (threadIdx.x == 0) *mean = (float)(sum / n);
 }
 
 // AdamW on one parameter (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments.
@@ -1248,22 +1280,6 @@ __global__ void cache_append_kernel(float *kcache, float *vcache, const float *q
     const int h = e / D, d = e % D;
     kcache[((size_t)h * T + i) * D + d] = qkv[C + e];
     vcache[((size_t)h * T + i) * D + d] = qkv[2 * C + e];
-}
-
-// Block-wide max or sum of one value per thread (THREADS threads), through shared memory.
-__device__ static float block_reduce(float value, bool is_max) {
-    __shared__ float partial[THREADS];
-    __syncthreads(); // the previous reduction's reads are done
-    partial[threadIdx.x] = value;
-    for (int half = THREADS / 2; half > 0; half /= 2) {
-        __syncthreads();
-        if ((int)threadIdx.x < half) {
-            const float other = partial[threadIdx.x + half];
-            partial[threadIdx.x] = is_max ? fmaxf(partial[threadIdx.x], other) : partial[threadIdx.x] + other;
-        }
-    }
-    __syncthreads();
-    return partial[0];
 }
 
 // The new byte's attention, one block per head:  out_h = sum_j softmax_j(q_h . k_hj / sqrt(D)) v_hj
@@ -1374,7 +1390,7 @@ struct StModel {
     float *dres, *dscratch, *dbig;   // gradient scratch: (B, T, C), (B, T, C), (B, T, max(3C, F))
     float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
     float *act_base;                 // the one buffer all of the above are carved from
-    float *partial;                  // (grid of sum_squares_kernel), then the norm and the clip factor
+    float *partial;                  // (SUM_GRID * BLOCK) partial sums, then the norm, the clip factor, the loss
     // incremental decoding (B = 1): each head's steps per layer, and scratch for one byte
     Step *decode_steps;              // (L, H, 2) on the device
     int *decode_n_steps;             // (L, H) on the device
@@ -1539,7 +1555,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     m->attention = (StAttention **)st_host_alloc(m->L * sizeof(StAttention *));
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
-    m->partial = (float *)st_malloc((NORM_GRID * BLOCK + 2) * sizeof(float));
+    m->partial = (float *)st_malloc((SUM_GRID * BLOCK + 3) * sizeof(float));
     Step *steps = (Step *)host_zeroed((size_t)m->L * m->H * 2 * sizeof(Step));
     int *n_steps = (int *)st_host_alloc((size_t)m->L * m->H * sizeof(int));
     for (int l = 0; l < m->L; l++)
@@ -1727,8 +1743,8 @@ void st_model_set_recompute(StModel *m, int recompute) {
 
 static LayerActs *acts_of(StModel *m, int layer) { return &m->acts[m->cfg.recompute ? 0 : layer]; }
 
-float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B, int training,
-                       unsigned long long seed) {
+void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B, int training,
+                      unsigned long long seed) {
     ensure_activations(m, B);
     m->B = B, m->training = training, m->dropout_seed = seed;
     const size_t BT = (size_t)B * m->T, C = m->C;
@@ -1746,17 +1762,20 @@ float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned c
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->residual + (size_t)m->L * BT * C, P(m, m->L, LNFW),
                       P(m, m->L, LNFB), BT, C);
     matmul_forward(m, m->logits, m->lnf, P(m, m->L, OUTW), NULL, BT, C, VOCAB);
-    double loss = 0.0;
+    float *loss = m->partial + SUM_GRID * BLOCK + 2;
     if (targets) {
         LAUNCH(crossentropy_kernel, blocks_for(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
-        float *losses = (float *)st_host_alloc(BT * sizeof(float));
-        st_to_host(losses, m->losses, BT * sizeof(float));
-        for (size_t i = 0; i < BT; i++) loss += losses[i];
-        loss /= BT;
-        free(losses);
+        LAUNCH(partial_sums_kernel, SUM_GRID, BLOCK, 0, m->partial, m->losses, BT, 0);
+        LAUNCH(mean_kernel, 1, THREADS, 0, loss, m->partial, BT);
+    } else {
+        cudaCheck(cudaMemset(loss, 0, sizeof(float)));
     }
     free(host);
-    return (float)loss;
+}
+float st_model_loss(const StModel *m) {
+    float loss;
+    st_to_host(&loss, m->partial + SUM_GRID * BLOCK + 2, sizeof loss);
+    return loss;
 }
 
 void st_model_backward(StModel *m) {
@@ -1780,9 +1799,9 @@ void st_model_backward(StModel *m) {
 }
 
 void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
-    float *norm_scale = m->partial + NORM_GRID * BLOCK;
-    LAUNCH(sum_squares_kernel, NORM_GRID, BLOCK, 0, m->partial, m->grads, m->n_params);
-    LAUNCH(clip_scale_kernel, 1, 1, 0, norm_scale, m->partial, (size_t)NORM_GRID * BLOCK, clip);
+    float *norm_scale = m->partial + SUM_GRID * BLOCK;
+    LAUNCH(partial_sums_kernel, SUM_GRID, BLOCK, 0, m->partial, m->grads, m->n_params, 1);
+    LAUNCH(clip_scale_kernel, 1, THREADS, 0, norm_scale, m->partial, clip);
     const float beta1 = 0.9f, beta2 = 0.95f;
     const float c1 = 1.0f - powf(beta1, (float)step), c2 = 1.0f - powf(beta2, (float)step);
     for (int i = 0; i < m->n_tensors; i++) {
@@ -1794,7 +1813,7 @@ void st_model_update(StModel *m, float lr, float weight_decay, float clip, int s
 }
 float st_model_grad_norm(const StModel *m) {
     float norm;
-    st_to_host(&norm, m->partial + NORM_GRID * BLOCK, sizeof norm);
+    st_to_host(&norm, m->partial + SUM_GRID * BLOCK, sizeof norm);
     return norm;
 }
 

@@ -183,10 +183,13 @@ typedef enum { ST_PARAMS, ST_GRADS, ST_ADAM_M, ST_ADAM_V } StBuffer;
 const char *st_model_check(const StModelConfig *c); // NULL if usable, else a one-line message
 StModel *st_model_create(const StModelConfig *c, unsigned long long seed); // exits 1 if not usable
 void st_model_free(StModel *m);
-// inputs, targets: (B, T) bytes on the host (targets may be NULL). Returns the mean cross-entropy in
-// nats (0 without targets). training = 1 applies dropout, with masks drawn from `seed`.
-float st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B,
-                       int training, unsigned long long seed);
+// inputs, targets: (B, T) bytes on the host (targets may be NULL). training = 1 applies dropout, with
+// masks drawn from `seed`. Like the backward and the update, it queues its work on the device and
+// returns without waiting for it: a training step never waits. st_model_loss waits and returns the
+// last forward's mean cross-entropy in nats (0 without targets).
+void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B,
+                      int training, unsigned long long seed);
+float st_model_loss(const StModel *m);
 void st_model_backward(StModel *m); // gradients of the last forward's loss (overwritten)
 // One AdamW step (t = step, from 1): clips the gradient to global norm `clip` (if > 0), decays
 // matrices only. It runs on the device without waiting for it (the norm never visits the host);

@@ -715,6 +715,13 @@ static void random_batch(unsigned char *inputs, unsigned char *targets, int B, i
     }
 }
 
+// The mean loss of one forward (st_model_loss waits for the device).
+static double forward_loss(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B, int training,
+                           unsigned long long seed) {
+    st_model_forward(m, inputs, targets, B, training, seed);
+    return st_model_loss(m);
+}
+
 // Every tensor's gradient against a central difference of the loss along a direction u in that
 // tensor's own coordinates: (L(p + eps u) - L(p - eps u)) / (2 eps) = g . u + O(eps^2).
 // u mixes g / |g| (largest signal: a gradient wrong in size or direction changes g . u) with a random
@@ -758,7 +765,7 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
             memcpy(q, p, n * sizeof(float));
             for (size_t i = 0; i < size; i++) q[offset + i] += (float)((side ? -eps : eps) * u[i]);
             st_model_set(m, ST_PARAMS, q);
-            loss[side] = st_model_forward(m, inputs, targets, B, 1, seed);
+            loss[side] = forward_loss(m, inputs, targets, B, 1, seed);
         }
         const double fd = (loss[0] - loss[1]) / (2 * eps), err = fabs(fd - gu);
         const double of_tolerance = err / fmax(5e-3 * fabs(gu), 1e-4);
@@ -818,7 +825,7 @@ static void test_model_tf32(void) {
         double loss[2];
         for (int prec = 0; prec < 2; prec++) {
             st_set_precision((StPrecision)prec);
-            loss[prec] = st_model_forward(m, inputs, targets, B, 1, 5);
+            loss[prec] = forward_loss(m, inputs, targets, B, 1, 5);
             st_model_backward(m);
             st_model_get(m, ST_GRADS, g[prec]);
         }
@@ -891,12 +898,12 @@ static void test_partial_batch(void) {
         unsigned char *inputs = malloc(full * T), *targets = malloc(full * T);
         random_batch(inputs, targets, full, T);
         double alone[4], worst = 0;
-        for (int b = 0; b < full; b++) alone[b] = st_model_forward(one, inputs + b * T, targets + b * T, 1, 0, 0);
+        for (int b = 0; b < full; b++) alone[b] = forward_loss(one, inputs + b * T, targets + b * T, 1, 0, 0);
         st_model_forward(m, inputs, targets, full, 0, 0); // lays the activations out for 4
         for (int B = 1; B <= full; B++) {
             double mean = 0;
             for (int b = 0; b < B; b++) mean += alone[b] / B;
-            const double got = st_model_forward(m, inputs, targets, B, 0, 0);
+            const double got = forward_loss(m, inputs, targets, B, 0, 0);
             worst = fmax(worst, fabs(got - mean) / mean);
         }
         check(worst < 1e-6, "a batch of 1..%d windows after one of %d%s: loss = mean of the windows' own losses "
@@ -943,7 +950,7 @@ static void test_overfit(void) {
     int step = 0;
     while (step < 400 && bpb >= 0.1f) {
         step++;
-        bpb = st_model_forward(m, (const unsigned char *)text, (const unsigned char *)text + 1, 1, 1, 0) / logf(2.0f);
+        bpb = (float)forward_loss(m, (const unsigned char *)text, (const unsigned char *)text + 1, 1, 1, 0) / logf(2.0f);
         st_model_backward(m);
         st_model_update(m, 3e-3f, 0.0f, 1.0f, step);
     }
@@ -965,7 +972,7 @@ static void test_checkpoint(void) {
     float straight[6], resumed[6];
     StModel *a = st_model_create(&cfg, 21);
     for (int s = 0; s < steps; s++) {
-        straight[s] = st_model_forward(a, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
+        straight[s] = forward_loss(a, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
         st_model_backward(a);
         st_model_update(a, 2e-3f, 0.01f, 1.0f, s + 1);
     }
@@ -994,7 +1001,7 @@ static void test_checkpoint(void) {
     check(same, "checkpoint round trip: configuration, training state, parameters and Adam moments exact%s%s",
           err ? ": " : "", err ? err : "");
     for (int s = half; c && s < steps; s++) {
-        resumed[s] = st_model_forward(c, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
+        resumed[s] = forward_loss(c, inputs + s * B * T, targets + s * B * T, B, 1, 100 + s);
         st_model_backward(c);
         st_model_update(c, 2e-3f, 0.01f, 1.0f, s + 1);
     }

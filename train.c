@@ -628,14 +628,15 @@ int main(int argc, char **argv) {
         const float lr = learning_rate(step);
         const double start = now_ms();
         random_batch(&train, &state.rng, inputs, targets);
-        const float loss = st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
+        // the step is queued on the device without a wait; reading its loss waits for all of it
+        st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
+        st_model_backward(m);
+        st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
+        const float loss = st_model_loss(m);
         if (!isfinite(loss)) {
             st_fail("the loss became %s at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
                     "lower -lr or a longer -warmup", isnan(loss) ? "NaN" : "infinite", step + 1, opt.out_dir);
         }
-        st_model_backward(m);
-        st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
-        st_synchronize();
         const double ms = now_ms() - start;
         state.step = step + 1;
         printf("step %d/%d | loss %.4f | %.2f bpb | lr %.1e | %.0f ms | %.0f tok/s\n", step + 1, opt.steps, loss,
