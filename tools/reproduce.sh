@@ -12,30 +12,55 @@
 #
 # Each run writes its log (./train -log) and checkpoint to OUT/NAME; the table goes to OUT/table.md and
 # to the screen, the validation curves to OUT/text.png, OUT/images.png and OUT/synthetic.png (gnuplot,
-# installed from Debian when run as root). The final evaluation of each run scores the first
-# EVAL_BYTES of the validation split (all runs of a task the same bytes).
+# installed from Debian when run as root; without it the table is still made, and `plot` draws the
+# curves later from the logs). The final evaluation of each run scores the first EVAL_BYTES of the
+# validation split (all runs of a task the same bytes).
 #
 # Usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]     (default OUT: build/reproduce/MODE)
+#        bash tools/reproduce.sh plot OUT                (the plots of runs made elsewhere)
 #   cpu    about 15 minutes on 2 CPU cores (budget 45)
-#   gpu    a larger model and more steps for one H200 (budget 30 minutes; not run yet)
+#   gpu    a larger model, longer contexts and more steps, sized for about 8 minutes on one H200, so
+#          that it fits one call of a lent GPU (not run yet). A machine without network needs the
+#          data sets already there: data/kjv (or enwik8) and data/fashion_mnist's train.bin and val.bin.
 #   quick  a few steps of tiny models, to check that the script works (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
-case "$mode" in cpu|gpu|quick) ;; *) echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]" >&2; exit 1 ;; esac
+case "$mode" in cpu|gpu|quick) ;; plot) [ -n "${2:-}" ] || mode="" ;; *) mode="" ;; esac
+[ -n "$mode" ] || { echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT], or plot OUT" >&2; exit 1; }
 out=${2:-build/reproduce/$mode}
-mkdir -p "$out"
 
-if ! command -v gnuplot > /dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-        echo "reproduce.sh: installing the Debian package gnuplot-nox" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1 ||
-            { apt-get update -qq > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1; } ||
-            { echo "reproduce.sh: could not install gnuplot-nox" >&2; exit 1; }
-    else
-        echo "reproduce.sh: the plots need gnuplot: run  sudo apt-get install gnuplot-nox  and try again" >&2; exit 1
-    fi
+if ! command -v gnuplot > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "reproduce.sh: installing the Debian package gnuplot-nox" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1 ||
+        { apt-get update -qq > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1; } ||
+        echo "reproduce.sh: could not install gnuplot-nox" >&2
 fi
+command -v gnuplot > /dev/null || {
+    echo "reproduce.sh: no gnuplot (sudo apt-get install gnuplot-nox): no plots, only the table" >&2
+    [ "$mode" != plot ] || exit 1
+}
+
+# plot: the validation during training (the same windows every time) against the step, one picture
+# per task. The table's numbers are the final evaluation's, on other windows: not plotted.
+plot() {
+    for task in text images synthetic; do
+        plots=""
+        while read -r t name flags; do
+            [ "$t" = "$task" ] || continue
+            plots="$plots${plots:+, }'< grep ^val $out/$name.tsv' using 2:4 with linespoints title '${name#*_}'"
+        done < "$out/runs.txt"
+        gnuplot -e "set terminal png size 800,480; set output '$out/$task.png'; set xlabel 'step';
+                    set ylabel 'validation bits per byte'; set title '$task ($1)'; set key top right; plot $plots"
+    done
+    echo "reproduce.sh: $out/text.png, $out/images.png, $out/synthetic.png"
+}
+if [ "$mode" = plot ]; then
+    [ -f "$out/runs.txt" ] || { echo "reproduce.sh: no runs.txt in $out: give the folder a run wrote" >&2; exit 1; }
+    plot "$(basename "$out")"
+    exit 0
+fi
+mkdir -p "$out"
 make -s train build/datatool > /dev/null
 
 # The data: the paper's where they are, else the Debian ones (prepare.sh keeps what it made).
@@ -43,10 +68,11 @@ text=data/kjv; [ -f data/enwik8/val.bin ] && text=data/enwik8
 images=data/fashion_mnist; [ -f data/cifar10/val.bin ] && images=data/cifar10
 [ -f "$text/val.bin" ] || bash data/prepare.sh kjv
 [ -f "$images/val.bin" ] || bash data/prepare.sh fashion_mnist
-synthetic=$out/synthetic_p65 # (the period is in the name: an older data set is not reused)
+syn_bytes=600000; [ "$mode" = gpu ] && syn_bytes=3000000 # the gpu mode's runs see 5M bytes: no repeats
+synthetic=build/reproduce/synthetic_p65_$syn_bytes # (period and size in the name: an older set is not reused)
 if [ ! -f "$synthetic/val.bin" ]; then
     mkdir -p "$synthetic"
-    ./build/datatool synthetic -bytes 600000 -period 65 -seed 1 2> /dev/null | ./build/datatool pack "$synthetic/train.bin" -kind text
+    ./build/datatool synthetic -bytes "$syn_bytes" -period 65 -seed 1 2> /dev/null | ./build/datatool pack "$synthetic/train.bin" -kind text
     ./build/datatool synthetic -bytes 60000 -period 65 -seed 2 2> /dev/null | ./build/datatool pack "$synthetic/val.bin" -kind text
 fi
 image_bytes=$(./build/datatool info "$images/val.bin" | sed -n 's/.* of \([0-9]*\) x \([0-9]*\) x \([0-9]*\).*/\1 \2 \3/p' | awk '{ print $1 * $2 * $3 }')
@@ -56,8 +82,8 @@ side=$(awk -v n="$image_bytes" 'BEGIN { printf "%d", sqrt(n) + 0.5 }') # about s
 case "$mode" in
 cpu)   model=(-dim 64 -heads 2 -layers 2 -batch 4 -lr 1e-3); text_ctx=512; text_steps=400; image_steps=300
        syn_ctx=256; syn_steps=800; eval_every=50; eval_bytes=40000 ;;
-gpu)   model=(-dim 256 -heads 4 -layers 4 -batch 16 -lr 5e-4); text_ctx=4096; text_steps=3000; image_steps=2000
-       syn_ctx=1024; syn_steps=2000; eval_every=250; eval_bytes=1000000 ;;
+gpu)   model=(-dim 256 -heads 4 -layers 4 -batch 8 -lr 5e-4); text_ctx=2048; text_steps=1000; image_steps=1000
+       syn_ctx=1024; syn_steps=600; eval_every=100; eval_bytes=400000 ;;
 quick) model=(-dim 32 -heads 1 -layers 1 -batch 2 -lr 1e-3); text_ctx=64; text_steps=4; image_steps=4
        syn_ctx=128; syn_steps=4; eval_every=2; eval_bytes=$image_bytes ;;
 esac
@@ -96,17 +122,11 @@ run synthetic synthetic_dense "$synthetic" "$syn_ctx" "$syn_steps" -pattern dens
         echo "| $task | ${name#*_} ($flags) | $bpb | $ms |"
     done < "$out/runs.txt"
 } > "$out/table.md"
+echo "($mode, $(date -u +%Y-%m-%d), $(( SECONDS / 60 )) min $(( SECONDS % 60 )) s in all; device: $(sed -n 's/^device: //p' "$out/text_dense.log"))" >> "$out/table.md"
 cat "$out/table.md"
 
-# The plots: the validation during training (the same windows every time) against the step, one
-# picture per task. The table's numbers are the final evaluation's, on other windows: not plotted.
-for task in text images synthetic; do
-    plots=""
-    while read -r t name flags; do
-        [ "$t" = "$task" ] || continue
-        plots="$plots${plots:+, }'< grep ^val $out/$name.tsv' using 2:4 with linespoints title '${name#*_}'"
-    done < "$out/runs.txt"
-    gnuplot -e "set terminal png size 800,480; set output '$out/$task.png'; set xlabel 'step';
-                set ylabel 'validation bits per byte'; set title '$task ($mode)'; set key top right; plot $plots"
-done
-echo "reproduce.sh: $out/table.md, $out/text.png, $out/images.png, $out/synthetic.png"
+if command -v gnuplot > /dev/null; then
+    plot "$mode"
+else
+    echo "reproduce.sh: the plots, on a machine with gnuplot: bash tools/reproduce.sh plot $out" >&2
+fi
