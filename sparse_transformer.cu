@@ -483,15 +483,17 @@ template <int D, bool TF32> struct TileShape {
 };
 
 // Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
-// scaled by `scale`; padding slots and slots past the end load as zeros.
+// scaled by `scale`; padding slots and slots past the end load as zeros. Each row is loaded by
+// THREADS / TILE threads, each a contiguous part of it, so a thread finds its row's position once.
 template <int D, bool TF32>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys,
                                  float scale) {
-    for (int e = threadIdx.x; e < TILE * D; e += THREADS) {
-        const int row = e / D, col = e % D;
-        const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
-        tile[row * TileShape<D, TF32>::ROW + col] = pos >= 0 ? x[(size_t)pos * D + col] * scale : 0.0f;
-    }
+    const int PER_ROW = THREADS / TILE, PART = D / PER_ROW;
+    static_assert(THREADS % TILE == 0 && D % PER_ROW == 0, "a row's parts must cover it exactly");
+    const int row = threadIdx.x / PER_ROW, c0 = threadIdx.x % PER_ROW * PART;
+    const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
+    for (int c = c0; c < c0 + PART; c++)
+        tile[row * TileShape<D, TF32>::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
 }
 
 // Loads one float per row of the query tile (lse or D), `missing` for padding slots.
