@@ -1048,6 +1048,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 
 #define BLOCK 256
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
+// Threads for a block that covers one row of `cols` columns: whole warps, at most BLOCK.
+static unsigned threads_for(int cols) { return cols < BLOCK ? (cols + 31) / 32 * 32 : BLOCK; }
 
 // x[b, t, :] = wte[token] + wp0[pos0(t)] + wp1[pos1(t)] + wp2[pos2(t)]: the token's embedding plus the
 // three factors of its position's embedding (text and audio: row and column of a grid of width l;
@@ -1127,10 +1129,10 @@ __global__ void layernorm_backward_params_kernel(float *dw, float *db, const flo
     db[c] += sum_b;
 }
 
-// y[r, o] += b[o] (the bias of a matrix product); and its backward db[o] += sum_r dy[r, o].
-__global__ void add_bias_kernel(float *y, const float *b, size_t rows, int cols) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < rows * cols) y[e] += b[e % cols];
+// y[r, o] += b[o] (the bias of a matrix product): one block per row r, a thread per column (grid: rows).
+// And its backward db[o] += sum_r dy[r, o].
+__global__ void add_bias_kernel(float *y, const float *b, int cols) {
+    for (int o = threadIdx.x; o < cols; o += blockDim.x) y[(size_t)blockIdx.x * cols + o] += b[o];
 }
 __global__ void bias_backward_kernel(float *db, const float *dy, int rows, int cols) {
     const int o = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1155,27 +1157,27 @@ __global__ void gelu_backward_kernel(float *dx, const float *dy, const float *x,
 }
 // Exercise 7 ends here.
 
-// (B, T, 3C) -> q, k, v (B, H, T, D), and back. `to_heads` chooses the direction, so that the forward
-// and the backward of both re-layouts share one index computation.
-__global__ void split_heads_kernel(float *qkv, float *q, float *k, float *v, int B, int T, int H, int D,
-                                   int to_heads) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x, C = (size_t)H * D;
-    if (e >= (size_t)B * T * C) return;
-    const size_t b = e / (T * C), t = e / C % T, h = e % C / D, d = e % D;
-    const size_t row = (b * T + t) * 3 * C + h * D + d, head = ((b * H + h) * T + t) * D + d;
+// (B, T, 3C) -> q, k, v (B, H, T, D), and back: one block per row (b, t), a thread per channel (grid: B T).
+// `to_heads` chooses the direction, so that the forward and the backward of both re-layouts share one
+// index computation.
+__global__ void split_heads_kernel(float *qkv, float *q, float *k, float *v, int T, int H, int D, int to_heads) {
+    const int row = blockIdx.x, b = row / T, t = row % T, C = H * D;
     float *parts[3] = {q, k, v};
-    for (int s = 0; s < 3; s++) {
-        if (to_heads) parts[s][head] = qkv[row + s * C];
-        else qkv[row + s * C] = parts[s][head];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const size_t at = (size_t)row * 3 * C + c, head = (((size_t)b * H + c / D) * T + t) * D + c % D;
+        for (int s = 0; s < 3; s++) {
+            if (to_heads) parts[s][head] = qkv[at + s * C];
+            else qkv[at + s * C] = parts[s][head];
+        }
     }
 }
-__global__ void merge_heads_kernel(float *y, float *heads, int B, int T, int H, int D, int to_rows) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x, C = (size_t)H * D;
-    if (e >= (size_t)B * T * C) return;
-    const size_t b = e / (T * C), t = e / C % T, h = e % C / D, d = e % D;
-    const size_t head = ((b * H + h) * T + t) * D + d;
-    if (to_rows) y[e] = heads[head];
-    else heads[head] = y[e];
+__global__ void merge_heads_kernel(float *y, float *heads, int T, int H, int D, int to_rows) {
+    const int row = blockIdx.x, b = row / T, t = row % T, C = H * D;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        const size_t at = (size_t)row * C + c, head = (((size_t)b * H + c / D) * T + t) * D + c % D;
+        if (to_rows) y[at] = heads[head];
+        else heads[head] = y[at];
+    }
 }
 
 // Dropout at the end of a residual branch: x *= keep / (1 - p), keep = (hash(seed, i) >= p). The mask is
@@ -1635,7 +1637,7 @@ static void matmul_forward(StModel *m, float *out, const float *inp, const float
                            int OC) {
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
-    if (b) LAUNCH(add_bias_kernel, blocks_for((size_t)N * OC), BLOCK, 0, out, b, (size_t)N, OC);
+    if (b) LAUNCH(add_bias_kernel, N, threads_for(OC), 0, out, b, OC);
 }
 
 // Backward of out = inp W^T + b:  dinp = dout W (overwritten);  dW += dout^T inp;  db += sum of dout's rows.
@@ -1692,9 +1694,9 @@ static void layer_forward(StModel *m, int layer, LayerActs *a, int B) {
     // a = dropout(attn(LN1(x)))
     layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, P(m, layer, LN1W), P(m, layer, LN1B), BT, C);
     matmul_forward(m, a->qkv, a->ln1, P(m, layer, QKVW), P(m, layer, QKVB), BT, C, 3 * C);
-    LAUNCH(split_heads_kernel, blocks_for(n), BLOCK, 0, a->qkv, a->q, a->k, a->v, B, m->T, m->H, m->D, 1);
+    LAUNCH(split_heads_kernel, BT, threads_for(C), 0, a->qkv, a->q, a->k, a->v, m->T, m->H, m->D, 1);
     st_attention_forward(m->attention[layer], a->att, a->lse, a->q, a->k, a->v, B);
-    LAUNCH(merge_heads_kernel, blocks_for(n), BLOCK, 0, a->att_rows, a->att, B, m->T, m->H, m->D, 1);
+    LAUNCH(merge_heads_kernel, BT, threads_for(C), 0, a->att_rows, a->att, m->T, m->H, m->D, 1);
     matmul_forward(m, a->a, a->att_rows, P(m, layer, PROJW), P(m, layer, PROJB), BT, C, C);
     dropout(m, a->a, n, layer, 0);
     LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, a->xa, x, a->a, n);
@@ -1724,10 +1726,10 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     dropout(m, d, n, layer, 0);
     matmul_backward(m, dbig, G(m, layer, PROJW), G(m, layer, PROJB), d, a->att_rows, P(m, layer, PROJW), BT, C, C);
     // att_rows = the heads side by side; att = attention(q, k, v)
-    LAUNCH(merge_heads_kernel, blocks_for(n), BLOCK, 0, dbig, datt, B, m->T, m->H, m->D, 0);
+    LAUNCH(merge_heads_kernel, BT, threads_for(C), 0, dbig, datt, m->T, m->H, m->D, 0);
     st_attention_backward(m->attention[layer], dq, dk, dv, datt, a->att, a->lse, a->q, a->k, a->v, B);
     // q, k, v = the three parts of qkv = ln1 Wqkv^T + bqkv
-    LAUNCH(split_heads_kernel, blocks_for(n), BLOCK, 0, dbig, dq, dk, dv, B, m->T, m->H, m->D, 0);
+    LAUNCH(split_heads_kernel, BT, threads_for(C), 0, dbig, dq, dk, dv, m->T, m->H, m->D, 0);
     matmul_backward(m, d, G(m, layer, QKVW), G(m, layer, QKVB), dbig, a->ln1, P(m, layer, QKVW), BT, C, 3 * C);
     // ln1 = LN1(x): dres becomes dL/dx
     layernorm_backward(dres, G(m, layer, LN1W), G(m, layer, LN1B), d, x, P(m, layer, LN1W), a->ln1_mean,
