@@ -1044,10 +1044,14 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // Elementwise and row-wise kernels, one thread per element or per row. None has a barrier, so on the
 // CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
 // embeddings) are done by one thread per output, looping over the rows in order: no atomics, and
-// the same result on every run, which the bit-identical resume of training relies on.
+// the same result on every run, which the bit-identical resume of training relies on. Such a kernel
+// has few threads (one per column), so its blocks are single warps (columns_grid): 128 columns are
+// then 4 blocks that 4 multiprocessors (CPU cores) share, not one block that one of them runs.
 
 #define BLOCK 256
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
+#define COLUMNS_BLOCK 32
+static unsigned columns_grid(int cols) { return (unsigned)((cols + COLUMNS_BLOCK - 1) / COLUMNS_BLOCK); }
 // Threads for a block that covers one row of `cols` columns: whole warps, at most BLOCK.
 static unsigned threads_for(int cols) { return cols < BLOCK ? (cols + 31) / 32 * 32 : BLOCK; }
 
@@ -1646,7 +1650,7 @@ static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC));
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
-    if (db) LAUNCH(bias_backward_kernel, blocks_for(OC), BLOCK, 0, db, dout, N, OC);
+    if (db) LAUNCH(bias_backward_kernel, columns_grid(OC), COLUMNS_BLOCK, 0, db, dout, N, OC);
 }
 
 static void layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w, const float *b,
@@ -1657,7 +1661,7 @@ static void layernorm_forward(float *y, float *mean, float *rstd, const float *x
 static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
                                const float *mean, const float *rstd, int rows, int C) {
     LAUNCH(layernorm_backward_input_kernel, blocks_for(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
-    LAUNCH(layernorm_backward_params_kernel, blocks_for(C), BLOCK, 0, dw, db, dy, x, mean, rstd, rows, C);
+    LAUNCH(layernorm_backward_params_kernel, columns_grid(C), COLUMNS_BLOCK, 0, dw, db, dy, x, mean, rstd, rows, C);
 }
 
 __global__ void add_kernel(float *out, const float *x, const float *y, size_t n) {
@@ -1796,9 +1800,9 @@ void st_model_backward(StModel *m) {
         layer_backward(m, l, acts_of(m, l), B);
     }
     // x = wte[token] + wp0[pos0] + wp1[pos1] + wp2[pos2]
-    LAUNCH(embedding_backward_kernel, blocks_for(C), BLOCK, 0, G(m, -1, WTE), m->dres, m->tokens, 0, 0, BT, m->T, C);
+    LAUNCH(embedding_backward_kernel, columns_grid(C), COLUMNS_BLOCK, 0, G(m, -1, WTE), m->dres, m->tokens, 0, 0, BT, m->T, C);
     for (int f = 0; f < 3; f++)
-        LAUNCH(embedding_backward_kernel, blocks_for(C), BLOCK, 0, G(m, -1, WP0 + f), m->dres, m->positions, 1, f, BT,
+        LAUNCH(embedding_backward_kernel, columns_grid(C), COLUMNS_BLOCK, 0, G(m, -1, WP0 + f), m->dres, m->positions, 1, f, BT,
                m->T, C);
 }
 
