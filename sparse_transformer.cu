@@ -451,7 +451,8 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 
 // Every kernel below works on one tile of TILE rows at a time, with THREADS = 128 threads:
 //   - a score tile S (TILE x TILE): thread t owns row t % TILE, columns (t / TILE) + WARPS m;
-//   - an output tile (TILE x D): warp w owns rows w + WARPS m, lane owns columns lane + 32 u.
+//   - an output tile (TILE x D): THREADS / TILE threads share a row, each a contiguous part of D / 4
+//     columns: thread t owns row t / 4, columns (t % 4) D / 4 and on. Loads follow the same split.
 // The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
 // tile_scores and accumulate_product, each with two bodies chosen by the kernels' template parameter
 // TF32: exact float32 loops on the CUDA cores, or the tensor cores (WMMA, TF32 operands, float32
@@ -478,21 +479,25 @@ template <int D, bool TF32> struct TileShape {
     static const int MATRIX = TILE * ROW;       // floats of a (TILE, D) tile
     static const int SROW = TILE + PAD;         // floats per row of a (TILE, TILE) score tile
     static const int SCORES = TILE * SROW;      // floats of a (TILE, TILE) tile
-    static const int OWN_ROWS = TILE / WARPS;   // output rows per thread
-    static const int OWN_COLS = D / 32;         // output columns per thread
+    static const int PER_ROW = THREADS / TILE;  // threads per row of a (TILE, D) tile
+    static const int OWN = D / PER_ROW;         // the contiguous columns of the row that each owns
+    static_assert(THREADS % TILE == 0 && D % PER_ROW == 0, "a row's parts must cover it exactly");
 };
+// The part of a (TILE, D) tile that this thread owns: row own_row(), columns own_col<D, TF32>() + 0 .. OWN - 1.
+__device__ static inline int own_row(void) { return threadIdx.x / (THREADS / TILE); }
+template <int D, bool TF32> __device__ static inline int own_col(void) {
+    return threadIdx.x % TileShape<D, TF32>::PER_ROW * TileShape<D, TF32>::OWN;
+}
 
 // Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
-// scaled by `scale`; padding slots and slots past the end load as zeros. Each row is loaded by
-// THREADS / TILE threads, each a contiguous part of it, so a thread finds its row's position once.
+// scaled by `scale`; padding slots and slots past the end load as zeros. Each thread loads the part
+// it owns, so it finds its row's position once.
 template <int D, bool TF32>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys,
                                  float scale) {
-    const int PER_ROW = THREADS / TILE, PART = D / PER_ROW;
-    static_assert(THREADS % TILE == 0 && D % PER_ROW == 0, "a row's parts must cover it exactly");
-    const int row = threadIdx.x / PER_ROW, c0 = threadIdx.x % PER_ROW * PART;
+    const int row = own_row(), c0 = own_col<D, TF32>();
     const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
-    for (int c = c0; c < c0 + PART; c++)
+    for (int c = c0; c < c0 + TileShape<D, TF32>::OWN; c++)
         tile[row * TileShape<D, TF32>::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
 }
 
@@ -564,18 +569,19 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *B_
     }
 }
 
-// acc += A B for the rows of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
+// acc += A B for the part of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
 // tile (read transposed if TRANSPOSED: dV += P^T dO) and B a (TILE, D) tile in shared memory.
 // The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
 // after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
-template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN_ROWS][TileShape<D, TF32>::OWN_COLS];
+template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN];
 template <int D, bool TF32, bool TRANSPOSED>
 __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
                                                           float *scratch_s) {
     typedef TileShape<D, TF32> S;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int row = own_row(), c0 = own_col<D, TF32>();
     if constexpr (TF32) {
         typedef typename std::conditional<TRANSPOSED, wmma::col_major, wmma::row_major>::type LayoutA;
+        const int warp = threadIdx.x / 32;
         for (int piece = warp; piece < 2 * D / 16; piece += WARPS) {
             const int r0 = piece % 2 * 16, c0 = piece / 2 * 16;
             FragA<LayoutA> a;
@@ -591,30 +597,23 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
         }
         __syncthreads();
     }
-    // The sums of this thread's rows (warp + WARPS mi) and columns (lane + 32 u): each one a dot product
-    // summed in c order, all of them advancing together, one c at a time (independent sums, which a
-    // CPU can overlap; a GPU unrolls them all anyway).
-    float sum[S::OWN_ROWS][S::OWN_COLS] = {};
+    // The sums of this thread's row and columns c0 + u: each one a dot product summed in c order, all of
+    // them advancing together, one c at a time: independent sums over contiguous columns, which a CPU
+    // does several at once in its vector unit (a GPU unrolls them anyway).
+    float sum[S::OWN] = {};
     if constexpr (TF32) {
         #pragma unroll
-        for (int mi = 0; mi < S::OWN_ROWS; mi++)
-            #pragma unroll
-            for (int u = 0; u < S::OWN_COLS; u++) sum[mi][u] = scratch_s[(warp + WARPS * mi) * S::ROW + lane + 32 * u];
+        for (int u = 0; u < S::OWN; u++) sum[u] = scratch_s[row * S::ROW + c0 + u];
     } else {
         #pragma unroll 4
-        for (int c = 0; c < TILE; c++)
+        for (int c = 0; c < TILE; c++) {
+            const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
             #pragma unroll
-            for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-                const int row = warp + WARPS * mi;
-                const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
-                #pragma unroll
-                for (int u = 0; u < S::OWN_COLS; u++) sum[mi][u] += a * B_s[c * S::ROW + lane + 32 * u];
-            }
+            for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
+        }
     }
     #pragma unroll
-    for (int mi = 0; mi < S::OWN_ROWS; mi++)
-        #pragma unroll
-        for (int u = 0; u < S::OWN_COLS; u++) acc[mi][u] += sum[mi][u];
+    for (int u = 0; u < S::OWN; u++) acc[u] += sum[u];
     if constexpr (TF32) __syncthreads();
 }
 
@@ -666,10 +665,10 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; out += bh * st.n * D; lse += bh * st.n;
     const int4 range = tiles[qt];
-    const int p0 = qt * TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D, TF32>(); // this thread's part of the output
 
     load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
-    float o[S::OWN_ROWS][S::OWN_COLS] = {}; // this thread's share of the unnormalised output
+    float o[S::OWN] = {};                   // this thread's part of the unnormalised output
     float m = -INFINITY, l = 0.0f;          // running max and sum of row threadIdx.x (threads < TILE)
 
     for (int kt = range.x; kt <= range.w; kt++) {
@@ -704,9 +703,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 
         // Pass 3: O = diag(alpha) O + P V
         #pragma unroll
-        for (int mi = 0; mi < S::OWN_ROWS; mi++)
-            #pragma unroll
-            for (int u = 0; u < S::OWN_COLS; u++) o[mi][u] *= alpha_s[warp + WARPS * mi];
+        for (int u = 0; u < S::OWN; u++) o[u] *= alpha_s[orow];
         accumulate_product<D, TF32, false>(o, P_s, V_s, scratch_s);
     }
 
@@ -725,16 +722,13 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         // Exercise 4 ends here.
     }
     __syncthreads();
+    const int i = step_query_position(st, p0 + orow);
+    if (i < 0) return;
     #pragma unroll
-    for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-        const int row = warp + WARPS * mi, i = step_query_position(st, p0 + row);
-        if (i < 0) continue;
-        #pragma unroll
-        for (int u = 0; u < S::OWN_COLS; u++) {
-            const size_t at = (size_t)i * D + lane + 32 * u;
-            const float before = accumulate ? out[at] * w_old_s[row] : 0.0f;
-            out[at] = before + o[mi][u] * w_new_s[row];
-        }
+    for (int u = 0; u < S::OWN; u++) {
+        const size_t at = (size_t)i * D + ocol + u;
+        const float before = accumulate ? out[at] * w_old_s[orow] : 0.0f;
+        out[at] = before + o[u] * w_new_s[orow];
     }
 }
 
@@ -785,11 +779,11 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dk += bh * st.n * D; dv += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
     const int4 range = tiles[kt];
-    const int s0 = kt * TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D, TF32>();
 
     load_tile<D, TF32>(K_s, k, st, s0, true, 1.0f);
     load_tile<D, TF32>(V_s, v, st, s0, true, 1.0f);
-    float dk_acc[S::OWN_ROWS][S::OWN_COLS] = {}, dv_acc[S::OWN_ROWS][S::OWN_COLS] = {};
+    float dk_acc[S::OWN] = {}, dv_acc[S::OWN] = {};
 
     for (int qt = range.x; qt <= range.w; qt++) {
         const bool full = range.y <= qt && qt <= range.z;
@@ -798,21 +792,18 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         __syncthreads();
         probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, qt * TILE, s0, full);
         __syncthreads();
-        // dV += P^T dO and dK += dS^T Q, for the rows of the key tile this thread owns
+        // dV += P^T dO and dK += dS^T Q, for the part of the key tile this thread owns
         accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s, scratch_s);
         accumulate_product<D, TF32, true>(dk_acc, dS_s, Q_s, scratch_s);
     }
     // Q_s carries log2(e) / sqrt(D); ln 2 takes the log2(e) back out
+    const int j = step_key_position(st, s0 + orow);
+    if (j < 0) return;
     #pragma unroll
-    for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-        const int j = step_key_position(st, s0 + warp + WARPS * mi);
-        if (j < 0) continue;
-        #pragma unroll
-        for (int u = 0; u < S::OWN_COLS; u++) {
-            const size_t at = (size_t)j * D + lane + 32 * u;
-            dk[at] += dk_acc[mi][u] * LN2;
-            dv[at] += dv_acc[mi][u];
-        }
+    for (int u = 0; u < S::OWN; u++) {
+        const size_t at = (size_t)j * D + ocol + u;
+        dk[at] += dk_acc[u] * LN2;
+        dv[at] += dv_acc[u];
     }
 }
 
@@ -840,10 +831,10 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dq += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
     const int4 range = tiles[qt];
-    const int p0 = qt * TILE, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D, TF32>();
 
     load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, p0);
-    float dq_acc[S::OWN_ROWS][S::OWN_COLS] = {};
+    float dq_acc[S::OWN] = {};
 
     for (int kt = range.x; kt <= range.w; kt++) {
         const bool full = range.y <= kt && kt <= range.z;
@@ -853,17 +844,14 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
         __syncthreads();
         probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, p0, kt * TILE, full);
         __syncthreads();
-        // dQ += dS K, for the rows of the query tile this thread owns
+        // dQ += dS K, for the part of the query tile this thread owns
         accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s, scratch_s);
     }
     const float scale = 1.0f / sqrtf((float)D);
+    const int i = step_query_position(st, p0 + orow);
+    if (i < 0) return;
     #pragma unroll
-    for (int mi = 0; mi < S::OWN_ROWS; mi++) {
-        const int i = step_query_position(st, p0 + warp + WARPS * mi);
-        if (i < 0) continue;
-        #pragma unroll
-        for (int u = 0; u < S::OWN_COLS; u++) dq[(size_t)i * D + lane + 32 * u] += dq_acc[mi][u] * scale;
-    }
+    for (int u = 0; u < S::OWN; u++) dq[(size_t)i * D + ocol + u] += dq_acc[u] * scale;
 }
 
 // ----------------------------------------------------------------------------
