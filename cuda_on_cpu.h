@@ -6,7 +6,9 @@
 // How it works:
 //   - A launch runs the grid's blocks in parallel over OpenMP threads, one block per OS thread at a time.
 //   - The threads of a block run as fibers (stacks of their own, switched with the compiler's
-//     __builtin_setjmp; see switch_context): each runs until it reaches __syncthreads(), then the next one runs; when every thread waits at the same barrier they are all released.
+//     __builtin_setjmp; see switch_context): each runs until it reaches __syncthreads(), then hands
+//     control straight to the next one (pass_on); when every thread waits at the same barrier they
+//     are all released.
 //     A barrier that some thread of the block does not reach (it waits elsewhere, or has returned)
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
@@ -243,6 +245,11 @@ struct BlockState {
     void (*body_plain)(void *, unsigned, unsigned, bool); // runs it for threads first.. in a plain loop
     void *body_arg;
     unsigned warp_waiters;      // fibers now waiting at a warp-collective operation
+    unsigned at_barrier;        // fibers now waiting at __syncthreads()...
+    const Fiber *first_waiter;  // ...the first of them to arrive...
+    bool split;                 // ...and whether one of the others waits at another __syncthreads()
+    unsigned finished;          // fibers whose thread has finished
+    unsigned round_next, round_end; // the fibers of the current round still to run (see pass_on)
 };
 static thread_local BlockState block_state;
 
@@ -257,8 +264,37 @@ inline bool reverse_order(void) {
     exit(1);
 }
 
+// Whether two fibers wait at the same place (the same file pointer, almost always, or an equal name).
+inline bool same_place(const Fiber *a, const Fiber *b) {
+    return a->barrier_line == b->barrier_line &&
+           (a->barrier_file == b->barrier_file || strcmp(a->barrier_file, b->barrier_file) == 0);
+}
+
+// Makes `f` the running fiber (it resumes where it waited).
+inline void prepare(Fiber *f) {
+    BlockState &bs = block_state;
+    bs.current = f;
+    threadIdx = f->thread;
+    f->barrier_file = NULL;
+    f->warp_op = WarpOp{NULL, NULL};
+}
+
+// The scheduler runs fibers in rounds (run_round): a fiber that stops (waits or finishes) hands control
+// straight to the next fiber of the round, and the last one back to the scheduler, so that a barrier
+// costs one switch per thread.
+inline void pass_on(Fiber *self) {
+    BlockState &bs = block_state;
+    if (bs.round_next < bs.round_end) {
+        Fiber *next = bs.fibers[bs.round_next++];
+        prepare(next);
+        switch_context(&self->context, &next->context);
+    } else {
+        switch_context(&self->context, &bs.scheduler);
+    }
+}
+
 // A thread waits at a barrier (op.run == NULL) or at a warp-collective operation: its fiber hands control
-// back to the scheduler (run_block), which resumes it once every thread concerned is there.
+// on (pass_on); the scheduler (run_block) resumes it once every thread concerned is there.
 inline void wait_at(const char *file, int line, const char *what, WarpOp op) {
     BlockState &bs = block_state;
     if (!bs.current) {
@@ -270,11 +306,14 @@ inline void wait_at(const char *file, int line, const char *what, WarpOp op) {
                  threadIdx.x, threadIdx.y, threadIdx.z, what, file, line, bs.fibers[0]->thread.x);
         fail(msg);
     }
-    bs.current->barrier_file = file;
-    bs.current->barrier_line = line;
-    bs.current->warp_op = op;
+    Fiber *self = bs.current;
+    self->barrier_file = file;
+    self->barrier_line = line;
+    self->warp_op = op;
     if (op.run) bs.warp_waiters++;
-    switch_context(&bs.current->context, &bs.scheduler);
+    else if (bs.at_barrier++ == 0) bs.first_waiter = self;
+    else if (!same_place(self, bs.first_waiter)) bs.split = true;
+    pass_on(self);
 }
 inline void syncthreads(const char *file, int line) { wait_at(file, line, "__syncthreads()", WarpOp{NULL, NULL}); }
 inline void warp_collective(const char *file, int line, const char *what, WarpOp op) { wait_at(file, line, what, op); }
@@ -284,9 +323,10 @@ inline void fiber_main(void) {
     BlockState &bs = block_state;
     Fiber *self = bs.current;
     for (;;) {
-        switch_context(&self->context, &bs.scheduler);
+        pass_on(self);
         bs.body(bs.body_arg);
         self->finished = true;
+        bs.finished++;
     }
 }
 
@@ -307,29 +347,18 @@ inline Fiber *fiber(unsigned k) {
     return bs.fibers[k];
 }
 
-// Resumes `f` until it waits at a barrier or finishes.
-inline void resume(Fiber *f) {
+// Runs fibers first .. end - 1 (in the order of bs.fibers), each until it waits at a barrier or finishes.
+inline void run_round(unsigned first, unsigned end) {
     BlockState &bs = block_state;
-    bs.current = f;
-    threadIdx = f->thread;
-    f->barrier_file = NULL;
-    f->warp_op = WarpOp{NULL, NULL};
-    switch_context(&bs.scheduler, &f->context);
-}
-
-inline void start_thread(Fiber *f, uint3 thread) {
-    f->thread = thread;
-    f->finished = false;
-    resume(f);
+    bs.round_next = first + 1;
+    bs.round_end = end;
+    prepare(bs.fibers[first]);
+    switch_context(&bs.scheduler, &bs.fibers[first]->context);
 }
 
 inline uint3 thread_of(unsigned t, dim3 block) {
+    if (block.y == 1 && block.z == 1) return uint3{t, 0, 0};
     return uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
-}
-// Whether two fibers wait at the same place (the same file pointer, almost always, or an equal name).
-inline bool same_place(const Fiber *a, const Fiber *b) {
-    return a->barrier_line == b->barrier_line &&
-           (a->barrier_file == b->barrier_file || strcmp(a->barrier_file, b->barrier_file) == 0);
 }
 
 // Runs the warp-collective operations that whole warps wait at, and resumes those warps. Returns false
@@ -363,7 +392,10 @@ inline bool run_warp_ops(unsigned n, bool reverse) {
             args[l] = f->warp_op.args;
         }
         op->warp_op.run(args, (int)count);
-        for (unsigned l = 0; l < count; l++) resume(warp[l]);
+        for (unsigned l = 0; l < count; l++) {
+            const unsigned k = reverse ? n - 1 - (w * 32 + l) : w * 32 + l;
+            run_round(k, k + 1);
+        }
         any = true;
     }
     return any;
@@ -374,49 +406,52 @@ inline void run_block(void) {
     BlockState &bs = block_state;
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     const bool reverse = reverse_order();
-    auto nth = [&](unsigned k) { return reverse ? n - 1 - k : k; };
-    bs.warp_waiters = 0;
-
-    // The first thread as a fiber: it tells whether this kernel uses barriers.
-    start_thread(fiber(0), thread_of(nth(0), blockDim));
-    if (fiber(0)->finished) {
+    bs.warp_waiters = bs.at_barrier = bs.finished = 0;
+    bs.split = false;
+    bs.round_next = bs.round_end = 0;
+    // Fiber k runs thread k (n - 1 - k in reverse). The first one, run alone, tells whether this kernel
+    // uses barriers.
+    auto assign = [&](unsigned k) {
+        Fiber *f = fiber(k);
+        f->thread = thread_of(reverse ? n - 1 - k : k, blockDim);
+        f->finished = false;
+        return f;
+    };
+    assign(0);
+    run_round(0, 1);
+    if (bs.fibers[0]->finished) {
         bs.current = NULL;
         bs.body_plain(bs.body_arg, 1, n, reverse);
         return;
     }
-    for (unsigned k = 1; k < n; k++) start_thread(fiber(k), thread_of(nth(k), blockDim));
+    for (unsigned k = 1; k < n; k++) assign(k);
+    if (n > 1) run_round(1, n);
     for (;;) {
         // Every thread now waits at a barrier or has finished. Warps waiting at a collective go first;
         // when none is left, all live threads must be at the same __syncthreads().
         if (run_warp_ops(n, reverse)) continue;
-        const Fiber *waiting = NULL, *exited = NULL;
-        for (unsigned k = 0; k < n; k++) {
-            const Fiber *f = bs.fibers[k];
-            if (f->finished) {
-                exited = f;
-                continue;
+        if (bs.at_barrier == 0) return; // all have finished
+        if (bs.split || bs.finished > 0) {
+            const Fiber *other = NULL;
+            for (unsigned k = 0; k < n && !other; k++) {
+                const Fiber *f = bs.fibers[k];
+                if (f->finished || !same_place(f, bs.first_waiter)) other = f;
             }
-            if (waiting && !same_place(f, waiting)) {
-                char msg[512];
-                snprintf(msg, sizeof msg,
-                         "threads wait at different barriers: thread %u at %s:%d, thread %u at %s:%d",
-                         waiting->thread.x, waiting->barrier_file, waiting->barrier_line, f->thread.x,
-                         f->barrier_file, f->barrier_line);
-                fail(msg);
-            }
-            waiting = f;
-        }
-        if (!waiting) return;
-        if (exited) {
+            const Fiber *w = bs.first_waiter;
             char msg[512];
-            snprintf(msg, sizeof msg,
-                     "thread %u finished while thread %u waits at __syncthreads() at %s:%d: a barrier "
-                     "must be reached by every live thread of the block",
-                     exited->thread.x, waiting->thread.x, waiting->barrier_file, waiting->barrier_line);
+            if (other->finished)
+                snprintf(msg, sizeof msg,
+                         "thread %u finished while thread %u waits at __syncthreads() at %s:%d: a barrier "
+                         "must be reached by every live thread of the block",
+                         other->thread.x, w->thread.x, w->barrier_file, w->barrier_line);
+            else
+                snprintf(msg, sizeof msg, "threads wait at different barriers: thread %u at %s:%d, thread %u at %s:%d",
+                         w->thread.x, w->barrier_file, w->barrier_line, other->thread.x, other->barrier_file,
+                         other->barrier_line);
             fail(msg);
         }
-        for (unsigned k = 0; k < n; k++)
-            if (!bs.fibers[k]->finished) resume(bs.fibers[k]);
+        bs.at_barrier = 0;
+        run_round(0, n);
     }
 }
 

@@ -60,6 +60,11 @@ __global__ void thread0_skips_barrier(int *out) {
     __syncthreads();
     out[threadIdx.x] = 1;
 }
+__global__ void thread5_skips_barrier(int *out) {
+    if (threadIdx.x == 5) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
 
 // Tensor cores: each warp of the block computes its own D = A B + C (16 x 8 by 8 x 16, TF32 operands,
 // float accumulators); warp w reads tile w and repeats the product w + 1 times (warps meet at their
@@ -179,6 +184,9 @@ int main() {
     check(aborts_with([&] { KERNEL_LAUNCH(thread0_skips_barrier, 1, 64, 0, scratch); },
                       "a barrier must be reached by every live thread"),
           "a barrier that thread 0 never reaches aborts with a clear message");
+    check(aborts_with([&] { KERNEL_LAUNCH(thread5_skips_barrier, 1, 64, 0, scratch); },
+                      "thread 5 finished while thread 0 waits at __syncthreads()"),
+          "a thread that finishes while the others wait at a barrier aborts, naming both");
     check(aborts_with([&] { KERNEL_LAUNCH(block_sum, 1, 2048, 0, (float *)NULL, (const float *)NULL); },
                       "more than 1024 threads"),
           "a block of more than 1024 threads is refused");
