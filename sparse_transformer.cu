@@ -450,7 +450,8 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // 5. Kernels
 
 // Every kernel below works on one tile of TILE rows at a time, with THREADS = 128 threads:
-//   - a score tile S (TILE x TILE): thread t owns row t % TILE, columns (t / TILE) + WARPS m;
+//   - a score tile S (TILE x TILE): thread t owns row t % TILE and TILE / WARPS contiguous columns from
+//     (t / TILE) TILE / WARPS: all the lanes of a warp own the same columns;
 //   - an output tile (TILE x D): THREADS / TILE threads share a row, each a contiguous part of D / 4
 //     columns: thread t owns row t / 4, columns (t % 4) D / 4 and on. Loads follow the same split.
 // The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
@@ -479,6 +480,7 @@ template <int D, bool TF32> struct TileShape {
     static const int MATRIX = TILE * ROW;       // floats of a (TILE, D) tile
     static const int SROW = TILE + PAD;         // floats per row of a (TILE, TILE) score tile
     static const int SCORES = TILE * SROW;      // floats of a (TILE, TILE) tile
+    static const int TMATRIX = D * SROW;        // floats of a (D, TILE) tile: a (TILE, D) one transposed
     static const int PER_ROW = THREADS / TILE;  // threads per row of a (TILE, D) tile
     static const int OWN = D / PER_ROW;         // the contiguous columns of the row that each owns
     static_assert(THREADS % TILE == 0 && D % PER_ROW == 0, "a row's parts must cover it exactly");
@@ -490,15 +492,16 @@ template <int D, bool TF32> __device__ static inline int own_col(void) {
 }
 
 // Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
-// scaled by `scale`; padding slots and slots past the end load as zeros. Each thread loads the part
-// it owns, so it finds its row's position once.
-template <int D, bool TF32>
+// or, TRANSPOSED, into a (D, TILE) one, scaled by `scale`; padding slots and slots past the end load
+// as zeros. Each thread loads the part it owns, so it finds its row's position once.
+template <int D, bool TF32, bool TRANSPOSED = false>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys,
                                  float scale) {
+    typedef TileShape<D, TF32> S;
     const int row = own_row(), c0 = own_col<D, TF32>();
     const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
-    for (int c = c0; c < c0 + TileShape<D, TF32>::OWN; c++)
-        tile[row * TileShape<D, TF32>::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
+    for (int c = c0; c < c0 + S::OWN; c++)
+        tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
 }
 
 // Loads one float per row of the query tile (lse or D), `missing` for padding slots.
@@ -523,46 +526,47 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
     for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
 }
 
-// S = A B^T for two (TILE, D) shared tiles A and B: the (TILE, TILE) tile of dot products of their rows.
-// With a step (st != NULL) and a tile pair that is not full, the pairs the step does not allow get
-// -inf instead. The float32 body computes this thread's TILE / WARPS dot products (row r, columns
-// c0 + WARPS m) together, one term at a time, each summed in x order: independent sums, which a CPU
-// overlaps. The tensor cores compute the whole tile (each warp a 16 x 16 quarter, then a barrier).
-// Then the mask, and each thread writes the entries it owns in the score tile's ownership, which
-// later passes can rely on.
+// S = A B^T for a (TILE, D) shared tile A and a (TILE, D) tile B given transposed, Bt (D, TILE): the
+// (TILE, TILE) tile of dot products of A's rows with B's. With a step (st != NULL) and a tile pair that
+// is not full, the pairs the step does not allow get -inf instead. The float32 body computes this
+// thread's TILE / WARPS dot products (row r, columns c0 + m) together, one term at a time, each summed in
+// x order: independent sums whose operands Bt[x][c0 + m] lie side by side, which a CPU does several at
+// once in its vector unit (and a GPU warp reads at one address). The tensor cores compute the whole
+// tile (each warp a 16 x 16 quarter, then a barrier). Then the mask, and each thread writes the entries
+// it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32>
-__device__ static void tile_scores(float *S_s, const float *A_s, const float *B_s, const Step *st, int p0, int s0,
+__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step *st, int p0, int s0,
                                    bool full) {
     typedef TileShape<D, TF32> S;
-    const int r = threadIdx.x % TILE;
+    const int r = threadIdx.x % TILE, OWN = TILE / WARPS;
     if constexpr (TF32) {
         const int warp = threadIdx.x / 32, r0 = warp % 2 * 16, c0 = warp / 2 * 16;
         FragA<wmma::row_major> a;
-        FragB<wmma::col_major> b; // B^T (D, TILE) is B read column by column
+        FragB<wmma::row_major> b;
         FragC acc;
         wmma::fill_fragment(acc, 0.0f);
         for (int k = 0; k < D; k += 8) {
             load_tf32(a, A_s + r0 * S::ROW + k, S::ROW);
-            load_tf32(b, B_s + c0 * S::ROW + k, S::ROW);
+            load_tf32(b, Bt_s + k * S::SROW + c0, S::SROW);
             wmma::mma_sync(acc, a, b, acc);
         }
         wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         __syncthreads();
     }
-    const int c0 = threadIdx.x / TILE;
+    const int c0 = threadIdx.x / TILE * OWN;
     int lo = 0, hi = -1; // the keys of this thread's row r (section 3)
     if (st && !full) step_slot_range(*st, p0 + r, &lo, &hi);
-    float dot[TILE / WARPS] = {};
+    float dot[OWN] = {};
     if (!TF32 && (!st || full || (lo < s0 + TILE && hi >= s0))) { // (a row with no key here: nothing)
         for (int x = 0; x < D; x++) {
             const float a = A_s[r * S::ROW + x];
             #pragma unroll
-            for (int m = 0; m < TILE / WARPS; m++) dot[m] += a * B_s[(c0 + WARPS * m) * S::ROW + x];
+            for (int m = 0; m < OWN; m++) dot[m] += a * Bt_s[x * S::SROW + c0 + m];
         }
     }
     #pragma unroll
-    for (int m = 0; m < TILE / WARPS; m++) {
-        const int c = c0 + WARPS * m;
+    for (int m = 0; m < OWN; m++) {
+        const int c = c0 + m;
         const bool allowed = !st || full || (lo <= s0 + c && s0 + c <= hi);
         if (!allowed) S_s[r * S::SROW + c] = -INFINITY;
         else if (!TF32) S_s[r * S::SROW + c] = dot[m];
@@ -621,16 +625,17 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
 //   P_ij  = exp(s_ij - lse_i)                  the forward's probabilities, recomputed
 //   dP_ij = dO_i . v_j                         from out_i = sum_j P_ij v_j
 //   dS_ij = P_ij (dP_ij - D_i), D_i = dO_i . O_i   through the softmax
-// Q_s holds q / sqrt(D) * log2(e) and lse2_s holds lse * log2(e), so P = exp2(Q_s . k - lse2).
+// Q_s holds q / sqrt(D) * log2(e) and lse2_s holds lse * log2(e), so P = exp2(Q_s . k - lse2); Kt_s and
+// Vt_s hold the key tile's k and v transposed, (D, TILE), as tile_scores takes them.
 template <int D, bool TF32>
 __device__ static void probability_gradients(float *P_s, float *dS_s, const float *Q_s, const float *dO_s,
-                                             const float *K_s, const float *V_s, const float *lse2_s,
+                                             const float *Kt_s, const float *Vt_s, const float *lse2_s,
                                              const float *D_s, const Step &st, int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
-    tile_scores<D, TF32>(P_s, Q_s, K_s, &st, p0, s0, full);   // s (base 2), -inf where not allowed
-    tile_scores<D, TF32>(dS_s, dO_s, V_s, NULL, p0, s0, full); // dP
-    const int r = threadIdx.x % TILE;
-    for (int c = threadIdx.x / TILE; c < TILE; c += WARPS) { // the entries this thread's scores wrote
+    tile_scores<D, TF32>(P_s, Q_s, Kt_s, &st, p0, s0, full);   // s (base 2), -inf where not allowed
+    tile_scores<D, TF32>(dS_s, dO_s, Vt_s, NULL, p0, s0, full); // dP
+    const int r = threadIdx.x % TILE, c0 = threadIdx.x / TILE * (TILE / WARPS);
+    for (int c = c0; c < c0 + TILE / WARPS; c++) { // the entries this thread's scores wrote
         // Exercise 5 starts here: the softmax's backward.
         const float s = P_s[r * S::SROW + c];
         const float p = s == -INFINITY ? 0.0f : exp2f(s - lse2_s[r]); // a row with no key has lse -inf
@@ -652,8 +657,8 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
                          const int4 *tiles, const int *heads, int H, int accumulate) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                    // (TILE, D) queries * log2(e) / sqrt(D)
-    float *K_s = Q_s + S::MATRIX;         // (TILE, D)
-    float *V_s = K_s + S::MATRIX;         // (TILE, D)
+    float *Kt_s = Q_s + S::MATRIX;        // (D, TILE) keys, transposed
+    float *V_s = Kt_s + S::TMATRIX;       // (TILE, D)
     float *P_s = V_s + S::MATRIX;         // (TILE, TILE) scores, then probabilities
     float *alpha_s = P_s + S::SCORES;     // (TILE) how much each row's running output shrinks
     float *lse_s = alpha_s + TILE;        // (TILE) this step's log-sum-exp per row
@@ -674,12 +679,12 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     for (int kt = range.x; kt <= range.w; kt++) {
         const bool full = range.y <= kt && kt <= range.z;
         __syncthreads(); // the previous tile is no longer read
-        load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
         load_tile<D, TF32>(V_s, v, st, kt * TILE, true, 1.0f);
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
-        tile_scores<D, TF32>(P_s, Q_s, K_s, &st, p0, kt * TILE, full);
+        tile_scores<D, TF32>(P_s, Q_s, Kt_s, &st, p0, kt * TILE, full);
         __syncthreads();
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
@@ -764,9 +769,9 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
                              const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                              const int *heads, int H) {
     typedef TileShape<D, TF32> S;
-    float *K_s = smem;                  // (TILE, D)
-    float *V_s = K_s + S::MATRIX;       // (TILE, D)
-    float *Q_s = V_s + S::MATRIX;       // (TILE, D) queries * log2(e) / sqrt(D)
+    float *Kt_s = smem;                 // (D, TILE) keys, transposed
+    float *Vt_s = Kt_s + S::TMATRIX;    // (D, TILE) values, transposed
+    float *Q_s = Vt_s + S::TMATRIX;     // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
     float *P_s = dO_s + S::MATRIX;      // (TILE, TILE)
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
@@ -781,8 +786,8 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     const int4 range = tiles[kt];
     const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D, TF32>();
 
-    load_tile<D, TF32>(K_s, k, st, s0, true, 1.0f);
-    load_tile<D, TF32>(V_s, v, st, s0, true, 1.0f);
+    load_tile<D, TF32, true>(Kt_s, k, st, s0, true, 1.0f);
+    load_tile<D, TF32, true>(Vt_s, v, st, s0, true, 1.0f);
     float dk_acc[S::OWN] = {}, dv_acc[S::OWN] = {};
 
     for (int qt = range.x; qt <= range.w; qt++) {
@@ -790,7 +795,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         __syncthreads();
         load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, qt * TILE);
         __syncthreads();
-        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, qt * TILE, s0, full);
+        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, D_s, st, qt * TILE, s0, full);
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the part of the key tile this thread owns
         accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s, scratch_s);
@@ -818,9 +823,10 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
-    float *K_s = dO_s + S::MATRIX;      // (TILE, D)
-    float *V_s = K_s + S::MATRIX;       // (TILE, D)
-    float *P_s = V_s + S::MATRIX;       // (TILE, TILE)
+    float *K_s = dO_s + S::MATRIX;      // (TILE, D) keys, for dQ += dS K...
+    float *Kt_s = K_s + S::MATRIX;      // (D, TILE) ...and transposed, for the scores
+    float *Vt_s = Kt_s + S::TMATRIX;    // (D, TILE) values, transposed
+    float *P_s = Vt_s + S::TMATRIX;     // (TILE, TILE)
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE)
     float *D_s = lse2_s + TILE;         // (TILE)
@@ -840,9 +846,10 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
         const bool full = range.y <= kt && kt <= range.z;
         __syncthreads();
         load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
-        load_tile<D, TF32>(V_s, v, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32, true>(Vt_s, v, st, kt * TILE, true, 1.0f);
         __syncthreads();
-        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, K_s, V_s, lse2_s, D_s, st, p0, kt * TILE, full);
+        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, D_s, st, p0, kt * TILE, full);
         __syncthreads();
         // dQ += dS K, for the part of the query tile this thread owns
         accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s, scratch_s);
@@ -978,15 +985,19 @@ StAttentionStats st_attention_stats(const StAttention *a) {
     if (precision == ST_TF32) { const bool TF = true; DISPATCH_HEAD_SIZE(D, __VA_ARGS__) } \
     else { const bool TF = false; DISPATCH_HEAD_SIZE(D, __VA_ARGS__) }
 
-// The kernels' shared memory: (TILE, D) tiles, score tiles, rows of TILE values, and on the tensor
-// cores one more (TILE, D) tile for the products.
+// The kernels' shared memory: (TILE, D) tiles, (D, TILE) ones, score tiles, rows of TILE values, and on
+// the tensor cores one more (TILE, D) tile for the products.
 template <int D, bool TF32> static size_t forward_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
-    return ((3 + TF32) * (size_t)S::MATRIX + S::SCORES + 4 * TILE) * sizeof(float);
+    return ((2 + TF32) * (size_t)S::MATRIX + S::TMATRIX + S::SCORES + 4 * TILE) * sizeof(float);
 }
-template <int D, bool TF32> static size_t backward_shared_bytes(void) {
+template <int D, bool TF32> static size_t backward_kv_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
-    return ((4 + TF32) * (size_t)S::MATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
+    return ((2 + TF32) * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
+}
+template <int D, bool TF32> static size_t backward_q_shared_bytes(void) {
+    typedef TileShape<D, TF32> S;
+    return ((3 + TF32) * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
 }
 
 void st_attention_forward(StAttention *a, float *out, float *lse, const float *q, const float *k,
@@ -1017,10 +1028,10 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
         const StepPlan &pl = a->plans[i];
         DISPATCH_KERNEL(a->D, {
             LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), THREADS,
-                   (backward_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
+                   (backward_kv_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
                    pl.heads, a->H);
             LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), THREADS,
-                   (backward_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
+                   (backward_q_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
                    pl.heads, a->H);
         });
     }
