@@ -1042,10 +1042,18 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 //
 // Elementwise and row-wise kernels, one thread per element or per row. None has a barrier, so on the
 // CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
-// embeddings) are done by one thread per output, looping over the rows in order: no atomics, and
-// the same result on every run, which the bit-identical resume of training relies on. Such a kernel
-// has few threads (one per column), so its blocks are single warps (columns_grid): 128 columns are
-// then 4 blocks that 4 multiprocessors (CPU cores) share, not one block that one of them runs.
+// embeddings) are done by threads that each own outputs and loop over rows in a fixed order: no
+// atomics, and the same result on every run, which the bit-identical resume of training relies on.
+// Such kernels have few threads (one per column), so their blocks are single warps (columns_grid):
+// 128 columns are then 4 blocks that 4 multiprocessors (CPU cores) share, not one block on one.
+//
+// The column sums of biases and layer norms go in two passes, each in a fixed order:
+//   1. the rows are cut into chunks of chunk_rows; one thread per (chunk, column) sums its chunk;
+//   2. one thread per column adds the chunks' sums in chunk order (add_chunk_sums_kernel).
+// On a GPU one thread per column walking thousands of rows would wait on each load in turn: about a
+// millisecond per sum. The CPU build puts every row in one chunk (its cores need no more threads), so
+// each sum is the plain row-order one; tests run smaller chunks there (st_model_set_chunk_rows).
+#define CHUNK_ROWS (BUILT_FOR_GPU ? 128 : INT_MAX)
 
 #define BLOCK 256
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
@@ -1117,19 +1125,21 @@ __global__ void layernorm_backward_input_kernel(float *dx, const float *dy, cons
 }
 // Exercise 6 ends here.
 
-// ... and for the parameters (one thread per channel): dw += sum_rows dy xhat, db += sum_rows dy.
-__global__ void layernorm_backward_params_kernel(float *dw, float *db, const float *dy, const float *x,
-                                                 const float *mean, const float *rstd, int rows, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+// ... and for the parameters: dw += sum_rows dy xhat, db += sum_rows dy. Pass 1 of the column sums:
+// partial_w[k, c] and partial_b[k, c] sum chunk k's rows. Grid: (chunks, column blocks).
+__global__ void layernorm_backward_params_kernel(float *partial_w, float *partial_b, const float *dy, const float *x,
+                                                 const float *mean, const float *rstd, int rows, int C, int chunk_rows) {
+    const int k = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
+    const int first = k * chunk_rows, end = rows - first < chunk_rows ? rows : first + chunk_rows;
     float sum_w = 0.0f, sum_b = 0.0f;
-    for (int row = 0; row < rows; row++) {
+    for (int row = first; row < end; row++) {
         const float d = dy[(size_t)row * C + c];
         sum_w += d * (x[(size_t)row * C + c] - mean[row]) * rstd[row];
         sum_b += d;
     }
-    dw[c] += sum_w;
-    db[c] += sum_b;
+    partial_w[(size_t)k * C + c] = sum_w;
+    partial_b[(size_t)k * C + c] = sum_b;
 }
 
 // y[r, o] += b[o] (the bias of a matrix product): one block per row r, a thread per column (grid: rows).
@@ -1137,12 +1147,23 @@ __global__ void layernorm_backward_params_kernel(float *dw, float *db, const flo
 __global__ void add_bias_kernel(float *y, const float *b, int cols) {
     for (int o = threadIdx.x; o < cols; o += blockDim.x) y[(size_t)blockIdx.x * cols + o] += b[o];
 }
-__global__ void bias_backward_kernel(float *db, const float *dy, int rows, int cols) {
+// Pass 1 of its column sums: partial[k, o] sums chunk k's rows. Grid: (chunks, column blocks).
+__global__ void bias_backward_kernel(float *partial, const float *dy, int rows, int cols, int chunk_rows) {
+    const int k = blockIdx.x, o = blockIdx.y * blockDim.x + threadIdx.x;
+    if (o >= cols) return;
+    const int first = k * chunk_rows, end = rows - first < chunk_rows ? rows : first + chunk_rows;
+    float sum = 0.0f;
+    for (int r = first; r < end; r++) sum += dy[(size_t)r * cols + o];
+    partial[(size_t)k * cols + o] = sum;
+}
+
+// Pass 2 of the column sums: dst[o] += partial[0, o] + partial[1, o] + ..., in chunk order.
+__global__ void add_chunk_sums_kernel(float *dst, const float *partial, int chunks, int cols) {
     const int o = blockIdx.x * blockDim.x + threadIdx.x;
     if (o >= cols) return;
-    float sum = 0.0f;
-    for (int r = 0; r < rows; r++) sum += dy[(size_t)r * cols + o];
-    db[o] += sum;
+    float sum = partial[o];
+    for (int k = 1; k < chunks; k++) sum += partial[(size_t)k * cols + o];
+    dst[o] += sum;
 }
 
 // The paper's GELU: gelu(x) = x sigmoid(1.702 x).
@@ -1396,6 +1417,8 @@ struct StModel {
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *dlogits, *losses; // final layer norm and output
     float *dres, *dscratch, *dbig;   // gradient scratch: (B, T, C), (B, T, C), (B, T, max(3C, F))
     float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
+    int chunk_rows;                  // rows per chunk of the column sums (section 7)
+    float *chunk_sums;               // (chunks, max(3C, F)): their pass 1
     float *act_base;                 // the one buffer all of the above are carved from
     float *partial;                  // (SUM_GRID * BLOCK) partial sums, then the norm, the clip factor, the loss
     // incremental decoding (B = 1): each head's steps per layer, and scratch for one byte
@@ -1562,6 +1585,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     m->attention = (StAttention **)st_host_alloc(m->L * sizeof(StAttention *));
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
+    m->chunk_rows = CHUNK_ROWS;
     m->partial = (float *)st_malloc((SUM_GRID * BLOCK + 3) * sizeof(float));
     Step *steps = (Step *)host_zeroed((size_t)m->L * m->H * 2 * sizeof(Step));
     int *n_steps = (int *)st_host_alloc((size_t)m->L * m->H * sizeof(int));
@@ -1595,6 +1619,9 @@ void st_model_free(StModel *m) {
 
 // All activations live in one buffer too. carve() lays them out for B sequences from `base` and
 // returns the number of floats; called with base = NULL it only counts (the sizes table of llm.c).
+// The chunks that the column sums of `rows` rows are cut into (section 7).
+static size_t chunks_of(const StModel *m, int rows) { return ((size_t)rows + m->chunk_rows - 1) / m->chunk_rows; }
+
 static size_t carve(StModel *m, int B, float *base) {
     const size_t BT = (size_t)B * m->T, C = m->C, F = m->F, H = m->H, V = VOCAB;
     const size_t big = 3 * C > F ? 3 * C : F;
@@ -1614,6 +1641,7 @@ static size_t carve(StModel *m, int B, float *base) {
     m->lnf = take(BT * C), m->lnf_mean = take(BT), m->lnf_rstd = take(BT);
     m->logits = take(BT * V), m->dlogits = take(BT * V), m->losses = take(BT);
     m->dres = take(BT * C), m->dscratch = take(BT * C), m->dbig = take(BT * big), m->dheads = take(4 * BT * C);
+    m->chunk_sums = take(chunks_of(m, (int)BT) * big);
     m->tokens = (int *)take(BT), m->targets = (int *)take(BT); // ints are as wide as floats
     return used;
 }
@@ -1649,7 +1677,10 @@ static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC));
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
-    if (db) LAUNCH(bias_backward_kernel, columns_grid(OC), COLUMNS_BLOCK, 0, db, dout, N, OC);
+    if (!db) return;
+    const unsigned chunks = (unsigned)chunks_of(m, N);
+    LAUNCH(bias_backward_kernel, dim3(chunks, columns_grid(OC)), COLUMNS_BLOCK, 0, m->chunk_sums, dout, N, OC, m->chunk_rows);
+    LAUNCH(add_chunk_sums_kernel, columns_grid(OC), COLUMNS_BLOCK, 0, db, m->chunk_sums, (int)chunks, OC);
 }
 
 static void layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w, const float *b,
@@ -1657,10 +1688,15 @@ static void layernorm_forward(float *y, float *mean, float *rstd, const float *x
     LAUNCH(layernorm_forward_kernel, blocks_for(rows), BLOCK, 0, y, mean, rstd, x, w, b, rows, C);
 }
 // Backward of y = LN(x) w + b: dx += ..., dw += ..., db += ...
-static void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
-                               const float *mean, const float *rstd, int rows, int C) {
+static void layernorm_backward(StModel *m, float *dx, float *dw, float *db, const float *dy, const float *x,
+                               const float *w, const float *mean, const float *rstd, int rows, int C) {
     LAUNCH(layernorm_backward_input_kernel, blocks_for(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
-    LAUNCH(layernorm_backward_params_kernel, columns_grid(C), COLUMNS_BLOCK, 0, dw, db, dy, x, mean, rstd, rows, C);
+    const unsigned chunks = (unsigned)chunks_of(m, rows);
+    float *partial_w = m->chunk_sums, *partial_b = m->chunk_sums + chunks * C;
+    LAUNCH(layernorm_backward_params_kernel, dim3(chunks, columns_grid(C)), COLUMNS_BLOCK, 0, partial_w, partial_b,
+           dy, x, mean, rstd, rows, C, m->chunk_rows);
+    LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, dw, partial_w, (int)chunks, C);
+    LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, db, partial_b, (int)chunks, C);
 }
 
 __global__ void add_kernel(float *out, const float *x, const float *y, size_t n) {
@@ -1722,7 +1758,7 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     // fc = ln2 W1^T + b1
     matmul_backward(m, d, G(m, layer, FCW), G(m, layer, FCB), dbig, a->ln2, P(m, layer, FCW), BT, C, F);
     // ln2 = LN2(xa): dres becomes dL/dxa
-    layernorm_backward(dres, G(m, layer, LN2W), G(m, layer, LN2B), d, a->xa, P(m, layer, LN2W), a->ln2_mean,
+    layernorm_backward(m, dres, G(m, layer, LN2W), G(m, layer, LN2B), d, a->xa, P(m, layer, LN2W), a->ln2_mean,
                        a->ln2_rstd, BT, C);
     // xa = x + a: both get dL/dxa. a = dropout(att_rows Wproj^T + bproj)
     cudaCheck(cudaMemcpy(d, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
@@ -1735,17 +1771,24 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     LAUNCH(split_heads_kernel, BT, threads_for(C), 0, dbig, dq, dk, dv, m->T, m->H, m->D, 0);
     matmul_backward(m, d, G(m, layer, QKVW), G(m, layer, QKVB), dbig, a->ln1, P(m, layer, QKVW), BT, C, 3 * C);
     // ln1 = LN1(x): dres becomes dL/dx
-    layernorm_backward(dres, G(m, layer, LN1W), G(m, layer, LN1B), d, x, P(m, layer, LN1W), a->ln1_mean,
+    layernorm_backward(m, dres, G(m, layer, LN1W), G(m, layer, LN1B), d, x, P(m, layer, LN1W), a->ln1_mean,
                        a->ln1_rstd, BT, C);
 }
 
 // Switches between keeping every block's activations and recomputing them (the results are the same).
 // Generation needs every layer's keys and values kept, so it switches to 0 while it runs.
+static void drop_activations(StModel *m) {
+    if (m->B_alloc) st_free(m->act_base);
+    m->B_alloc = 0; // the next forward lays the activations out anew
+}
+void st_model_set_chunk_rows(StModel *m, int rows) {
+    m->chunk_rows = rows > 0 ? rows : CHUNK_ROWS;
+    drop_activations(m);
+}
 void st_model_set_recompute(StModel *m, int recompute) {
     if (m->cfg.recompute == recompute) return;
     m->cfg.recompute = recompute;
-    if (m->B_alloc) st_free(m->act_base);
-    m->B_alloc = 0; // the next forward lays the activations out anew
+    drop_activations(m);
 }
 
 static LayerActs *acts_of(StModel *m, int layer) { return &m->acts[m->cfg.recompute ? 0 : layer]; }
@@ -1792,7 +1835,7 @@ void st_model_backward(StModel *m) {
     cudaCheck(cudaMemset(m->dres, 0, n * sizeof(float)));
     // logits = lnf Wout^T, lnf = LN(residual[L])
     matmul_backward(m, m->dscratch, G(m, m->L, OUTW), NULL, m->dlogits, m->lnf, P(m, m->L, OUTW), BT, C, VOCAB);
-    layernorm_backward(m->dres, G(m, m->L, LNFW), G(m, m->L, LNFB), m->dscratch, m->residual + m->L * n,
+    layernorm_backward(m, m->dres, G(m, m->L, LNFW), G(m, m->L, LNFB), m->dscratch, m->residual + m->L * n,
                        P(m, m->L, LNFW), m->lnf_mean, m->lnf_rstd, BT, C);
     for (int l = m->L - 1; l >= 0; l--) {
         if (m->cfg.recompute) layer_forward(m, l, acts_of(m, l), B); // only residual[l] was kept

@@ -197,6 +197,9 @@ void st_model_backward(StModel *m); // gradients of the last forward's loss (ove
 void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step);
 float st_model_grad_norm(const StModel *m);
 void st_model_set_recompute(StModel *m, int recompute); // same results, other memory use
+// Rows per chunk of the gradient's column sums (0: the device's default, every row on the CPU build):
+// for tests, which run the GPU's chunked sums on the CPU.
+void st_model_set_chunk_rows(StModel *m, int rows);
 size_t st_model_num_params(const StModel *m);
 size_t st_model_activation_bytes(const StModel *m, int B, int recompute); // device memory for B sequences
 int st_model_num_tensors(const StModel *m);

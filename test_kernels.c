@@ -799,6 +799,49 @@ static void test_model_gradients(void) {
     check_model_gradients("local", tiny_config((StPattern){ST_LOCAL, ST_MERGED, 8, 0, 0}, 0, 0));
 }
 
+// The gradient's column sums (biases, layer norms) in chunks, as a GPU does them (two passes, section 7
+// of the .cu), here on the CPU: chunks of 5 rows (26 chunks of the 128 rows, the last one short). Every
+// gradient tensor must agree with the one-chunk sums of the CPU build, which the central differences
+// above check. Reordering a float sum of n = 128 terms moves it by at most about n u = 8e-6 of the sum
+// of the terms' magnitudes, and norm-wise over a tensor by far less. Tolerance 1e-5; a chunk left out
+// or counted twice errs by about 1/26 or more.
+static void test_chunked_sums(void) {
+    const StPattern strided = {ST_STRIDED, ST_MERGED, 8, 0, 0};
+    StModelConfig cfg = tiny_config(strided, 0, 0);
+    const int B = 2, T = cfg.ctx;
+    StModel *m = st_model_create(&cfg, 7);
+    const size_t n = st_model_num_params(m);
+    float *g[2] = {malloc(n * sizeof(float)), malloc(n * sizeof(float))};
+    st_model_get(m, ST_PARAMS, g[0]); // random parameters (a new model's output layer is zero: no gradient)
+    for (size_t i = 0; i < n; i++) g[0][i] += 0.1f * (float)uniform();
+    st_model_set(m, ST_PARAMS, g[0]);
+    unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
+    random_batch(inputs, targets, B, T);
+    for (int chunked = 0; chunked < 2; chunked++) {
+        st_model_set_chunk_rows(m, chunked ? 5 : 0);
+        st_model_forward(m, inputs, targets, B, 1, 3);
+        st_model_backward(m);
+        st_model_get(m, ST_GRADS, g[chunked]);
+    }
+    double worst = 0;
+    int zero = 0; // tensors without a gradient: none may be, or the comparison proves nothing
+    for (int t = 0; t < st_model_num_tensors(m); t++) {
+        size_t offset, size;
+        st_model_tensor(m, t, &offset, &size);
+        double diff = 0, norm = 0;
+        for (size_t i = offset; i < offset + size; i++) {
+            diff += ((double)g[1][i] - g[0][i]) * ((double)g[1][i] - g[0][i]);
+            norm += (double)g[0][i] * g[0][i];
+        }
+        if (norm > 0) worst = fmax(worst, sqrt(diff / norm));
+        else zero++;
+    }
+    check(worst < 1e-5 && zero == 0, "column sums in chunks of 5 rows (a GPU's two passes): every gradient tensor "
+          "as with one chunk, worst %.1e relative (tolerance 1e-5); %d tensors without a gradient", worst, zero);
+    st_model_free(m);
+    free(g[0]), free(g[1]), free(inputs), free(targets);
+}
+
 // The model in TF32 (every matrix product on the tensor cores, cuBLAS included) against the same model
 // in float32, whose gradients the central differences above check: loss and every tensor's gradient.
 // (Central differences cannot check TF32 gradients directly: rounding each operand to 10 bits moves
@@ -1098,7 +1141,8 @@ static const struct {
 } GROUPS[] = {
     {"reference", test_reference_gradients}, {"masks", test_masks}, {"rejections", test_rejections},
     {"kernels", test_kernels}, {"work", test_work_at_scale}, {"data", test_data},
-    {"model_gradients", test_model_gradients}, {"model_tf32", test_model_tf32}, {"recompute", test_recompute_equal},
+    {"model_gradients", test_model_gradients}, {"chunked_sums", test_chunked_sums}, {"model_tf32", test_model_tf32},
+    {"recompute", test_recompute_equal},
     {"partial_batch", test_partial_batch}, {"grad_norm", test_grad_norm}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
     {"checkpoint", test_checkpoint},
 };
