@@ -1074,18 +1074,21 @@ __global__ void embedding_forward_kernel(float *x, const int *tokens, const int 
     x[e] = wte[tokens[bt] * C + c] + wp0[p[0] * C + c] + wp1[p[1] * C + c] + wp2[p[2] * C + c];
 }
 
-// Backward of one embedding table: dtable[index(bt), c] += dx[bt, c] for every (b, t), in bt order.
-// One thread per channel c: it owns that column of the table, so no two threads add to one element,
-// and every sum runs in the same order on every run. index(bt) = tokens[bt] for wte, positions[3 t +
-// factor] for the position tables.
-__global__ void embedding_backward_kernel(float *dtable, const float *dx, const int *index, int per_t, int factor,
-                                          int BT, int T, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+// Backward of one embedding table: dtable[row, c] += dx[bt, c] for every bt whose index is `row`, in bt
+// order. The bt of each row are listed in ascending order: row r's list is order[start[r] ..
+// start[r + 1] - 1] (a counting sort, made on the host: index_lists). One thread per (row, c) walks its
+// own list, so it owns its element (no atomics), every sum has a fixed order, and there are as many
+// threads as table elements. For wte a list holds bt itself (sequences = 1); for a position table it
+// holds positions t, the same for every sequence, and is walked once per sequence b (bt = b T + t), which
+// again gives ascending bt. Grid: (table rows, column blocks).
+__global__ void embedding_backward_kernel(float *dtable, const float *dx, const int *start, const int *order,
+                                          int sequences, int T, int C) {
+    const int row = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    for (int bt = 0; bt < BT; bt++) {
-        const int row = per_t ? index[3 * (bt % T) + factor] : index[bt];
-        dtable[(size_t)row * C + c] += dx[(size_t)bt * C + c];
-    }
+    float sum = dtable[(size_t)row * C + c];
+    for (int b = 0; b < sequences; b++)
+        for (int e = start[row]; e < start[row + 1]; e++) sum += dx[((size_t)b * T + order[e]) * C + c];
+    dtable[(size_t)row * C + c] = sum;
 }
 
 // y = (x - mean) / sqrt(var + 1e-5) * w + b over the C channels of each row; keeps mean and 1/std.
@@ -1408,10 +1411,12 @@ struct StModel {
     float *params, *grads, *adam_m, *adam_v; // (n_params) each, on the device
     StAttention **attention;         // per layer
     int *positions;                  // (T, 3) on the device
+    int *position_lists[3];          // (rows + 1 + T): the positions t that use each row of wp0, wp1, wp2
     cublasHandle_t cublas;
     // activations, sized for B_alloc sequences
     int B_alloc, B;
     int *tokens, *targets;           // (B, T)
+    int *token_lists;                // (VOCAB + 1 + B T): the positions bt of each byte value (index_lists)
     float *residual;                 // (L + 1, B, T, C): the input of every block, then the final stream
     LayerActs *acts;                 // L sets, or 1 with recompute
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *dlogits, *losses; // final layer norm and output
@@ -1555,6 +1560,19 @@ static void init_params(StModel *m, uint64_t seed) {
     free(host);
 }
 
+// The lists that embedding_backward_kernel walks: for each of `rows` table rows, the i < n with
+// index[i stride] == row, in ascending order (a counting sort). lists: (rows + 1 + n), the starts
+// of the rows' lists, then the lists one after the other.
+static void index_lists(int *lists, const int *index, int stride, int n, int rows) {
+    int *start = lists, *order = lists + rows + 1;
+    memset(start, 0, (rows + 1) * sizeof(int));
+    for (int i = 0; i < n; i++) start[index[(size_t)i * stride] + 1]++;
+    for (int r = 0; r < rows; r++) start[r + 1] += start[r];
+    for (int i = 0; i < n; i++) order[start[index[(size_t)i * stride]]++] = i; // each start moves to the next row's
+    for (int r = rows; r > 0; r--) start[r] = start[r - 1];
+    start[0] = 0;
+}
+
 StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     const char *err = st_model_check(cfg);
     if (err) {
@@ -1569,10 +1587,18 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     position_factors(cfg, positions);
     m->positions = (int *)st_malloc(3 * sizeof(int) * m->T);
     st_to_device(m->positions, positions, 3 * sizeof(int) * m->T);
-    free(positions);
     m->n_tensors = N_EMBED + m->L * N_LAYER + N_FINAL;
     m->tensors = (Tensor *)st_host_alloc(m->n_tensors * sizeof(Tensor));
     m->n_params = layout_tensors(cfg, m->tensors);
+    for (int f = 0; f < 3; f++) {
+        const size_t n = m->tensors[WP0 + f].rows + 1 + (size_t)m->T;
+        int *lists = (int *)st_host_alloc(n * sizeof(int));
+        index_lists(lists, positions + f, 3, m->T, m->tensors[WP0 + f].rows);
+        m->position_lists[f] = (int *)st_malloc(n * sizeof(int));
+        st_to_device(m->position_lists[f], lists, n * sizeof(int));
+        free(lists);
+    }
+    free(positions);
     const size_t bytes = m->n_params * sizeof(float);
     m->params = (float *)st_malloc(bytes);
     m->grads = (float *)st_malloc(bytes);
@@ -1611,6 +1637,7 @@ void st_model_free(StModel *m) {
     st_free(m->decode_steps);
     st_free(m->decode_n_steps);
     st_free(m->positions);
+    for (int f = 0; f < 3; f++) st_free(m->position_lists[f]);
     cublasCheck(cublasDestroy(m->cublas));
     free(m->acts);
     free(m->tensors);
@@ -1643,6 +1670,7 @@ static size_t carve(StModel *m, int B, float *base) {
     m->dres = take(BT * C), m->dscratch = take(BT * C), m->dbig = take(BT * big), m->dheads = take(4 * BT * C);
     m->chunk_sums = take(chunks_of(m, (int)BT) * big);
     m->tokens = (int *)take(BT), m->targets = (int *)take(BT); // ints are as wide as floats
+    m->token_lists = (int *)take(V + 1 + BT);
     return used;
 }
 
@@ -1802,6 +1830,10 @@ void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned ch
     int *host = (int *)st_host_alloc(BT * sizeof(int));
     for (size_t i = 0; i < BT; i++) host[i] = inputs[i];
     st_to_device(m->tokens, host, BT * sizeof(int));
+    int *lists = (int *)st_host_alloc((VOCAB + 1 + BT) * sizeof(int)); // for the backward of wte
+    index_lists(lists, host, 1, (int)BT, VOCAB);
+    st_to_device(m->token_lists, lists, (VOCAB + 1 + BT) * sizeof(int));
+    free(lists);
     for (size_t i = 0; i < BT; i++) host[i] = targets ? targets[i] : 0;
     st_to_device(m->targets, host, BT * sizeof(int));
     // x = token embedding + position embeddings
@@ -1842,10 +1874,13 @@ void st_model_backward(StModel *m) {
         layer_backward(m, l, acts_of(m, l), B);
     }
     // x = wte[token] + wp0[pos0] + wp1[pos1] + wp2[pos2]
-    LAUNCH(embedding_backward_kernel, columns_grid(C), COLUMNS_BLOCK, 0, G(m, -1, WTE), m->dres, m->tokens, 0, 0, BT, m->T, C);
-    for (int f = 0; f < 3; f++)
-        LAUNCH(embedding_backward_kernel, columns_grid(C), COLUMNS_BLOCK, 0, G(m, -1, WP0 + f), m->dres, m->positions, 1, f, BT,
-               m->T, C);
+    LAUNCH(embedding_backward_kernel, dim3(VOCAB, columns_grid(C)), COLUMNS_BLOCK, 0, G(m, -1, WTE), m->dres,
+           m->token_lists, m->token_lists + VOCAB + 1, 1, m->T, C);
+    for (int f = 0; f < 3; f++) {
+        const int rows = m->tensors[WP0 + f].rows;
+        LAUNCH(embedding_backward_kernel, dim3(rows, columns_grid(C)), COLUMNS_BLOCK, 0, G(m, -1, WP0 + f), m->dres,
+               m->position_lists[f], m->position_lists[f] + rows + 1, B, m->T, C);
+    }
 }
 
 void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
