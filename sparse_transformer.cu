@@ -454,6 +454,9 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 //     (t / TILE) TILE / WARPS: all the lanes of a warp own the same columns;
 //   - an output tile (TILE x D): THREADS / TILE threads share a row, each a contiguous part of D / 4
 //     columns: thread t owns row t / 4, columns (t % 4) D / 4 and on. Loads follow the same split.
+//     Contiguous parts let a CPU vectorise the float32 products; on a GPU the 4 parts of a row fall in
+//     one shared-memory bank for head size 128 (2 for 64), a cost of the float32 path still to be
+//     measured there (the tensor cores read their operands by fragments).
 // The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
 // tile_scores and accumulate_product, each with two bodies chosen by the kernels' template parameter
 // TF32: exact float32 loops on the CUDA cores, or the tensor cores (WMMA, TF32 operands, float32
@@ -1237,7 +1240,7 @@ __global__ void crossentropy_kernel(float *losses, float *dlogits, const float *
         dlogits[(size_t)r * V + i] = (expf(z[i] - top) / sum - (i == targets[r] ? 1.0f : 0.0f)) / BT;
 }
 
-// Deterministic sums that stay on the device, so that a training step never waits for the host. Two
+// Deterministic sums that stay on the device, so that a training step never waits to read them. Two
 // passes, each in a fixed order whatever the hardware:
 //   1. partial_sums_kernel: each of the SUM_GRID * BLOCK threads adds a strided slice of x (or of its
 //      squares) in float;

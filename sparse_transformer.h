@@ -184,9 +184,10 @@ const char *st_model_check(const StModelConfig *c); // NULL if usable, else a on
 StModel *st_model_create(const StModelConfig *c, unsigned long long seed); // exits 1 if not usable
 void st_model_free(StModel *m);
 // inputs, targets: (B, T) bytes on the host (targets may be NULL). training = 1 applies dropout, with
-// masks drawn from `seed`. Like the backward and the update, it queues its work on the device and
-// returns without waiting for it: a training step never waits. st_model_loss waits and returns the
-// last forward's mean cross-entropy in nats (0 without targets).
+// masks drawn from `seed`. Like the backward and the update, it queues its kernels on the device and
+// returns without waiting for their results (only its upload of the batch, a plain copy, waits for
+// the work queued before it). st_model_loss waits and returns the last forward's mean cross-entropy
+// in nats (0 without targets).
 void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned char *targets, int B,
                       int training, unsigned long long seed);
 float st_model_loss(const StModel *m);

@@ -628,7 +628,7 @@ int main(int argc, char **argv) {
         const float lr = learning_rate(step);
         const double start = now_ms();
         random_batch(&train, &state.rng, inputs, targets);
-        // the step is queued on the device without a wait; reading its loss waits for all of it
+        // the step's kernels are queued on the device back to back; reading its loss waits for all of them
         st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
         st_model_backward(m);
         st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
