@@ -452,11 +452,12 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // Every kernel below works on one tile of TILE rows at a time, with THREADS = 128 threads:
 //   - a score tile S (TILE x TILE): thread t owns row t % TILE and TILE / WARPS contiguous columns from
 //     (t / TILE) TILE / WARPS: all the lanes of a warp own the same columns;
-//   - an output tile (TILE x D): THREADS / TILE threads share a row, each a contiguous part of D / 4
-//     columns: thread t owns row t / 4, columns (t % 4) D / 4 and on. Loads follow the same split.
-//     Contiguous parts let a CPU vectorise the float32 products; on a GPU the 4 parts of a row fall in
-//     one shared-memory bank for head size 128 (2 for 64), a cost of the float32 path still to be
-//     measured there (the tensor cores read their operands by fragments).
+//   - an output tile (TILE x D): the same way, thread t owns row t % TILE and D / WARPS contiguous
+//     columns from (t / TILE) D / WARPS. Loads follow the same split.
+// So in both, lane = row and warp = a quarter of the columns (TILE is a warp's 32 threads): a warp's
+// lanes read one address of a key tile or a value tile at a time (a broadcast) and 32 rows of the
+// other operand (32 banks, as rows are padded, below), and a CPU, running one thread after another,
+// sums a thread's contiguous columns in its vector unit.
 // The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
 // tile_scores and accumulate_product, each with two bodies chosen by the kernels' template parameter
 // TF32: exact float32 loops on the CUDA cores, or the tensor cores (WMMA, TF32 operands, float32
@@ -484,14 +485,13 @@ template <int D, bool TF32> struct TileShape {
     static const int SROW = TILE + PAD;         // floats per row of a (TILE, TILE) score tile
     static const int SCORES = TILE * SROW;      // floats of a (TILE, TILE) tile
     static const int TMATRIX = D * SROW;        // floats of a (D, TILE) tile: a (TILE, D) one transposed
-    static const int PER_ROW = THREADS / TILE;  // threads per row of a (TILE, D) tile
-    static const int OWN = D / PER_ROW;         // the contiguous columns of the row that each owns
-    static_assert(THREADS % TILE == 0 && D % PER_ROW == 0, "a row's parts must cover it exactly");
+    static const int OWN = D / WARPS;           // the contiguous columns of a (TILE, D) tile's row a thread owns
+    static_assert(THREADS == TILE * WARPS && D % WARPS == 0, "the warps' parts must cover a tile exactly");
 };
 // The part of a (TILE, D) tile that this thread owns: row own_row(), columns own_col<D, TF32>() + 0 .. OWN - 1.
-__device__ static inline int own_row(void) { return threadIdx.x / (THREADS / TILE); }
+__device__ static inline int own_row(void) { return threadIdx.x % TILE; }
 template <int D, bool TF32> __device__ static inline int own_col(void) {
-    return threadIdx.x % TileShape<D, TF32>::PER_ROW * TileShape<D, TF32>::OWN;
+    return threadIdx.x / TILE * TileShape<D, TF32>::OWN;
 }
 
 // Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
