@@ -491,7 +491,10 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
     };
     const long blocks = (long)grid.x * grid.y * grid.z;
     const bool reverse = reverse_order();
-#pragma omp parallel for schedule(dynamic, 1)
+    // Blocks are handed out to the OS threads in chunks, about 32 per thread: one at a time costs an
+    // atomic operation per block, which the many small blocks of the elementwise kernels would feel.
+    const long chunk = blocks / (32L * omp_get_max_threads()) + 1;
+#pragma omp parallel for schedule(dynamic, chunk)
     for (long b = 0; b < blocks; b++) {
         const long id = reverse ? blocks - 1 - b : b;
         BlockState &bs = block_state;
