@@ -8,7 +8,8 @@ that backward, so 14 D per pair in all), and the bytes the attention itself allo
 and backward workspace: linear in n, never n x n). Each precision ends with a summary line:
   bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
          pairs_ratio=<dense pairs / sparse pairs> sparse_exponent=<e> dense_exponent=<e> crossover=<n>
-with the exponents of time ~ n^e fitted by least squares on log-log over all sizes, and the smallest
+with the exponents of time ~ n^e fitted by least squares on log-log over all sizes ("n/a" with a
+single size: a slope needs two points), and the smallest
 n from which the sparse pattern is faster at every size ("none" if dense is faster at the largest).
 
 Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
@@ -99,6 +100,13 @@ static void print_row(const char *name, const Result *r, int D) {
            r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes);
 }
 
+// An exponent for the summary line: a fit needs two sizes at least.
+static const char *exponent_text(char *text, size_t size, const Result *r, int count) {
+    if (count < 2) snprintf(text, size, "n/a");
+    else snprintf(text, size, "%.2f", fitted_exponent(r, count));
+    return text;
+}
+
 #define FLAGS "(flags: -min_ctx -max_ctx -max_dense -batch -heads -head_size -reps -precision fp32|tf32|both)"
 static int flag_value(int argc, char **argv, int i) {
     char *end;
@@ -129,11 +137,12 @@ static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, 
     }
     if (both == 0) { fprintf(stderr, "-max_ctx and -max_dense must be at least -min_ctx (%d)\n", min_ctx); exit(1); }
     const Result *d = &dense[both - 1], *s = &sparse[both - 1];
-    char where[32] = "none";
+    char where[32] = "none", sparse_e[16], dense_e[16];
     if (crossover(dense, sparse, both)) snprintf(where, sizeof where, "%d", crossover(dense, sparse, both));
-    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%.2f dense_exponent=%.2f "
+    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%s dense_exponent=%s "
            "crossover=%s\n", st_precision_name(st_get_precision()), d->n, d->ms / s->ms, d->pairs / s->pairs,
-           fitted_exponent(sparse, sizes), fitted_exponent(dense, both), where);
+           exponent_text(sparse_e, sizeof sparse_e, sparse, sizes), exponent_text(dense_e, sizeof dense_e, dense, both),
+           where);
 }
 
 int main(int argc, char **argv) {
