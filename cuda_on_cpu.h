@@ -415,7 +415,6 @@ inline void run_block(void) {
         Fiber *f = fiber(k);
         f->thread = thread_of(reverse ? n - 1 - k : k, blockDim);
         f->finished = false;
-        return f;
     };
     assign(0);
     run_round(0, 1);

@@ -488,11 +488,10 @@ template <int D, bool TF32> struct TileShape {
     static const int OWN = D / WARPS;           // the contiguous columns of a (TILE, D) tile's row a thread owns
     static_assert(THREADS == TILE * WARPS && D % WARPS == 0, "the warps' parts must cover a tile exactly");
 };
-// The part of a (TILE, D) tile that this thread owns: row own_row(), columns own_col<D, TF32>() + 0 .. OWN - 1.
+// The part of a (TILE, COLS) tile (scores: COLS = TILE; outputs: COLS = D) that this thread owns: row
+// own_row(), columns own_col<COLS>() + 0 .. COLS / WARPS - 1.
 __device__ static inline int own_row(void) { return threadIdx.x % TILE; }
-template <int D, bool TF32> __device__ static inline int own_col(void) {
-    return threadIdx.x / TILE * TileShape<D, TF32>::OWN;
-}
+template <int COLS> __device__ static inline int own_col(void) { return threadIdx.x / TILE * (COLS / WARPS); }
 
 // Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
 // or, TRANSPOSED, into a (D, TILE) one, scaled by `scale`; padding slots and slots past the end load
@@ -501,7 +500,7 @@ template <int D, bool TF32, bool TRANSPOSED = false>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys,
                                  float scale) {
     typedef TileShape<D, TF32> S;
-    const int row = own_row(), c0 = own_col<D, TF32>();
+    const int row = own_row(), c0 = own_col<D>();
     const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
     for (int c = c0; c < c0 + S::OWN; c++)
         tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
@@ -541,7 +540,7 @@ template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step *st, int p0, int s0,
                                    bool full) {
     typedef TileShape<D, TF32> S;
-    const int r = threadIdx.x % TILE, OWN = TILE / WARPS;
+    const int r = own_row(), OWN = TILE / WARPS;
     if constexpr (TF32) {
         const int warp = threadIdx.x / 32, r0 = warp % 2 * 16, c0 = warp / 2 * 16;
         FragA<wmma::row_major> a;
@@ -556,7 +555,7 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt
         wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         __syncthreads();
     }
-    const int c0 = threadIdx.x / TILE * OWN;
+    const int c0 = own_col<TILE>();
     int lo = 0, hi = -1; // the keys of this thread's row r (section 3)
     if (st && !full) step_slot_range(*st, p0 + r, &lo, &hi);
     float dot[OWN] = {};
@@ -585,7 +584,7 @@ template <int D, bool TF32, bool TRANSPOSED>
 __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
                                                           float *scratch_s) {
     typedef TileShape<D, TF32> S;
-    const int row = own_row(), c0 = own_col<D, TF32>();
+    const int row = own_row(), c0 = own_col<D>();
     if constexpr (TF32) {
         typedef typename std::conditional<TRANSPOSED, wmma::col_major, wmma::row_major>::type LayoutA;
         const int warp = threadIdx.x / 32;
@@ -637,7 +636,7 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
     typedef TileShape<D, TF32> S;
     tile_scores<D, TF32>(P_s, Q_s, Kt_s, &st, p0, s0, full);   // s (base 2), -inf where not allowed
     tile_scores<D, TF32>(dS_s, dO_s, Vt_s, NULL, p0, s0, full); // dP
-    const int r = threadIdx.x % TILE, c0 = threadIdx.x / TILE * (TILE / WARPS);
+    const int r = own_row(), c0 = own_col<TILE>();
     for (int c = c0; c < c0 + TILE / WARPS; c++) { // the entries this thread's scores wrote
         // Exercise 5 starts here: the softmax's backward.
         const float s = P_s[r * S::SROW + c];
@@ -673,7 +672,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; out += bh * st.n * D; lse += bh * st.n;
     const int4 range = tiles[qt];
-    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D, TF32>(); // this thread's part of the output
+    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>(); // this thread's part of the output
 
     load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
     float o[S::OWN] = {};                   // this thread's part of the unnormalised output
@@ -787,7 +786,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dk += bh * st.n * D; dv += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
     const int4 range = tiles[kt];
-    const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D, TF32>();
+    const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D>();
 
     load_tile<D, TF32, true>(Kt_s, k, st, s0, true, 1.0f);
     load_tile<D, TF32, true>(Vt_s, v, st, s0, true, 1.0f);
@@ -840,7 +839,7 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dq += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
     const int4 range = tiles[qt];
-    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D, TF32>();
+    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>();
 
     load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, p0);
     float dq_acc[S::OWN] = {};
@@ -1047,8 +1046,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
 // embeddings) are done by threads that each own outputs and loop over rows in a fixed order: no
 // atomics, and the same result on every run, which the bit-identical resume of training relies on.
-// Such kernels have few threads (one per column), so their blocks are single warps (columns_grid):
-// 128 columns are then 4 blocks that 4 multiprocessors (CPU cores) share, not one block on one.
+// Their columns go in blocks of one warp (columns_grid): 128 columns are then 4 blocks that 4
+// multiprocessors (CPU cores) share, not one block on one.
 //
 // The column sums of biases and layer norms go in two passes, each in a fixed order:
 //   1. the rows are cut into chunks of chunk_rows; one thread per (chunk, column) sums its chunk;
@@ -1057,6 +1056,10 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // millisecond per sum. The CPU build puts every row in one chunk (its cores need no more threads), so
 // each sum is the plain row-order one; tests run smaller chunks there (st_model_set_chunk_rows).
 #define CHUNK_ROWS (BUILT_FOR_GPU ? 128 : INT_MAX)
+// The end of the chunk of rows that starts at `first` (the last chunk may be short).
+__device__ static inline int chunk_end(int first, int chunk_rows, int rows) {
+    return rows - first < chunk_rows ? rows : first + chunk_rows;
+}
 
 #define BLOCK 256
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
@@ -1137,7 +1140,7 @@ __global__ void layernorm_backward_params_kernel(float *partial_w, float *partia
                                                  const float *mean, const float *rstd, int rows, int C, int chunk_rows) {
     const int k = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    const int first = k * chunk_rows, end = rows - first < chunk_rows ? rows : first + chunk_rows;
+    const int first = k * chunk_rows, end = chunk_end(first, chunk_rows, rows);
     float sum_w = 0.0f, sum_b = 0.0f;
     for (int row = first; row < end; row++) {
         const float d = dy[(size_t)row * C + c];
@@ -1157,7 +1160,7 @@ __global__ void add_bias_kernel(float *y, const float *b, int cols) {
 __global__ void bias_backward_kernel(float *partial, const float *dy, int rows, int cols, int chunk_rows) {
     const int k = blockIdx.x, o = blockIdx.y * blockDim.x + threadIdx.x;
     if (o >= cols) return;
-    const int first = k * chunk_rows, end = rows - first < chunk_rows ? rows : first + chunk_rows;
+    const int first = k * chunk_rows, end = chunk_end(first, chunk_rows, rows);
     float sum = 0.0f;
     for (int r = first; r < end; r++) sum += dy[(size_t)r * cols + o];
     partial[(size_t)k * cols + o] = sum;
@@ -1245,8 +1248,10 @@ __global__ void crossentropy_kernel(float *losses, float *dlogits, const float *
 //   1. partial_sums_kernel: each of the SUM_GRID * BLOCK threads adds a strided slice of x (or of its
 //      squares) in float;
 //   2. one block of THREADS threads adds the partials in double (block_reduce).
-// Used for the gradient's global norm (clip_scale_kernel) and for the mean loss (mean_kernel).
+// Used for the gradient's global norm (clip_scale_kernel) and for the mean loss (mean_kernel). The
+// model's buffer of sums holds the partials, then the results (SUM_SLOTS floats in all).
 #define SUM_GRID 64
+enum { NORM_SLOT = SUM_GRID * BLOCK, CLIP_SLOT, LOSS_SLOT, SUM_SLOTS }; // the norm, its clip factor, the loss
 __global__ void partial_sums_kernel(float *partial, const float *x, size_t n, int squares) {
     const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x, threads = (size_t)gridDim.x * blockDim.x;
     float sum = 0.0f;
@@ -1428,7 +1433,7 @@ struct StModel {
     int chunk_rows;                  // rows per chunk of the column sums (section 7)
     float *chunk_sums;               // (chunks, max(3C, F)): their pass 1
     float *act_base;                 // the one buffer all of the above are carved from
-    float *partial;                  // (SUM_GRID * BLOCK) partial sums, then the norm, the clip factor, the loss
+    float *partial;                  // (SUM_SLOTS): partial sums, then the norm, the clip factor, the loss
     // incremental decoding (B = 1): each head's steps per layer, and scratch for one byte
     Step *decode_steps;              // (L, H, 2) on the device
     int *decode_n_steps;             // (L, H) on the device
@@ -1615,7 +1620,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
     m->chunk_rows = CHUNK_ROWS;
-    m->partial = (float *)st_malloc((SUM_GRID * BLOCK + 3) * sizeof(float));
+    m->partial = (float *)st_malloc(SUM_SLOTS * sizeof(float));
     Step *steps = (Step *)host_zeroed((size_t)m->L * m->H * 2 * sizeof(Step));
     int *n_steps = (int *)st_host_alloc((size_t)m->L * m->H * sizeof(int));
     for (int l = 0; l < m->L; l++)
@@ -1647,11 +1652,11 @@ void st_model_free(StModel *m) {
     free(m);
 }
 
-// All activations live in one buffer too. carve() lays them out for B sequences from `base` and
-// returns the number of floats; called with base = NULL it only counts (the sizes table of llm.c).
 // The chunks that the column sums of `rows` rows are cut into (section 7).
 static size_t chunks_of(const StModel *m, int rows) { return ((size_t)rows + m->chunk_rows - 1) / m->chunk_rows; }
 
+// All activations live in one buffer too. carve() lays them out for B sequences from `base` and
+// returns the number of floats; called with base = NULL it only counts (the sizes table of llm.c).
 static size_t carve(StModel *m, int B, float *base) {
     const size_t BT = (size_t)B * m->T, C = m->C, F = m->F, H = m->H, V = VOCAB;
     const size_t big = 3 * C > F ? 3 * C : F;
@@ -1806,16 +1811,16 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
                        a->ln1_rstd, BT, C);
 }
 
-// Switches between keeping every block's activations and recomputing them (the results are the same).
-// Generation needs every layer's keys and values kept, so it switches to 0 while it runs.
 static void drop_activations(StModel *m) {
     if (m->B_alloc) st_free(m->act_base);
     m->B_alloc = 0; // the next forward lays the activations out anew
 }
 void st_model_set_chunk_rows(StModel *m, int rows) {
     m->chunk_rows = rows > 0 ? rows : CHUNK_ROWS;
-    drop_activations(m);
+    drop_activations(m); // the chunks' sums are carved with the activations
 }
+// Switches between keeping every block's activations and recomputing them (the results are the same).
+// Generation needs every layer's keys and values kept, so it switches to 0 while it runs.
 void st_model_set_recompute(StModel *m, int recompute) {
     if (m->cfg.recompute == recompute) return;
     m->cfg.recompute = recompute;
@@ -1833,10 +1838,12 @@ void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned ch
     int *host = (int *)st_host_alloc(BT * sizeof(int));
     for (size_t i = 0; i < BT; i++) host[i] = inputs[i];
     st_to_device(m->tokens, host, BT * sizeof(int));
-    int *lists = (int *)st_host_alloc((VOCAB + 1 + BT) * sizeof(int)); // for the backward of wte
-    index_lists(lists, host, 1, (int)BT, VOCAB);
-    st_to_device(m->token_lists, lists, (VOCAB + 1 + BT) * sizeof(int));
-    free(lists);
+    if (targets) { // a forward that a backward can follow: the lists of wte's backward
+        int *lists = (int *)st_host_alloc((VOCAB + 1 + BT) * sizeof(int));
+        index_lists(lists, host, 1, (int)BT, VOCAB);
+        st_to_device(m->token_lists, lists, (VOCAB + 1 + BT) * sizeof(int));
+        free(lists);
+    }
     for (size_t i = 0; i < BT; i++) host[i] = targets ? targets[i] : 0;
     st_to_device(m->targets, host, BT * sizeof(int));
     // x = token embedding + position embeddings
@@ -1847,7 +1854,7 @@ void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned ch
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, m->residual + (size_t)m->L * BT * C, P(m, m->L, LNFW),
                       P(m, m->L, LNFB), BT, C);
     matmul_forward(m, m->logits, m->lnf, P(m, m->L, OUTW), NULL, BT, C, VOCAB);
-    float *loss = m->partial + SUM_GRID * BLOCK + 2;
+    float *loss = m->partial + LOSS_SLOT;
     if (targets) {
         LAUNCH(crossentropy_kernel, blocks_for(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
         LAUNCH(partial_sums_kernel, SUM_GRID, BLOCK, 0, m->partial, m->losses, BT, 0);
@@ -1859,7 +1866,7 @@ void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned ch
 }
 float st_model_loss(const StModel *m) {
     float loss;
-    st_to_host(&loss, m->partial + SUM_GRID * BLOCK + 2, sizeof loss);
+    st_to_host(&loss, m->partial + LOSS_SLOT, sizeof loss);
     return loss;
 }
 
@@ -1887,7 +1894,7 @@ void st_model_backward(StModel *m) {
 }
 
 void st_model_update(StModel *m, float lr, float weight_decay, float clip, int step) {
-    float *norm_scale = m->partial + SUM_GRID * BLOCK;
+    float *norm_scale = m->partial + NORM_SLOT; // the norm, then CLIP_SLOT
     LAUNCH(partial_sums_kernel, SUM_GRID, BLOCK, 0, m->partial, m->grads, m->n_params, 1);
     LAUNCH(clip_scale_kernel, 1, THREADS, 0, norm_scale, m->partial, clip);
     const float beta1 = 0.9f, beta2 = 0.95f;
@@ -1901,7 +1908,7 @@ void st_model_update(StModel *m, float lr, float weight_decay, float clip, int s
 }
 float st_model_grad_norm(const StModel *m) {
     float norm;
-    st_to_host(&norm, m->partial + SUM_GRID * BLOCK, sizeof norm);
+    st_to_host(&norm, m->partial + NORM_SLOT, sizeof norm);
     return norm;
 }
 
