@@ -6,7 +6,8 @@
 #                   OpenBLAS, Debian's libopenblas-openmp-dev, for its matrix products)
 #   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)
 #   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp), ./test_kernels
-#                   and the loaders over the inputs that once crashed them (tools/fuzz/regressions/)
+#                   (again with the GPU's 4 warps per tile block, on the CPU: build/warps4/test_kernels) and
+#                   the loaders over the inputs that once crashed them (tools/fuzz/regressions/)
 #   make fuzz       fuzz the checkpoint and data-file loaders with libFuzzer (clang), FUZZ_SECONDS each
 #   make bench      build, then time the attention (tools/bench.c; flags in BENCH_FLAGS="...")
 #   make asan       CPU build with AddressSanitizer and UndefinedBehaviorSanitizer in build/asan/
@@ -114,9 +115,18 @@ build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
 	$(CXX) -O2 -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ -lopenblas
 
-test: announce $(BINARIES) build/test_emulator build/replay_checkpoint build/replay_data
+# The kernel tests once more with the GPU's block shape: the CPU build's tile kernels have 1 warp, a
+# GPU's 4 (WARPS in sparse_transformer.cu), so this checks, on the CPU, the layout a GPU runs.
+build/warps4/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) -DWARPS=4 -c $< -o $@
+build/warps4/test_kernels: build/cpu/test_kernels.o build/warps4/sparse_transformer.o
+	$(CXX) -fopenmp $^ -o $@ $(CPU_LIBS)
+
+test: announce $(BINARIES) build/test_emulator build/warps4/test_kernels build/replay_checkpoint build/replay_data
 	build/test_emulator
 	./test_kernels
+	build/warps4/test_kernels
 	build/replay_checkpoint tools/fuzz/regressions/checkpoint
 	build/replay_data tools/fuzz/regressions/data
 

@@ -271,8 +271,6 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
 // counted twice in the shared softmax: j = i for the stride step, the query's own block for summary.
 
 #define TILE 32       // queries and keys per tile
-#define WARPS 4       // a block of threads is 4 warps...
-#define THREADS 128   // ...of 32 threads
 
 enum StepKind { STEP_CAUSAL, STEP_LOCAL, STEP_BLOCK, STEP_STRIDE, STEP_SUMMARY };
 
@@ -449,15 +447,27 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // ----------------------------------------------------------------------------
 // 5. Kernels
 
-// Every kernel below works on one tile of TILE rows at a time, with THREADS = 128 threads:
+// Every kernel below works on one tile of TILE rows at a time, with a block of WARPS warps:
 //   - a score tile S (TILE x TILE): thread t owns row t % TILE and TILE / WARPS contiguous columns from
 //     (t / TILE) TILE / WARPS: all the lanes of a warp own the same columns;
 //   - an output tile (TILE x D): the same way, thread t owns row t % TILE and D / WARPS contiguous
 //     columns from (t / TILE) D / WARPS. Loads follow the same split.
-// So in both, lane = row and warp = a quarter of the columns (TILE is a warp's 32 threads): a warp's
+// So in both, lane = row and warp = a part of the columns (TILE is a warp's 32 threads): a warp's
 // lanes read one address of a key tile or a value tile at a time (a broadcast) and 32 rows of the
 // other operand (32 banks, as rows are padded, below), and a CPU, running one thread after another,
 // sums a thread's contiguous columns in its vector unit.
+//
+// A GPU block has 4 warps, each a quarter of the columns: a thread keeps few values in its registers,
+// and four warps hide each other's waits on memory. The CPU build has 1 warp, each thread a whole row:
+// it runs a block's threads one after another, and each thread pays a fiber switch at each barrier
+// (cuda_on_cpu.h), so a quarter of the threads with four times the work each is twice as fast there.
+// Every entry is the same sum in the same order either way, so both give the same bits; `make test`
+// also runs the kernel tests with 4 warps on the CPU (a build with -DWARPS=4), so CI checks the GPU's
+// shape too.
+#ifndef WARPS
+#define WARPS (BUILT_FOR_GPU ? 4 : 1)
+#endif
+#define TILE_THREADS (TILE * WARPS) // a tile kernel's block
 // The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
 // tile_scores and accumulate_product, each with two bodies chosen by the kernels' template parameter
 // TF32: exact float32 loops on the CUDA cores, or the tensor cores (WMMA, TF32 operands, float32
@@ -486,7 +496,7 @@ template <int D, bool TF32> struct TileShape {
     static const int SCORES = TILE * SROW;      // floats of a (TILE, TILE) tile
     static const int TMATRIX = D * SROW;        // floats of a (D, TILE) tile: a (TILE, D) one transposed
     static const int OWN = D / WARPS;           // the contiguous columns of a (TILE, D) tile's row a thread owns
-    static_assert(THREADS == TILE * WARPS && D % WARPS == 0, "the warps' parts must cover a tile exactly");
+    static_assert(TILE == 32 && D % WARPS == 0, "a tile's rows are a warp's lanes; the warps' parts cover its columns");
 };
 // The part of a (TILE, COLS) tile (scores: COLS = TILE; outputs: COLS = D) that this thread owns: row
 // own_row(), columns own_col<COLS>() + 0 .. COLS / WARPS - 1.
@@ -509,7 +519,7 @@ __device__ static void load_tile(float *tile, const float *x, const Step &st, in
 // Loads one float per row of the query tile (lse or D), `missing` for padding slots.
 __device__ static void load_row_values(float *dst, const float *x, const Step &st, int first,
                                        float scale, float missing) {
-    for (int row = threadIdx.x; row < TILE; row += THREADS) {
+    for (int row = threadIdx.x; row < TILE; row += TILE_THREADS) {
         const int pos = step_query_position(st, first + row);
         dst[row] = pos >= 0 ? x[pos] * scale : missing;
     }
@@ -534,7 +544,7 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // thread's TILE / WARPS dot products (row r, columns c0 + m) together, one term at a time, each summed in
 // x order: independent sums whose operands Bt[x][c0 + m] lie side by side, which a CPU does several at
 // once in its vector unit (and a GPU warp reads at one address). The tensor cores compute the whole
-// tile (each warp a 16 x 16 quarter, then a barrier). Then the mask, and each thread writes the entries
+// tile (each warp one or more of its 16 x 16 quarters, then a barrier). Then the mask, and each thread writes the entries
 // it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step *st, int p0, int s0,
@@ -542,17 +552,19 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt
     typedef TileShape<D, TF32> S;
     const int r = own_row(), OWN = TILE / WARPS;
     if constexpr (TF32) {
-        const int warp = threadIdx.x / 32, r0 = warp % 2 * 16, c0 = warp / 2 * 16;
-        FragA<wmma::row_major> a;
-        FragB<wmma::row_major> b;
-        FragC acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int k = 0; k < D; k += 8) {
-            load_tf32(a, A_s + r0 * S::ROW + k, S::ROW);
-            load_tf32(b, Bt_s + k * S::SROW + c0, S::SROW);
-            wmma::mma_sync(acc, a, b, acc);
+        for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
+            const int r0 = quarter % 2 * 16, c0 = quarter / 2 * 16;
+            FragA<wmma::row_major> a;
+            FragB<wmma::row_major> b;
+            FragC acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int k = 0; k < D; k += 8) {
+                load_tf32(a, A_s + r0 * S::ROW + k, S::ROW);
+                load_tf32(b, Bt_s + k * S::SROW + c0, S::SROW);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         }
-        wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
         __syncthreads();
     }
     const int c0 = own_col<TILE>();
@@ -652,9 +664,9 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
 // are never all in memory. The second step of a merged head (accumulate = 1) merges its result into
 // the first's by the log-sum-exp rule:
 //   lse = log(e^lse1 + e^lse2),  out = e^(lse1 - lse) out1 + e^(lse2 - lse) out2.
-// Grid: (query tiles, heads of this step, B); block: THREADS.
+// Grid: (query tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS(TF32))
+__global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, Step st,
                          const int4 *tiles, const int *heads, int H, int accumulate) {
     typedef TileShape<D, TF32> S;
@@ -764,9 +776,9 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 //   dK_j = sum_i dS_ij q_i / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
 // Each key tile is owned by one block: no atomics, and a deterministic sum. Adds into dk, dv, since
 // a merged head's two steps touch the same keys.
-// Grid: (key tiles, heads of this step, B); block: THREADS.
+// Grid: (key tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS(TF32))
+__global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                              const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                              const int *heads, int H) {
@@ -816,9 +828,9 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 
 // Backward for queries, one query tile per block, looping over its key tiles:
 //   dQ_i = sum_j dS_ij k_j / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
-// Grid: (query tiles, heads of this step, B); block: THREADS.
+// Grid: (query tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
-__global__ void __launch_bounds__(THREADS, MIN_BLOCKS(TF32))
+__global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
                             const float *q, const float *k, const float *v, Step st, const int4 *tiles,
                             const int *heads, int H) {
@@ -1007,7 +1019,7 @@ void st_attention_forward(StAttention *a, float *out, float *lse, const float *q
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         const dim3 grid(pl.n_qtiles, pl.n_heads, B); // y and z are limited to 65535
-        DISPATCH_KERNEL(a->D, LAUNCH((attention_forward_kernel<HS, TF>), grid, THREADS, (forward_shared_bytes<HS, TF>()),
+        DISPATCH_KERNEL(a->D, LAUNCH((attention_forward_kernel<HS, TF>), grid, TILE_THREADS, (forward_shared_bytes<HS, TF>()),
                                      out, lse, q, k, v, pl.st, pl.q_tiles, pl.heads, a->H, pl.slot));
     }
 }
@@ -1029,10 +1041,10 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         DISPATCH_KERNEL(a->D, {
-            LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), THREADS,
+            LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), TILE_THREADS,
                    (backward_kv_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
                    pl.heads, a->H);
-            LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), THREADS,
+            LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), TILE_THREADS,
                    (backward_q_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
                    pl.heads, a->H);
         });
@@ -1062,6 +1074,7 @@ __device__ static inline int chunk_end(int first, int chunk_rows, int rows) {
 }
 
 #define BLOCK 256
+#define THREADS 128 // a block that reduces (block_reduce) or decodes a byte's attention
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
 #define COLUMNS_BLOCK 32
 static unsigned columns_grid(int cols) { return (unsigned)((cols + COLUMNS_BLOCK - 1) / COLUMNS_BLOCK); }
