@@ -12,7 +12,7 @@
 //     A barrier that some thread of the block does not reach (it waits elsewhere, or has returned)
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
-//     calls the kernel directly (it is a template argument of launch, so the compiler can inline it).
+//     calls the kernel directly (it is a template argument of launch, inlined there: run_plain).
 //     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
 //     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
@@ -458,8 +458,20 @@ inline void run_block(void) {
 template <typename K> struct KernelParams;
 template <typename... Params> struct KernelParams<void (*)(Params...)> { typedef std::tuple<Params...> type; };
 
-// The kernel is a template argument, so that the plain loop over a block's threads calls it directly
-// (inlined): a barrier-free kernel then costs about what the same loop written for the CPU costs.
+// Runs threads first .. n - 1 of the current block as plain calls (a barrier-free kernel). The kernel is
+// a template argument, and flatten inlines it with everything it calls: a barrier-free kernel then
+// costs about what the same loop written for the CPU costs.
+template <auto kernel, typename Params>
+__attribute__((flatten)) void run_plain(void *p, unsigned first, unsigned n, bool reverse) {
+    const Params &params = *static_cast<Params *>(p);
+    const bool flat = blockDim.y == 1 && blockDim.z == 1;
+    for (unsigned k = first; k < n; k++) {
+        const unsigned t = reverse ? n - 1 - k : k;
+        threadIdx = flat ? uint3{t, 0, 0} : thread_of(t, blockDim);
+        std::apply(kernel, params);
+    }
+}
+
 template <auto kernel, typename... Args>
 void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
     typedef typename KernelParams<decltype(kernel)>::type Params;
@@ -479,15 +491,7 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
     }
     Params params(args...);
     auto body = [](void *p) { std::apply(kernel, *static_cast<Params *>(p)); };
-    auto body_plain = [](void *p, unsigned first, unsigned n, bool reverse) {
-        const Params &params = *static_cast<Params *>(p);
-        const bool flat = blockDim.y == 1 && blockDim.z == 1;
-        for (unsigned k = first; k < n; k++) {
-            const unsigned t = reverse ? n - 1 - k : k;
-            threadIdx = flat ? uint3{t, 0, 0} : thread_of(t, blockDim);
-            std::apply(kernel, params);
-        }
-    };
+    auto body_plain = run_plain<kernel, Params>;
     const long blocks = (long)grid.x * grid.y * grid.z;
     const bool reverse = reverse_order();
     // Blocks are handed out to the OS threads in chunks, about 32 per thread: one at a time costs an
