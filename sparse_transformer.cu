@@ -1077,6 +1077,10 @@ __device__ static inline int chunk_end(int first, int chunk_rows, int rows) {
 #define THREADS 128 // a block that reduces (block_reduce) or decodes a byte's attention
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
 #define COLUMNS_BLOCK 32
+// A thread of a column sum's pass 1 owns RUN neighbouring columns and sums each in row order: a GPU warp
+// then reads 32 RUN contiguous floats per row, and a CPU thread advances RUN independent sums together
+// (one sum alone waits on its previous add at every row). The model's widths are multiples of 32.
+#define RUN 8
 static unsigned columns_grid(int cols) { return (unsigned)((cols + COLUMNS_BLOCK - 1) / COLUMNS_BLOCK); }
 // Threads for a block that covers one row of `cols` columns: whole warps, at most BLOCK.
 static unsigned threads_for(int cols) { return cols < BLOCK ? (cols + 31) / 32 * 32 : BLOCK; }
@@ -1148,20 +1152,25 @@ __global__ void layernorm_backward_input_kernel(float *dx, const float *dy, cons
 // Exercise 6 ends here.
 
 // ... and for the parameters: dw += sum_rows dy xhat, db += sum_rows dy. Pass 1 of the column sums:
-// partial_w[k, c] and partial_b[k, c] sum chunk k's rows. Grid: (chunks, column blocks).
+// partial_w[k, c] and partial_b[k, c] sum chunk k's rows, for the RUN columns from c0.
+// Grid: (chunks, column blocks of RUN columns per thread).
 __global__ void layernorm_backward_params_kernel(float *partial_w, float *partial_b, const float *dy, const float *x,
                                                  const float *mean, const float *rstd, int rows, int C, int chunk_rows) {
-    const int k = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+    const int k = blockIdx.x, c0 = RUN * (blockIdx.y * blockDim.x + threadIdx.x);
+    if (c0 >= C) return;
     const int first = k * chunk_rows, end = chunk_end(first, chunk_rows, rows);
-    float sum_w = 0.0f, sum_b = 0.0f;
+    float sum_w[RUN] = {}, sum_b[RUN] = {};
     for (int row = first; row < end; row++) {
-        const float d = dy[(size_t)row * C + c];
-        sum_w += d * (x[(size_t)row * C + c] - mean[row]) * rstd[row];
-        sum_b += d;
+        for (int u = 0; u < RUN; u++) {
+            const float d = dy[(size_t)row * C + c0 + u];
+            sum_w[u] += d * (x[(size_t)row * C + c0 + u] - mean[row]) * rstd[row];
+            sum_b[u] += d;
+        }
     }
-    partial_w[(size_t)k * C + c] = sum_w;
-    partial_b[(size_t)k * C + c] = sum_b;
+    for (int u = 0; u < RUN; u++) {
+        partial_w[(size_t)k * C + c0 + u] = sum_w[u];
+        partial_b[(size_t)k * C + c0 + u] = sum_b[u];
+    }
 }
 
 // y[r, o] += b[o] (the bias of a matrix product): one block per row r, a thread per column (grid: rows).
@@ -1169,14 +1178,16 @@ __global__ void layernorm_backward_params_kernel(float *partial_w, float *partia
 __global__ void add_bias_kernel(float *y, const float *b, int cols) {
     for (int o = threadIdx.x; o < cols; o += blockDim.x) y[(size_t)blockIdx.x * cols + o] += b[o];
 }
-// Pass 1 of its column sums: partial[k, o] sums chunk k's rows. Grid: (chunks, column blocks).
+// Pass 1 of its column sums: partial[k, o] sums chunk k's rows, for the RUN columns from o0.
+// Grid: (chunks, column blocks of RUN columns per thread).
 __global__ void bias_backward_kernel(float *partial, const float *dy, int rows, int cols, int chunk_rows) {
-    const int k = blockIdx.x, o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (o >= cols) return;
+    const int k = blockIdx.x, o0 = RUN * (blockIdx.y * blockDim.x + threadIdx.x);
+    if (o0 >= cols) return;
     const int first = k * chunk_rows, end = chunk_end(first, chunk_rows, rows);
-    float sum = 0.0f;
-    for (int r = first; r < end; r++) sum += dy[(size_t)r * cols + o];
-    partial[(size_t)k * cols + o] = sum;
+    float sum[RUN] = {};
+    for (int r = first; r < end; r++)
+        for (int u = 0; u < RUN; u++) sum[u] += dy[(size_t)r * cols + o0 + u];
+    for (int u = 0; u < RUN; u++) partial[(size_t)k * cols + o0 + u] = sum[u];
 }
 
 // Pass 2 of the column sums: dst[o] += partial[0, o] + partial[1, o] + ..., in chunk order.
@@ -1728,7 +1739,7 @@ static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
     if (!db) return;
     const unsigned chunks = (unsigned)chunks_of(m, N);
-    LAUNCH(bias_backward_kernel, dim3(chunks, columns_grid(OC)), COLUMNS_BLOCK, 0, m->chunk_sums, dout, N, OC, m->chunk_rows);
+    LAUNCH(bias_backward_kernel, dim3(chunks, columns_grid(OC / RUN)), COLUMNS_BLOCK, 0, m->chunk_sums, dout, N, OC, m->chunk_rows);
     LAUNCH(add_chunk_sums_kernel, columns_grid(OC), COLUMNS_BLOCK, 0, db, m->chunk_sums, (int)chunks, OC);
 }
 
@@ -1742,7 +1753,7 @@ static void layernorm_backward(StModel *m, float *dx, float *dw, float *db, cons
     LAUNCH(layernorm_backward_input_kernel, blocks_for(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
     const unsigned chunks = (unsigned)chunks_of(m, rows);
     float *partial_w = m->chunk_sums, *partial_b = m->chunk_sums + chunks * C;
-    LAUNCH(layernorm_backward_params_kernel, dim3(chunks, columns_grid(C)), COLUMNS_BLOCK, 0, partial_w, partial_b,
+    LAUNCH(layernorm_backward_params_kernel, dim3(chunks, columns_grid(C / RUN)), COLUMNS_BLOCK, 0, partial_w, partial_b,
            dy, x, mean, rstd, rows, C, m->chunk_rows);
     LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, dw, partial_w, (int)chunks, C);
     LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, db, partial_b, (int)chunks, C);
