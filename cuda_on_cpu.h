@@ -67,6 +67,12 @@ static thread_local dim3 blockDim, gridDim;
 #define CUDA_EMU_MAX_SHARED_BYTES (227 * 1024)
 alignas(128) thread_local float smem[CUDA_EMU_MAX_SHARED_BYTES / sizeof(float)];
 
+// fmaxf is one instruction on a GPU, but a function call in glibc (which must handle NaN), and the
+// softmax passes call it for every score. This one is inline and gives glibc's results (x86's maxss:
+// x > y ? x : y; a NaN operand yields the other one).
+inline float cuda_emu_fmaxf(float x, float y) { return y != y ? x : x > y ? x : y; }
+#define fmaxf cuda_emu_fmaxf
+
 // ----------------------------------------------------------------------------
 // Runtime API: errors, memory, synchronisation
 

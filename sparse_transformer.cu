@@ -709,8 +709,9 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
             for (int c = 0; c < TILE; c++) m_new = fmaxf(m_new, row[c]);
             const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
             float sum = 0.0f;
+            // A pair not allowed (-inf) gets 0, and so does every pair of a row with no key yet.
             for (int c = 0; c < TILE; c++) {
-                row[c] = m_new == -INFINITY ? 0.0f : exp2f(row[c] - m_new);
+                row[c] = row[c] == -INFINITY ? 0.0f : exp2f(row[c] - m_new);
                 sum += row[c];
             }
             l = l * alpha + sum;
