@@ -544,8 +544,8 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // thread's TILE / WARPS dot products (row r, columns c0 + m) together, one term at a time, each summed in
 // x order: independent sums whose operands Bt[x][c0 + m] lie side by side, which a CPU does several at
 // once in its vector unit (and a GPU warp reads at one address). The tensor cores compute the whole
-// tile (each warp one or more of its 16 x 16 quarters, then a barrier). Then the mask, and each thread writes the entries
-// it owns in the score tile's ownership, which later passes can rely on.
+// tile (each warp one or more of its 16 x 16 quarters, then a barrier). Then the mask, and each thread
+// writes the entries it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step *st, int p0, int s0,
                                    bool full) {
