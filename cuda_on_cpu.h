@@ -12,7 +12,7 @@
 //     A barrier that some thread of the block does not reach (it waits elsewhere, or has returned)
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
-//     calls the kernel directly (it is a template argument of launch, inlined there: run_plain).
+//     calls the kernel directly (a template argument of launch, inlined into that loop: run_plain).
 //     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
 //     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
@@ -69,7 +69,8 @@ alignas(128) thread_local float smem[CUDA_EMU_MAX_SHARED_BYTES / sizeof(float)];
 
 // fmaxf is one instruction on a GPU, but a function call in glibc (which must handle NaN), and the
 // softmax passes call it for every score. This one is inline and gives glibc's results (x86's maxss:
-// x > y ? x : y; a NaN operand yields the other one).
+// x > y ? x : y; a NaN operand yields the other one; only a signalling NaN, which arithmetic never
+// makes, differs). Being a macro, it leaves no std::fmaxf or ::fmaxf for the CPU build: write fmaxf.
 inline float cuda_emu_fmaxf(float x, float y) { return y != y ? x : x > y ? x : y; }
 #define fmaxf cuda_emu_fmaxf
 

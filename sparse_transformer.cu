@@ -544,7 +544,7 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // thread's TILE / WARPS dot products (row r, columns c0 + m) together, one term at a time, each summed in
 // x order: independent sums whose operands Bt[x][c0 + m] lie side by side, which a CPU does several at
 // once in its vector unit (and a GPU warp reads at one address). The tensor cores compute the whole
-// tile (each warp one or more of its 16 x 16 quarters, then a barrier). Then the mask, and each thread
+// tile (each warp one or more of the tile's 16 x 16 quarters, then a barrier). Then the mask, and each thread
 // writes the entries it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step *st, int p0, int s0,
@@ -1063,7 +1063,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // multiprocessors (CPU cores) share, not one block on one.
 //
 // The column sums of biases and layer norms go in two passes, each in a fixed order:
-//   1. the rows are cut into chunks of chunk_rows; one thread per (chunk, column) sums its chunk;
+//   1. the rows are cut into chunks of chunk_rows; one thread per (chunk, RUN neighbouring columns)
+//      sums its chunk, each column in row order;
 //   2. one thread per column adds the chunks' sums in chunk order (add_chunk_sums_kernel).
 // On a GPU one thread per column walking thousands of rows would wait on each load in turn: about a
 // millisecond per sum. The CPU build puts every row in one chunk (its cores need no more threads), so
@@ -1078,11 +1079,19 @@ __device__ static inline int chunk_end(int first, int chunk_rows, int rows) {
 #define THREADS 128 // a block that reduces (block_reduce) or decodes a byte's attention
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
 #define COLUMNS_BLOCK 32
-// A thread of a column sum's pass 1 owns RUN neighbouring columns and sums each in row order: a GPU warp
-// then reads 32 RUN contiguous floats per row, and a CPU thread advances RUN independent sums together
-// (one sum alone waits on its previous add at every row). The model's widths are multiples of 32.
-#define RUN 8
 static unsigned columns_grid(int cols) { return (unsigned)((cols + COLUMNS_BLOCK - 1) / COLUMNS_BLOCK); }
+// A thread of a column sum's pass 1 owns RUN neighbouring columns and sums each in row order: a CPU
+// thread then advances RUN independent sums together (one sum alone waits on its previous add at every
+// row), and a GPU warp's RUN loads of a row cover 32 RUN contiguous floats. So the width must be a
+// multiple of RUN: the model's are multiples of 32 (head sizes 32, 64, 128).
+#define RUN 8
+static unsigned run_columns_grid(int cols) {
+    if (cols % RUN) {
+        fprintf(stderr, "internal error: a column sum over %d columns, not a multiple of %d\n", cols, RUN);
+        exit(1);
+    }
+    return columns_grid(cols / RUN);
+}
 // Threads for a block that covers one row of `cols` columns: whole warps, at most BLOCK.
 static unsigned threads_for(int cols) { return cols < BLOCK ? (cols + 31) / 32 * 32 : BLOCK; }
 
@@ -1740,7 +1749,7 @@ static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
     if (!db) return;
     const unsigned chunks = (unsigned)chunks_of(m, N);
-    LAUNCH(bias_backward_kernel, dim3(chunks, columns_grid(OC / RUN)), COLUMNS_BLOCK, 0, m->chunk_sums, dout, N, OC, m->chunk_rows);
+    LAUNCH(bias_backward_kernel, dim3(chunks, run_columns_grid(OC)), COLUMNS_BLOCK, 0, m->chunk_sums, dout, N, OC, m->chunk_rows);
     LAUNCH(add_chunk_sums_kernel, columns_grid(OC), COLUMNS_BLOCK, 0, db, m->chunk_sums, (int)chunks, OC);
 }
 
@@ -1754,7 +1763,7 @@ static void layernorm_backward(StModel *m, float *dx, float *dw, float *db, cons
     LAUNCH(layernorm_backward_input_kernel, blocks_for(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
     const unsigned chunks = (unsigned)chunks_of(m, rows);
     float *partial_w = m->chunk_sums, *partial_b = m->chunk_sums + chunks * C;
-    LAUNCH(layernorm_backward_params_kernel, dim3(chunks, columns_grid(C / RUN)), COLUMNS_BLOCK, 0, partial_w, partial_b,
+    LAUNCH(layernorm_backward_params_kernel, dim3(chunks, run_columns_grid(C)), COLUMNS_BLOCK, 0, partial_w, partial_b,
            dy, x, mean, rstd, rows, C, m->chunk_rows);
     LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, dw, partial_w, (int)chunks, C);
     LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, db, partial_b, (int)chunks, C);
