@@ -1,25 +1,64 @@
 #!/usr/bin/env bash
 # gpu_check.sh: everything to check on a machine with an NVIDIA GPU, in one go (GPU time is short and rare).
-#   1. builds the GPU version for this GPU's architecture (binaries only: no data set from the network)
+#   1. builds the GPU version for this GPU's architecture (binaries only: no data set from the network),
+#      or, where that fails, takes the binaries that `prepare` (below) built and carried
 #   2. ./test_kernels on the GPU: every kernel in both precisions (fp32 and TF32 tensor cores), the model
 #   3. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s
 #   4. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32 and in fp32
 #   5. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
-#   6. the PyTorch peers, when gpu_peer.py and torch_peer.py are found (PEERS, default build/peers, then
-#      ../shared/tools): FlexAttention and SDPA forward + backward, and the same model trained with
+#   6. the PyTorch peers, when gpu_peer.py and torch_peer.py are found (PEERS, else build/gpu_carry/peers,
+#      build/peers or ../shared/tools): FlexAttention and SDPA forward + backward, and the same model trained with
 #      FlexAttention, float32 with TF32 allowed, as ours runs
 #   7. compute-sanitizer memcheck and racecheck on the kernel tests (tf32 and fp32; each step has a time
 #      limit, and a machine that refuses the tool says so in the table)
 # Each step has a time limit and keeps its full log; the short table comes last, and the logs of
 # whatever finished come back even if the whole is cut short. About 6 to 8 minutes on an H200.
+#
+# A GPU machine lent for minutes may lack what the build needs (libpng's headers, OpenBLAS for the data
+# tool) and cannot install it. So, first, on the machine you work on (with nvcc, no GPU needed):
+#   bash tools/gpu_check.sh prepare
+# builds the GPU binaries for sm_90 with libpng linked in, writes the check's data files and copies the
+# PyTorch peers, all into build/gpu_carry/ (about 20 MB) for the GPU machine to receive. There the
+# check builds if it can, and otherwise runs the carried binaries (the table says which).
 # Usage: bash tools/gpu_check.sh [LOG_DIR]   (default: $OUT if set, else build/gpu_logs)
+#        bash tools/gpu_check.sh prepare     (PEERS=folder with gpu_peer.py and torch_peer.py,
+#                                             default ../shared/tools)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
+export PATH="$PATH:/usr/local/cuda/bin"
+carry=build/gpu_carry
+
+# The check's data: synthetic text for the 30-step runs and for the 1,048,576-byte step.
+make_data() { # make_data DATATOOL FOLDER
+    mkdir -p "$2/data" "$2/long"
+    "$1" synthetic -bytes 4000000 2>/dev/null | head -c 3800000 | "$1" pack "$2/data/train.bin" -kind text &&
+    "$1" synthetic -bytes 400000 -seed 2 2>/dev/null | "$1" pack "$2/data/val.bin" -kind text &&
+    "$1" synthetic -bytes 1200000 -seed 3 2>/dev/null | "$1" pack "$2/long/train.bin" -kind text &&
+    cp "$2/long/train.bin" "$2/long/val.bin"
+}
+
+if [ "${1:-}" = prepare ]; then
+    make -s cpu build/datatool > /dev/null || exit 1
+    rm -rf "$carry" && mkdir -p "$carry/bin" "$carry/peers" || exit 1
+    make_data build/datatool "$carry" || exit 1
+    src=$(mktemp -d) && git archive HEAD | tar -x -C "$src" || exit 1 # the committed code, built apart
+    png="-lm /usr/lib/x86_64-linux-gnu/libpng16.a /usr/lib/x86_64-linux-gnu/libz.a"
+    make -C "$src" -s TARGET=gpu GPU_ARCHS="-gencode arch=compute_90,code=sm_90" LIBS="$png" -j 2 \
+        train sample test_kernels build/gpu/bench > /dev/null || exit 1
+    cp "$src"/train "$src"/sample "$src"/test_kernels "$src"/build/gpu/bench "$carry/bin/" && rm -rf "$src"
+    for f in gpu_peer.py torch_peer.py; do cp "${PEERS:-../shared/tools}/$f" "$carry/peers/" 2>/dev/null; done
+    echo "gpu_check.sh: $carry is ready ($(du -sh "$carry" | cut -f1), code of commit $(git rev-parse --short HEAD));"
+    echo "  on the GPU machine: bash tools/gpu_check.sh, with $carry carried there"
+    exit 0
+fi
+
 logs="${1:-${OUT:-build/gpu_logs}}"
 mkdir -p "$logs"
-export PATH="$PATH:/usr/local/cuda/bin"
-peers="${PEERS:-build/peers}"
-[ -f "$peers/gpu_peer.py" ] || peers=../shared/tools
+peers="${PEERS:-$carry/peers}"
+for p in "$peers" build/peers ../shared/tools; do [ -f "$p/gpu_peer.py" ] && { peers=$p; break; }; done
+# cuBLAS for carried binaries: the toolkit's, or the one PyTorch's Python packages bring
+cublas=$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cublas}"
 
 # step NAME SECONDS COMMAND...: runs the command with a time limit, its output in $logs/NAME.log;
 # records "NAME exit-code seconds" in $logs/steps.txt (exit 124: the time limit).
@@ -38,25 +77,31 @@ nvidia-smi -L > "$logs/gpu.txt" 2>&1 || echo "nvidia-smi failed" >> "$logs/gpu.t
 cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 arch="-gencode arch=compute_${cc:-90},code=sm_${cc:-90}" # this GPU only: half the build time
 start=$(date +%s)
-if step build 600 make TARGET=gpu GPU_ARCHS="$arch" -j 8 train sample test_kernels build/datatool build/gpu/bench; then
+have_binaries=1 binaries="built here"
+if ! step build 600 make TARGET=gpu GPU_ARCHS="$arch" -j 8 train sample test_kernels build/gpu/bench; then
+    if [ -x "$carry/bin/train" ]; then # the binaries of `prepare` (sm_90)
+        mkdir -p build/gpu && cp "$carry"/bin/{train,sample,test_kernels} . && cp "$carry/bin/bench" build/gpu/bench
+        binaries="carried (tools/gpu_check.sh prepare): the build here failed"
+    else
+        have_binaries=0 binaries="none: the build here failed, and nothing was carried (tools/gpu_check.sh prepare)"
+    fi
+fi
+run=build/gpu_run data=build/gpu_run # the runs' outputs, and their data (carried, or made here)
+if [ -f "$carry/data/train.bin" ]; then data=$carry
+else make -s TARGET=cpu build/datatool > "$logs/datatool.log" 2>&1 && make_data build/datatool "$data"; fi
+if [ "$have_binaries" = 1 ]; then
     step tests 300 ./test_kernels -v
     step bench 600 build/gpu/bench
-    run=build/gpu_run
-    mkdir -p "$run/data" "$run/long"
-    ./build/datatool synthetic -bytes 4000000 2>/dev/null | head -c 3800000 | ./build/datatool pack "$run/data/train.bin" -kind text
-    ./build/datatool synthetic -bytes 400000 -seed 2 2>/dev/null | ./build/datatool pack "$run/data/val.bin" -kind text
-    ./build/datatool synthetic -bytes 1200000 -seed 3 2>/dev/null | ./build/datatool pack "$run/long/train.bin" -kind text
-    cp "$run/long/train.bin" "$run/long/val.bin"
     quick=(-steps 30 -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 100000)
-    step train_tf32 300 ./train -i "$run/data" -o "$run/tf32" -precision tf32 "${quick[@]}"
-    step train_fp32 300 ./train -i "$run/data" -o "$run/fp32" -precision fp32 "${quick[@]}"
-    step ctx1m 300 ./train -i "$run/long" -o "$run/ctx1m" -ctx 1048576 -dim 256 -heads 4 -layers 4 -stride 1024 \
+    step train_tf32 300 ./train -i "$data/data" -o "$run/tf32" -precision tf32 "${quick[@]}"
+    step train_fp32 300 ./train -i "$data/data" -o "$run/fp32" -precision fp32 "${quick[@]}"
+    step ctx1m 300 ./train -i "$data/long" -o "$run/ctx1m" -ctx 1048576 -dim 256 -heads 4 -layers 4 -stride 1024 \
         -recompute 1 -batch 1 -steps 1 -warmup 1 -eval_every 0 -sample_every 0 -eval_bytes 1
     if [ -f "$peers/gpu_peer.py" ]; then
         step peer_attention 400 python3 "$peers/gpu_peer.py" attention --sizes 8192,32768 --dtypes float32,bfloat16 --tf32 1
         step peer_train 300 python3 "$peers/gpu_peer.py" train --tf32 1
     else
-        echo "peers: no gpu_peer.py in build/peers or ../shared/tools (copy them there)" > "$logs/peer_attention.log"
+        echo "peers: no gpu_peer.py in $carry/peers, build/peers or ../shared/tools (tools/gpu_check.sh prepare copies them)" > "$logs/peer_attention.log"
     fi
     if command -v compute-sanitizer > /dev/null; then
         step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 ./test_kernels -only kernels
@@ -69,7 +114,7 @@ fi
 echo
 echo "==== GPU check $(date -u +%Y-%m-%d) ($(( $(date +%s) - start )) s; logs in $logs)"
 printf '%-10s %s\n' "gpu" "$(head -1 "$logs/gpu.txt")"
-printf '%-10s %s\n' "build" "$(status build)"
+printf '%-10s %s\n' "build" "$(status build); binaries: $binaries"
 printf '%-10s %s: %s\n' "tests" "$(status tests)" "$(tail -1 "$logs/tests.log" 2>/dev/null)"
 grep '^FAIL' "$logs/tests.log" 2>/dev/null | head -5
 if [ -f "$logs/bench.log" ]; then
