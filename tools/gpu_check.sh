@@ -31,14 +31,14 @@ carry=build/gpu_carry
 # The check's data: synthetic text for the 30-step runs and for the 1,048,576-byte step.
 make_data() { # make_data DATATOOL FOLDER
     mkdir -p "$2/data" "$2/long"
-    "$1" synthetic -bytes 4000000 2>/dev/null | head -c 3800000 | "$1" pack "$2/data/train.bin" -kind text &&
+    "$1" synthetic -bytes 3800000 2>/dev/null | "$1" pack "$2/data/train.bin" -kind text &&
     "$1" synthetic -bytes 400000 -seed 2 2>/dev/null | "$1" pack "$2/data/val.bin" -kind text &&
     "$1" synthetic -bytes 1200000 -seed 3 2>/dev/null | "$1" pack "$2/long/train.bin" -kind text &&
     cp "$2/long/train.bin" "$2/long/val.bin"
 }
 
 if [ "${1:-}" = prepare ]; then
-    make -s cpu build/datatool > /dev/null || exit 1
+    make -s TARGET=cpu build/datatool > /dev/null || exit 1
     rm -rf "$carry" && mkdir -p "$carry/bin" "$carry/peers" || exit 1
     make_data build/datatool "$carry" || exit 1
     src=$(mktemp -d) && git archive HEAD | tar -x -C "$src" || exit 1 # the committed code, built apart
