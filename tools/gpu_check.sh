@@ -46,7 +46,9 @@ if [ "${1:-}" = prepare ]; then
     make -C "$src" -s TARGET=gpu GPU_ARCHS="-gencode arch=compute_90,code=sm_90" LIBS="$png" -j 2 \
         train sample test_kernels build/gpu/bench > /dev/null || exit 1
     cp "$src"/train "$src"/sample "$src"/test_kernels "$src"/build/gpu/bench "$carry/bin/" && rm -rf "$src"
-    for f in gpu_peer.py torch_peer.py; do cp "${PEERS:-../shared/tools}/$f" "$carry/peers/" 2>/dev/null; done
+    for f in gpu_peer.py torch_peer.py; do
+        cp "${PEERS:-../shared/tools}/$f" "$carry/peers/" 2>/dev/null || echo "gpu_check.sh: no $f in ${PEERS:-../shared/tools} (PEERS=folder): the check will run without it"
+    done
     echo "gpu_check.sh: $carry is ready ($(du -sh "$carry" | cut -f1), code of commit $(git rev-parse --short HEAD));"
     echo "  on the GPU machine: bash tools/gpu_check.sh, with $carry carried there"
     exit 0
