@@ -18,25 +18,29 @@
 #
 # Usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]     (default OUT: build/reproduce/MODE)
 #        bash tools/reproduce.sh plot OUT                (the plots of runs made elsewhere)
-#   cpu    about 6 minutes on 2 CPU cores (budget 45)
+#   cpu    about 5 minutes on 2 CPU cores (budget 45)
 #   gpu    a larger model, longer contexts and more steps, sized for about 8 minutes on one H200, so
 #          that it fits one call of a lent GPU (not run yet). A machine without network needs the
-#          data sets already there: data/kjv (or enwik8) and data/fashion_mnist's train.bin and val.bin.
+#          data sets already there: data/kjv (or enwik8), data/fashion_mnist's train.bin and val.bin,
+#          and build/reproduce/synthetic_p65_3000000 (made by `prepare`). Where ./train cannot be
+#          built, it runs build/gpu_carry/bin/train (made by `tools/gpu_check.sh prepare`).
+#   prepare  makes the gpu mode's data sets here and trains nothing (for a GPU machine without network
+#          or data tool: copy them there)
 #   quick  a few steps of tiny models, to check that the script works (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
-case "$mode" in cpu|gpu|quick) ;; plot) [ -n "${2:-}" ] || mode="" ;; *) mode="" ;; esac
-[ -n "$mode" ] || { echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT], or plot OUT" >&2; exit 1; }
+case "$mode" in cpu|gpu|quick|prepare) ;; plot) [ -n "${2:-}" ] || mode="" ;; *) mode="" ;; esac
+[ -n "$mode" ] || { echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT], plot OUT, or prepare" >&2; exit 1; }
 out=${2:-build/reproduce/$mode}
 
-if ! command -v gnuplot > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+if [ "$mode" != prepare ] && ! command -v gnuplot > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     echo "reproduce.sh: installing the Debian package gnuplot-nox" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1 ||
         { apt-get update -qq > /dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox > /dev/null 2>&1; } ||
         echo "reproduce.sh: could not install gnuplot-nox" >&2
 fi
-command -v gnuplot > /dev/null || {
+[ "$mode" = prepare ] || command -v gnuplot > /dev/null || {
     echo "reproduce.sh: no gnuplot (sudo apt-get install gnuplot-nox): no plots, only the table" >&2
     [ "$mode" != plot ] || exit 1
 }
@@ -61,21 +65,32 @@ if [ "$mode" = plot ]; then
     exit 0
 fi
 mkdir -p "$out"
-make -s train build/datatool > /dev/null
+datatool=build/datatool
+if ! make -s train build/datatool > /dev/null; then
+    [ -x build/gpu_carry/bin/train ] || { echo "reproduce.sh: the build failed" >&2; exit 1; }
+    echo "reproduce.sh: the build failed here: running build/gpu_carry/bin/train (tools/gpu_check.sh prepare)" >&2
+    cp build/gpu_carry/bin/train . && datatool=""
+fi
 
 # The data: the paper's where they are, else the Debian ones (prepare.sh keeps what it made).
 text=data/kjv; [ -f data/enwik8/val.bin ] && text=data/enwik8
 images=data/fashion_mnist; [ -f data/cifar10/val.bin ] && images=data/cifar10
 [ -f "$text/val.bin" ] || bash data/prepare.sh kjv
 [ -f "$images/val.bin" ] || bash data/prepare.sh fashion_mnist
-syn_bytes=600000; [ "$mode" = gpu ] && syn_bytes=3000000 # the gpu mode's runs see 5M bytes: no repeats
+syn_bytes=600000; [ "$mode" = gpu ] || [ "$mode" = prepare ] && syn_bytes=3000000 # the gpu mode's runs see 5M bytes
 synthetic=build/reproduce/synthetic_p65_$syn_bytes # (period and size in the name: an older set is not reused)
 if [ ! -f "$synthetic/val.bin" ]; then
+    [ -n "$datatool" ] || { echo "reproduce.sh: no $synthetic and no data tool: make it where the data tool builds (bash tools/reproduce.sh prepare) and copy it here" >&2; exit 1; }
     mkdir -p "$synthetic"
-    ./build/datatool synthetic -bytes "$syn_bytes" -period 65 -seed 1 2> /dev/null | ./build/datatool pack "$synthetic/train.bin" -kind text
-    ./build/datatool synthetic -bytes 60000 -period 65 -seed 2 2> /dev/null | ./build/datatool pack "$synthetic/val.bin" -kind text
+    "$datatool" synthetic -bytes "$syn_bytes" -period 65 -seed 1 2> /dev/null | "$datatool" pack "$synthetic/train.bin" -kind text
+    "$datatool" synthetic -bytes 60000 -period 65 -seed 2 2> /dev/null | "$datatool" pack "$synthetic/val.bin" -kind text
 fi
-image_bytes=$(./build/datatool info "$images/val.bin" | sed -n 's/.* of \([0-9]*\) x \([0-9]*\) x \([0-9]*\).*/\1 \2 \3/p' | awk '{ print $1 * $2 * $3 }')
+if [ "$mode" = prepare ]; then
+    echo "reproduce.sh: the gpu mode's data: $text, $images/train.bin, $images/val.bin, $synthetic ($(du -sch "$text" "$images/train.bin" "$images/val.bin" "$synthetic" | tail -1 | cut -f1))"
+    exit 0
+fi
+# An image's bytes: height x width x channels, the data file header's three numbers at offset 16.
+image_bytes=$(od -An -t u4 -j 16 -N 12 "$images/val.bin" | awk '{ print $1 * $2 * $3 }')
 side=$(awk -v n="$image_bytes" 'BEGIN { printf "%d", sqrt(n) + 0.5 }') # about sqrt(ctx)
 
 # The sizes: model, steps, evaluation. Every run of a task gets the same, only the pattern differs.
