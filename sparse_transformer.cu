@@ -1060,7 +1060,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // embeddings) are done by threads that each own outputs and loop over rows in a fixed order: no
 // atomics, and the same result on every run, which the bit-identical resume of training relies on.
 // Their columns go in blocks of one warp (columns_grid): 128 columns are then 4 blocks that 4
-// multiprocessors (CPU cores) share, not one block on one.
+// multiprocessors (CPU cores) share, not one block on one (the column sums' pass 1, whose threads own
+// RUN columns each, has RUN times fewer blocks).
 //
 // The column sums of biases and layer norms go in two passes, each in a fixed order:
 //   1. the rows are cut into chunks of chunk_rows; one thread per (chunk, RUN neighbouring columns)

@@ -18,7 +18,7 @@
 # tool) and cannot install it. So, first, on the machine you work on (with nvcc, no GPU needed):
 #   bash tools/gpu_check.sh prepare
 # builds the GPU binaries for sm_90 with libpng linked in, writes the check's data files and copies the
-# PyTorch peers, all into build/gpu_carry/ (about 20 MB) for the GPU machine to receive. There the
+# PyTorch peers, all into build/gpu_carry/ (about 16 MB) for the GPU machine to receive. There the
 # check builds if it can, and otherwise runs the carried binaries (the table says which).
 # Usage: bash tools/gpu_check.sh [LOG_DIR]   (default: $OUT if set, else build/gpu_logs)
 #        bash tools/gpu_check.sh prepare     (PEERS=folder with gpu_peer.py and torch_peer.py,

@@ -64,7 +64,7 @@ if [ "$mode" = plot ]; then
     plot "$(basename "$out")"
     exit 0
 fi
-mkdir -p "$out"
+[ "$mode" = prepare ] || mkdir -p "$out"
 datatool=build/datatool
 if ! make -s train build/datatool > /dev/null; then
     [ -x build/gpu_carry/bin/train ] || { echo "reproduce.sh: the build failed" >&2; exit 1; }
