@@ -538,19 +538,39 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
     for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
 }
 
+// The float32 body of a score tile's row: out[m] = a . (column m of Bt) for the GROUPS * GROUP columns
+// from b, all of them together, one term at a time, each summed in x order: independent sums whose
+// operands b[x][m] lie side by side, which a CPU does several at once in its vector unit (and a GPU warp
+// reads at one address). `groups` (1 .. GROUPS) of them are wanted; the width is made a compile-time
+// constant, so that the sums stay in registers.
+#define GROUP 8 // columns: two of a CPU's 4-float vectors; all of a thread's columns on a GPU (TILE / WARPS)
+template <int D, int SROW, int GROUPS>
+__device__ static inline void row_dots(float *out, const float *a, const float *b, int groups) {
+    if constexpr (GROUPS > 1)
+        if (groups < GROUPS) return row_dots<D, SROW, GROUPS - 1>(out, a, b, groups);
+    float dot[GROUPS * GROUP] = {};
+    for (int x = 0; x < D; x++) {
+        #pragma unroll
+        for (int m = 0; m < GROUPS * GROUP; m++) dot[m] += a[x] * b[x * SROW + m];
+    }
+    #pragma unroll
+    for (int m = 0; m < GROUPS * GROUP; m++) out[m] = dot[m];
+}
+
 // S = A B^T for a (TILE, D) shared tile A and a (TILE, D) tile B given transposed, Bt (D, TILE): the
-// (TILE, TILE) tile of dot products of A's rows with B's. With a step (st != NULL) and a tile pair that
-// is not full, the pairs the step does not allow get -inf instead. The float32 body computes this
-// thread's TILE / WARPS dot products (row r, columns c0 + m) together, one term at a time, each summed in
-// x order: independent sums whose operands Bt[x][c0 + m] lie side by side, which a CPU does several at
-// once in its vector unit (and a GPU warp reads at one address). The tensor cores compute the whole
-// tile (each warp one or more of the tile's 16 x 16 quarters, then a barrier). Then the mask, and each thread
+// (TILE, TILE) tile of dot products of A's rows with B's, for the pairs the step allows; the others get
+// `masked` (-inf for scores, 0 for dP). In a full tile pair every pair is allowed. In another, the keys
+// of this thread's row are one range of columns [first, last] (section 3): the float32 body computes
+// only the groups of GROUP columns that meet it, so that a partial tile costs about its allowed pairs
+// (at a short stride most of a tile is masked). The tensor cores compute the whole tile (each warp one
+// or more of its 16 x 16 quarters, then a barrier): their work is the same either way. Each thread
 // writes the entries it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32>
-__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step *st, int p0, int s0,
-                                   bool full) {
+__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step &st, int p0, int s0,
+                                   bool full, float masked) {
     typedef TileShape<D, TF32> S;
     const int r = own_row(), OWN = TILE / WARPS;
+    static_assert(OWN % GROUP == 0, "a thread's columns are whole groups");
     if constexpr (TF32) {
         for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
             const int r0 = quarter % 2 * 16, c0 = quarter / 2 * 16;
@@ -568,23 +588,21 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt
         __syncthreads();
     }
     const int c0 = own_col<TILE>();
-    int lo = 0, hi = -1; // the keys of this thread's row r (section 3)
-    if (st && !full) step_slot_range(*st, p0 + r, &lo, &hi);
-    float dot[OWN] = {};
-    if (!TF32 && (!st || full || (lo < s0 + TILE && hi >= s0))) { // (a row with no key here: nothing)
-        for (int x = 0; x < D; x++) {
-            const float a = A_s[r * S::ROW + x];
-            #pragma unroll
-            for (int m = 0; m < OWN; m++) dot[m] += a * Bt_s[x * S::SROW + c0 + m];
-        }
+    int first = c0, last = c0 + OWN - 1; // this thread's columns that hold allowed pairs
+    if (!full) {
+        int lo, hi; // the keys of this thread's row r (section 3), as columns of this tile
+        step_slot_range(st, p0 + r, &lo, &hi);
+        first = lo - s0 > first ? lo - s0 : first;
+        last = hi - s0 < last ? hi - s0 : last;
+    }
+    if (!TF32 && first <= last) {
+        const int g0 = (first - c0) / GROUP, groups = (last - c0) / GROUP - g0 + 1;
+        row_dots<D, S::SROW, OWN / GROUP>(S_s + r * S::SROW + c0 + g0 * GROUP, A_s + r * S::ROW,
+                                          Bt_s + c0 + g0 * GROUP, groups);
     }
     #pragma unroll
-    for (int m = 0; m < OWN; m++) {
-        const int c = c0 + m;
-        const bool allowed = !st || full || (lo <= s0 + c && s0 + c <= hi);
-        if (!allowed) S_s[r * S::SROW + c] = -INFINITY;
-        else if (!TF32) S_s[r * S::SROW + c] = dot[m];
-    }
+    for (int c = c0; c < c0 + OWN; c++)
+        if (c < first || c > last) S_s[r * S::SROW + c] = masked;
 }
 
 // acc += A B for the part of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
@@ -626,6 +644,7 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
         #pragma unroll 4
         for (int c = 0; c < TILE; c++) {
             const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
+            if (a == 0.0f) continue; // a masked pair (probability 0, dS 0) adds nothing
             #pragma unroll
             for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
         }
@@ -646,8 +665,8 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
                                              const float *Kt_s, const float *Vt_s, const float *lse2_s,
                                              const float *D_s, const Step &st, int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
-    tile_scores<D, TF32>(P_s, Q_s, Kt_s, &st, p0, s0, full);   // s (base 2), -inf where not allowed
-    tile_scores<D, TF32>(dS_s, dO_s, Vt_s, NULL, p0, s0, full); // dP
+    tile_scores<D, TF32>(P_s, Q_s, Kt_s, st, p0, s0, full, -INFINITY); // s (base 2), -inf where not allowed
+    tile_scores<D, TF32>(dS_s, dO_s, Vt_s, st, p0, s0, full, 0.0f);     // dP, 0 where not allowed
     const int r = own_row(), c0 = own_col<TILE>();
     for (int c = c0; c < c0 + TILE / WARPS; c++) { // the entries this thread's scores wrote
         // Exercise 5 starts here: the softmax's backward.
@@ -698,7 +717,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
-        tile_scores<D, TF32>(P_s, Q_s, Kt_s, &st, p0, kt * TILE, full);
+        tile_scores<D, TF32>(P_s, Q_s, Kt_s, st, p0, kt * TILE, full, -INFINITY);
         __syncthreads();
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
