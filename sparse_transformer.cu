@@ -541,8 +541,8 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // The float32 body of a score tile's row: out[m] = a . (column m of Bt) for the GROUPS * GROUP columns
 // from b, all of them together, one term at a time, each summed in x order: independent sums whose
 // operands b[x][m] lie side by side, which a CPU does several at once in its vector unit (and a GPU warp
-// reads at one address). `groups` (1 .. GROUPS) of them are wanted; the width is made a compile-time
-// constant, so that the sums stay in registers.
+// reads at one address). `groups` (1 .. GROUPS) groups are wanted; the width is made a compile-time
+// constant, so that the loop over m unrolls into whole vector operations.
 #define GROUP 8 // columns: two of a CPU's 4-float vectors; all of a thread's columns on a GPU (TILE / WARPS)
 template <int D, int SROW, int GROUPS>
 __device__ static inline void row_dots(float *out, const float *a, const float *b, int groups) {

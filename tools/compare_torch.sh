@@ -5,14 +5,18 @@
 # without custom kernels writes); it is a measuring instrument, not part of the project, and needs
 # Debian's python3-torch. For each configuration (width 128, 4 heads, strided/merged with l = sqrt(ctx))
 # both train for STEPS steps on the same thread count; the table gives the median tokens/s of the steps
-# after the first, and the ratio. The last line is a summary: compare: <ctx>=<ratio> ...
+# after the first, and the ratio. With ROUNDS=R each side runs R times, the two alternating, and keeps
+# its best median: the machine's slow and fast phases then reach both sides alike. The last line is a
+# summary: compare: <ctx>=<ratio> ...
 #
 # Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2,
-#        PYTHON=a python3 that has torch)
+#        ROUNDS=1, PYTHON=a python3 that has torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-8}
 threads=${THREADS:-2}
+rounds=${ROUNDS:-1}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare_torch.sh: ROUNDS must be a whole number >= 1, got '$rounds'" >&2; exit 1; }
 peer=${PEER:-}
 for p in "$peer" build/peers/torch_peer.py ../shared/tools/torch_peer.py; do
     [ -n "$p" ] && [ -f "$p" ] && { peer=$p; break; }
@@ -42,13 +46,17 @@ summary="compare:"
 for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
     read -r ctx batch layers <<< "$config"
     stride=$(awk -v n="$ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
-    ours=$(./train -i "$data" -o "$data/out" -ctx "$ctx" -stride "$stride" -dim 128 -heads 4 -layers "$layers" \
-        -batch "$batch" -steps "$steps" -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 1 |
-        sed -n 's/^step \([0-9]*\)\/.* | \([0-9]*\) tok\/s$/\1 \2/p' | awk '$1 > 1 { print $2 }' | median)
-    theirs=$("$python" "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
-        --steps "$steps" --threads "$threads" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
+    ours=0 theirs=0
+    for ((round = 1; round <= rounds; round++)); do # alternating, so that both sides meet the same phases
+        a=$(./train -i "$data" -o "$data/out" -ctx "$ctx" -stride "$stride" -dim 128 -heads 4 -layers "$layers" \
+            -batch "$batch" -steps "$steps" -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 1 |
+            sed -n 's/^step \([0-9]*\)\/.* | \([0-9]*\) tok\/s$/\1 \2/p' | awk '$1 > 1 { print $2 }' | median)
+        b=$("$python" "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
+            --steps "$steps" --threads "$threads" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
+        ours=$((${a:-0} > ours ? ${a:-0} : ours)) theirs=$((${b:-0} > theirs ? ${b:-0} : theirs))
+    done
     ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
     printf '%-8s %-18s %14s %14s %7sx\n' "$ctx" "$batch, $layers" "$ours" "$theirs" "$ratio"
     summary="$summary $ctx=${ratio}x"
 done
-echo "$summary (threads $threads, $steps steps each)"
+echo "$summary (threads $threads, $steps steps each, best of $rounds round$([ "$rounds" = 1 ] || echo s))"
