@@ -538,12 +538,12 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
     for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
 }
 
-// The float32 body of a score tile's row: out[m] = a . (column m of Bt) for the GROUPS * GROUP columns
+// The float32 body of a score tile's row: out[m] = a . (column m of Bt) for the groups * GROUP columns
 // from b, all of them together, one term at a time, each summed in x order: independent sums whose
 // operands b[x][m] lie side by side, which a CPU does several at once in its vector unit (and a GPU warp
-// reads at one address). `groups` (1 .. GROUPS) groups are wanted; the width is made a compile-time
-// constant, so that the loop over m unrolls into whole vector operations.
-#define GROUP 8 // columns: two of a CPU's 4-float vectors; all of a thread's columns on a GPU (TILE / WARPS)
+// reads at one address). `groups` is 1 .. GROUPS; it is made a compile-time width, so that the loop over
+// m unrolls into whole vector operations.
+#define GROUP 8 // columns: two of a CPU's 4-float vectors; with the GPU's 4 warps, all of a thread's columns
 template <int D, int SROW, int GROUPS>
 __device__ static inline void row_dots(float *out, const float *a, const float *b, int groups) {
     if constexpr (GROUPS > 1)
@@ -561,16 +561,17 @@ __device__ static inline void row_dots(float *out, const float *a, const float *
 // (TILE, TILE) tile of dot products of A's rows with B's, for the pairs the step allows; the others get
 // `masked` (-inf for scores, 0 for dP). In a full tile pair every pair is allowed. In another, the keys
 // of this thread's row are one range of columns [first, last] (section 3): the float32 body computes
-// only the groups of GROUP columns that meet it, so that a partial tile costs about its allowed pairs
-// (at a short stride most of a tile is masked). The tensor cores compute the whole tile (each warp one
-// or more of its 16 x 16 quarters, then a barrier): their work is the same either way. Each thread
+// only the groups of GROUP columns that meet it, so that on a CPU a partial tile costs about its allowed
+// pairs (at a short stride most of a tile is masked). On a GPU a warp's lanes are 32 rows, so a warp
+// saves work only where none of its rows has a key in its columns. The tensor cores compute the whole
+// tile (each warp one or more of its 16 x 16 quarters, then a barrier): their work is the same either way. Each thread
 // writes the entries it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step &st, int p0, int s0,
                                    bool full, float masked) {
     typedef TileShape<D, TF32> S;
     const int r = own_row(), OWN = TILE / WARPS;
-    static_assert(OWN % GROUP == 0, "a thread's columns are whole groups");
+    static_assert(OWN % GROUP == 0, "a thread's columns are whole groups: WARPS is 1, 2 or 4");
     if constexpr (TF32) {
         for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
             const int r0 = quarter % 2 * 16, c0 = quarter / 2 * 16;
@@ -644,7 +645,10 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
         #pragma unroll 4
         for (int c = 0; c < TILE; c++) {
             const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
-            if (a == 0.0f) continue; // a masked pair (probability 0, dS 0) adds nothing
+            // A 0 weight (a masked pair's probability or dS) adds +-0 (B is finite), which leaves a sum
+            // that starts at +0 as it is: skipped, it changes no bit, and a CPU saves most of a partial
+            // tile's work.
+            if (a == 0.0f) continue;
             #pragma unroll
             for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
         }

@@ -5,9 +5,10 @@
 # without custom kernels writes); it is a measuring instrument, not part of the project, and needs
 # Debian's python3-torch. For each configuration (width 128, 4 heads, strided/merged with l = sqrt(ctx))
 # both train for STEPS steps on the same thread count; the table gives the median tokens/s of the steps
-# after the first, and the ratio. With ROUNDS=R each side runs R times, the two alternating, and keeps
-# its best median: the machine's slow and fast phases then reach both sides alike. The last line is a
-# summary: compare: <ctx>=<ratio> ...
+# after the first, and the ratio. With ROUNDS=R each side runs R times, the two alternating, so that
+# the machine's slow and fast phases reach both sides: `ratio` is each side's best median against the
+# other's, `paired` the median of the R rounds' own ratios (each round's two runs close in time). The
+# last two lines are summaries: paired: <ctx>=<ratio> ..., then compare: <ctx>=<ratio> ...
 #
 # Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2,
 #        ROUNDS=1, PYTHON=a python3 that has torch)
@@ -41,22 +42,28 @@ unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
 export OMP_NUM_THREADS=$threads
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : 0) }'; }
-printf '%-8s %-18s %14s %14s %8s\n' ctx "batch, layers" "./train tok/s" "PyTorch tok/s" ratio
+printf '%-8s %-18s %14s %14s %8s %8s\n' ctx "batch, layers" "./train tok/s" "PyTorch tok/s" ratio paired
 summary="compare:"
+paired_summary="paired:"
 for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
     read -r ctx batch layers <<< "$config"
     stride=$(awk -v n="$ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
-    ours=0 theirs=0
+    ours=0 theirs=0 round_ratios=""
     for ((round = 1; round <= rounds; round++)); do # alternating, so that both sides meet the same phases
         a=$(./train -i "$data" -o "$data/out" -ctx "$ctx" -stride "$stride" -dim 128 -heads 4 -layers "$layers" \
             -batch "$batch" -steps "$steps" -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 1 |
             sed -n 's/^step \([0-9]*\)\/.* | \([0-9]*\) tok\/s$/\1 \2/p' | awk '$1 > 1 { print $2 }' | median)
         b=$("$python" "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
             --steps "$steps" --threads "$threads" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
-        ours=$((${a:-0} > ours ? ${a:-0} : ours)) theirs=$((${b:-0} > theirs ? ${b:-0} : theirs))
+        a=${a:-0} b=${b:-0}
+        ours=$((a > ours ? a : ours)) theirs=$((b > theirs ? b : theirs))
+        round_ratios="$round_ratios $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }')"
     done
     ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-    printf '%-8s %-18s %14s %14s %7sx\n' "$ctx" "$batch, $layers" "$ours" "$theirs" "$ratio"
+    paired=$(printf '%s\n' $round_ratios | median | awk '{ printf "%.2f", $1 }')
+    printf '%-8s %-18s %14s %14s %7sx %7sx\n' "$ctx" "$batch, $layers" "$ours" "$theirs" "$ratio" "$paired"
     summary="$summary $ctx=${ratio}x"
+    paired_summary="$paired_summary $ctx=${paired}x"
 done
+echo "$paired_summary (the median over rounds of each round's own ratio)"
 echo "$summary (threads $threads, $steps steps each, best of $rounds round$([ "$rounds" = 1 ] || echo s))"
