@@ -564,8 +564,9 @@ __device__ static inline void row_dots(float *out, const float *a, const float *
 // only the groups of GROUP columns that meet it, so that on a CPU a partial tile costs about its allowed
 // pairs (at a short stride most of a tile is masked). On a GPU a warp's lanes are 32 rows, so a warp
 // saves work only where none of its rows has a key in its columns. The tensor cores compute the whole
-// tile (each warp one or more of its 16 x 16 quarters, then a barrier): their work is the same either way. Each thread
-// writes the entries it owns in the score tile's ownership, which later passes can rely on.
+// tile (each warp one or more of its 16 x 16 quarters, then a barrier): their work is the same either
+// way. Each thread writes the entries it owns in the score tile's ownership, which later passes can rely
+// on.
 template <int D, bool TF32>
 __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step &st, int p0, int s0,
                                    bool full, float masked) {
