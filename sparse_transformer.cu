@@ -538,55 +538,70 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
     for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
 }
 
-// The float32 body of a score tile's row: out[m] = a . (column m of Bt) for the groups * GROUP columns
-// from b, all of them together, one term at a time, each summed in x order: independent sums whose
-// operands b[x][m] lie side by side, which a CPU does several at once in its vector unit (and a GPU warp
-// reads at one address). `groups` is 1 .. GROUPS; it is made a compile-time width, so that the loop over
-// m unrolls into whole vector operations.
+// The float32 body of a score tile's row, for N products at once: out[n][m] = a[n] . (column m of
+// b[n]'s tile) for the groups * GROUP columns from b[n], each summed in x order, one term at a time:
+// independent sums whose operands b[n][x][m] lie side by side, which a CPU does several at once in its
+// vector unit (and a GPU warp reads at one address). `groups` is 1 .. GROUPS; it is made a compile-time
+// width, so that the loop over m unrolls into whole vector operations.
 #define GROUP 8 // columns: two of a CPU's 4-float vectors; with the GPU's 4 warps, all of a thread's columns
-template <int D, int SROW, int GROUPS>
-__device__ static inline void row_dots(float *out, const float *a, const float *b, int groups) {
+template <int D, int SROW, int GROUPS, int N>
+__device__ static inline void row_dots(float *const *out, const float *const *a, const float *const *b, int groups) {
     if constexpr (GROUPS > 1)
-        if (groups < GROUPS) return row_dots<D, SROW, GROUPS - 1>(out, a, b, groups);
-    float dot[GROUPS * GROUP] = {};
+        if (groups < GROUPS) return row_dots<D, SROW, GROUPS - 1, N>(out, a, b, groups);
+    float dot[N][GROUPS * GROUP] = {};
     for (int x = 0; x < D; x++) {
         #pragma unroll
-        for (int m = 0; m < GROUPS * GROUP; m++) dot[m] += a[x] * b[x * SROW + m];
+        for (int n = 0; n < N; n++) {
+            #pragma unroll
+            for (int m = 0; m < GROUPS * GROUP; m++) dot[n][m] += a[n][x] * b[n][x * SROW + m];
+        }
     }
     #pragma unroll
-    for (int m = 0; m < GROUPS * GROUP; m++) out[m] = dot[m];
+    for (int n = 0; n < N; n++) {
+        #pragma unroll
+        for (int m = 0; m < GROUPS * GROUP; m++) out[n][m] = dot[n][m];
+    }
 }
 
-// S = A B^T for a (TILE, D) shared tile A and a (TILE, D) tile B given transposed, Bt (D, TILE): the
-// (TILE, TILE) tile of dot products of A's rows with B's, for the pairs the step allows; the others get
-// `masked` (-inf for scores, 0 for dP). In a full tile pair every pair is allowed. In another, the keys
-// of this thread's row are one range of columns [first, last] (section 3): the float32 body computes
-// only the groups of GROUP columns that meet it, so that on a CPU a partial tile costs about its allowed
-// pairs (at a short stride most of a tile is masked). On a GPU a warp's lanes are 32 rows, so a warp
-// saves work only where none of its rows has a key in its columns. The tensor cores compute the whole
-// tile (each warp one or more of its 16 x 16 quarters, then a barrier): their work is the same either
-// way. Each thread writes the entries it owns in the score tile's ownership, which later passes can rely
-// on.
-template <int D, bool TF32>
-__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, const Step &st, int p0, int s0,
-                                   bool full, float masked) {
+// One product for tile_scores: S = A B^T for a (TILE, D) shared tile A and a (TILE, D) tile B given
+// transposed, Bt (D, TILE); the pairs the step does not allow get `masked` (-inf for scores, 0 for dP).
+struct ScoreTile {
+    float *S_s;
+    const float *A_s, *Bt_s;
+    float masked;
+};
+
+// The (TILE, TILE) tiles of dot products of A's rows with B's, for the pairs the step allows, for N
+// products of the same tile pair (the backward's scores and dP). In a full tile pair every pair is
+// allowed. In another, the keys of this thread's row are one range of columns [first, last] (section
+// 3): the float32 body computes only the groups of GROUP columns that meet it, so that on a CPU a partial
+// tile costs about its allowed pairs (at a short stride most of a tile is masked). A row of one or two
+// groups is a chain of D dependent additions per sum, which the CPU waits on; doing the N products'
+// sums together gives it more independent ones (up to the sums of a whole row, the registers one product
+// of a full row needs). On a GPU a warp's lanes are 32 rows, so a warp saves work only where none of its
+// rows has a key in its columns. The tensor cores compute the whole tiles (each warp one or more of the
+// 16 x 16 quarters, then a barrier): their work is the same either way. Each thread writes the entries
+// it owns in the score tile's ownership, which later passes can rely on.
+template <int D, bool TF32, int N>
+__device__ static void tile_scores(const ScoreTile (&tiles)[N], const Step &st, int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
     const int r = own_row(), OWN = TILE / WARPS;
     static_assert(OWN % GROUP == 0, "a thread's columns are whole groups: WARPS is 1, 2 or 4");
     if constexpr (TF32) {
-        for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
-            const int r0 = quarter % 2 * 16, c0 = quarter / 2 * 16;
-            FragA<wmma::row_major> a;
-            FragB<wmma::row_major> b;
-            FragC acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int k = 0; k < D; k += 8) {
-                load_tf32(a, A_s + r0 * S::ROW + k, S::ROW);
-                load_tf32(b, Bt_s + k * S::SROW + c0, S::SROW);
-                wmma::mma_sync(acc, a, b, acc);
+        for (int n = 0; n < N; n++)
+            for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
+                const int r0 = quarter % 2 * 16, c0 = quarter / 2 * 16;
+                FragA<wmma::row_major> a;
+                FragB<wmma::row_major> b;
+                FragC acc;
+                wmma::fill_fragment(acc, 0.0f);
+                for (int k = 0; k < D; k += 8) {
+                    load_tf32(a, tiles[n].A_s + r0 * S::ROW + k, S::ROW);
+                    load_tf32(b, tiles[n].Bt_s + k * S::SROW + c0, S::SROW);
+                    wmma::mma_sync(acc, a, b, acc);
+                }
+                wmma::store_matrix_sync(tiles[n].S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
             }
-            wmma::store_matrix_sync(S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
-        }
         __syncthreads();
     }
     const int c0 = own_col<TILE>();
@@ -599,12 +614,24 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt
     }
     if (!TF32 && first <= last) {
         const int g0 = (first - c0) / GROUP, groups = (last - c0) / GROUP - g0 + 1;
-        row_dots<D, S::SROW, OWN / GROUP>(S_s + r * S::SROW + c0 + g0 * GROUP, A_s + r * S::ROW,
-                                          Bt_s + c0 + g0 * GROUP, groups);
+        float *out[N];
+        const float *a[N], *b[N];
+        for (int n = 0; n < N; n++) {
+            out[n] = tiles[n].S_s + r * S::SROW + c0 + g0 * GROUP;
+            a[n] = tiles[n].A_s + r * S::ROW;
+            b[n] = tiles[n].Bt_s + c0 + g0 * GROUP;
+        }
+        constexpr int TOGETHER = OWN / GROUP / N > 0 ? OWN / GROUP / N : 1;
+        if (groups * N <= OWN / GROUP) // the N products' sums fit in those of one whole row: all at once
+            row_dots<D, S::SROW, TOGETHER, N>(out, a, b, groups);
+        else
+            for (int n = 0; n < N; n++) row_dots<D, S::SROW, OWN / GROUP, 1>(out + n, a + n, b + n, groups);
     }
-    #pragma unroll
-    for (int c = c0; c < c0 + OWN; c++)
-        if (c < first || c > last) S_s[r * S::SROW + c] = masked;
+    for (int n = 0; n < N; n++) {
+        #pragma unroll
+        for (int c = c0; c < c0 + OWN; c++)
+            if (c < first || c > last) tiles[n].S_s[r * S::SROW + c] = tiles[n].masked;
+    }
 }
 
 // acc += A B for the part of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
@@ -670,8 +697,8 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
                                              const float *Kt_s, const float *Vt_s, const float *lse2_s,
                                              const float *D_s, const Step &st, int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
-    tile_scores<D, TF32>(P_s, Q_s, Kt_s, st, p0, s0, full, -INFINITY); // s (base 2), -inf where not allowed
-    tile_scores<D, TF32>(dS_s, dO_s, Vt_s, st, p0, s0, full, 0.0f);     // dP, 0 where not allowed
+    // s (base 2), -inf where not allowed, and dP, 0 where not allowed
+    tile_scores<D, TF32>({{P_s, Q_s, Kt_s, -INFINITY}, {dS_s, dO_s, Vt_s, 0.0f}}, st, p0, s0, full);
     const int r = own_row(), c0 = own_col<TILE>();
     for (int c = c0; c < c0 + TILE / WARPS; c++) { // the entries this thread's scores wrote
         // Exercise 5 starts here: the softmax's backward.
@@ -722,7 +749,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
-        tile_scores<D, TF32>(P_s, Q_s, Kt_s, st, p0, kt * TILE, full, -INFINITY);
+        tile_scores<D, TF32>({{P_s, Q_s, Kt_s, -INFINITY}}, st, p0, kt * TILE, full);
         __syncthreads();
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
