@@ -15,8 +15,9 @@ n from which the sparse pattern is faster at every size ("none" if dense is fast
 Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
 the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows as n^2; default 65536),
 -batch B, -heads H (default 1 x 1 on the CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed
-runs per size; default 1 on the CPU, 5 on a GPU), -precision fp32|tf32|both (default: both on a GPU;
-the CPU build's fp32 on the CPU, where TF32 is only emulated and its speed means nothing).
+runs per size and pattern, best counts; the patterns' runs alternate, so that a slow phase of a busy
+machine reaches both; default 3 on the CPU, 5 on a GPU), -precision fp32|tf32|both (default: both on a
+GPU; the CPU build's fp32 on the CPU, where TF32 is only emulated and its speed means nothing).
 `make bench BENCH_FLAGS="..."` passes flags.
 */
 #define _POSIX_C_SOURCE 199309L // clock_gettime
@@ -40,39 +41,60 @@ typedef struct {
     size_t bytes;
 } Result;
 
-// Times one forward + backward (best of `reps`, after one warm-up run) of `pattern` at context n.
-static Result time_attention(const StPattern *pattern, int n, int B, int H, int D, int reps) {
+// The tensors of one size, shared by the patterns timed there: q, k, v and dout random, (B, T, H, D).
+typedef struct {
+    float *q, *k, *v, *dout, *out, *lse, *dq, *dk, *dv;
+} Tensors;
+
+static Tensors tensors_create(int n, int B, int H, int D) {
     const size_t count = (size_t)B * H * n * D, rows = (size_t)B * H * n;
     float *host = malloc(count * sizeof(float));
     srand(1);
     for (size_t e = 0; e < count; e++) host[e] = (float)rand() / RAND_MAX - 0.5f;
-    float *q = st_malloc(count * sizeof(float)), *k = st_malloc(count * sizeof(float));
-    float *v = st_malloc(count * sizeof(float)), *dout = st_malloc(count * sizeof(float));
-    float *out = st_malloc(count * sizeof(float)), *lse = st_malloc(rows * sizeof(float));
-    float *dq = st_malloc(count * sizeof(float)), *dk = st_malloc(count * sizeof(float));
-    float *dv = st_malloc(count * sizeof(float));
-    float *inputs[] = {q, k, v, dout};
-    for (int i = 0; i < 4; i++) st_to_device(inputs[i], host, count * sizeof(float));
-
-    StAttention *att = st_attention_create(pattern, 0, n, H, D);
-    Result r = {n, 0, INFINITY, 0};
-    for (int rep = 0; rep <= reps; rep++) {
-        st_synchronize();
-        const double start = now_ms();
-        st_attention_forward(att, out, lse, q, k, v, B);
-        st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
-        st_synchronize();
-        const double ms = now_ms() - start;
-        if (rep > 0 && ms < r.ms) r.ms = ms; // rep 0 is the warm-up
-    }
-    const StAttentionStats stats = st_attention_stats(att);
-    r.pairs = stats.pairs_allowed * B;
-    r.bytes = stats.bytes;
-    st_attention_free(att);
-    float *all[] = {q, k, v, dout, out, lse, dq, dk, dv};
-    for (int i = 0; i < 9; i++) st_free(all[i]);
+    Tensors t;
+    float **all[] = {&t.q, &t.k, &t.v, &t.dout, &t.out, &t.lse, &t.dq, &t.dk, &t.dv};
+    for (int i = 0; i < 9; i++) *all[i] = st_malloc((all[i] == &t.lse ? rows : count) * sizeof(float));
+    for (int i = 0; i < 4; i++) st_to_device(*all[i], host, count * sizeof(float));
     free(host);
-    return r;
+    return t;
+}
+
+static void tensors_free(Tensors *t) {
+    float *all[] = {t->q, t->k, t->v, t->dout, t->out, t->lse, t->dq, t->dk, t->dv};
+    for (int i = 0; i < 9; i++) st_free(all[i]);
+}
+
+// One forward + backward, in ms.
+static double time_once(StAttention *att, const Tensors *t, int B) {
+    st_synchronize();
+    const double start = now_ms();
+    st_attention_forward(att, t->out, t->lse, t->q, t->k, t->v, B);
+    st_attention_backward(att, t->dq, t->dk, t->dv, t->dout, t->out, t->lse, t->q, t->k, t->v, B);
+    st_synchronize();
+    return now_ms() - start;
+}
+
+// Times `count` patterns at context n: best of `reps` after one warm-up run each, the patterns' runs
+// alternating, so that a slow phase of a busy machine reaches all of them, not just one.
+static void time_patterns(const StPattern *patterns, Result *results, int count, int n, int B, int H, int D,
+                          int reps) {
+    Tensors t = tensors_create(n, B, H, D);
+    StAttention *att[2];
+    for (int p = 0; p < count; p++) {
+        att[p] = st_attention_create(&patterns[p], 0, n, H, D);
+        results[p].ms = INFINITY;
+    }
+    for (int rep = 0; rep <= reps; rep++)
+        for (int p = 0; p < count; p++) {
+            const double ms = time_once(att[p], &t, B);
+            if (rep > 0 && ms < results[p].ms) results[p].ms = ms; // rep 0 is the warm-up
+        }
+    for (int p = 0; p < count; p++) {
+        const StAttentionStats stats = st_attention_stats(att[p]); // after a backward: with its workspace
+        results[p].n = n, results[p].pairs = stats.pairs_allowed * B, results[p].bytes = stats.bytes;
+        st_attention_free(att[p]);
+    }
+    tensors_free(&t);
 }
 
 // Exercise 9 starts here: the cost exponent and the crossover.
@@ -123,15 +145,18 @@ static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, 
     Result dense[32], sparse[32];
     int sizes = 0, both = 0;
     for (int n = min_ctx; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
-        if (n <= max_dense) {
-            const StPattern dense_pattern = {ST_DENSE, ST_INTERLEAVED, 0, 0, 0};
-            dense[both++] = time_attention(&dense_pattern, n, B, H, D, reps);
+        const StPattern patterns[2] = {{ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0},
+                                       {ST_DENSE, ST_INTERLEAVED, 0, 0, 0}};
+        Result results[2];
+        const int with_dense = n <= max_dense;
+        time_patterns(patterns, results, 1 + with_dense, n, B, H, D, reps);
+        sparse[sizes] = results[0];
+        if (with_dense) {
+            dense[both++] = results[1];
             print_row("dense", &dense[both - 1], D);
         }
-        const StPattern strided = {ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0};
-        sparse[sizes] = time_attention(&strided, n, B, H, D, reps);
         char name[32];
-        snprintf(name, sizeof name, "strided l=%d", strided.stride);
+        snprintf(name, sizeof name, "strided l=%d", patterns[0].stride);
         print_row(name, &sparse[sizes], D);
         fflush(stdout);
     }
@@ -149,7 +174,7 @@ int main(int argc, char **argv) {
     const char *device = st_device_init();
     const int on_gpu = st_device_is_gpu();
     int min_ctx = 1024, max_ctx = on_gpu ? 262144 : 8192, max_dense = 65536, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64;
-    int reps = on_gpu ? 5 : 1, first = st_get_precision(), last = on_gpu ? ST_TF32 : first;
+    int reps = on_gpu ? 5 : 3, first = st_get_precision(), last = on_gpu ? ST_TF32 : first;
     if (on_gpu) first = ST_FP32;
     for (int i = 1; i < argc; i += 2) {
         if (strcmp(argv[i], "-precision") == 0 && i + 1 < argc) {
