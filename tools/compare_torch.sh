@@ -11,13 +11,17 @@
 # last two lines are summaries: paired: <ctx>=<ratio> ..., then compare: <ctx>=<ratio> ...
 #
 # Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2,
-#        ROUNDS=1, PYTHON=a python3 that has torch)
+#        ROUNDS=1, CONTEXTS="256 1024 4096 8192" (a subset of these), PYTHON=a python3 that has torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-8}
 threads=${THREADS:-2}
 rounds=${ROUNDS:-1}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare_torch.sh: ROUNDS must be a whole number >= 1, got '$rounds'" >&2; exit 1; }
+contexts=${CONTEXTS:-256 1024 4096 8192}
+for ctx in $contexts; do
+    [[ " 256 1024 4096 8192 " == *" $ctx "* ]] || { echo "compare_torch.sh: CONTEXTS takes some of 256 1024 4096 8192, got '$ctx'" >&2; exit 1; }
+done
 peer=${PEER:-}
 for p in "$peer" build/peers/torch_peer.py ../shared/tools/torch_peer.py; do
     [ -n "$p" ] && [ -f "$p" ] && { peer=$p; break; }
@@ -47,6 +51,7 @@ summary="compare:"
 paired_summary="paired:"
 for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
     read -r ctx batch layers <<< "$config"
+    [[ " $contexts " == *" $ctx "* ]] || continue
     stride=$(awk -v n="$ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
     ours=0 theirs=0 round_ratios=""
     for ((round = 1; round <= rounds; round++)); do # alternating, so that both sides meet the same phases
