@@ -621,8 +621,10 @@ __device__ static void tile_scores(const ScoreTile (&tiles)[N], const Step &st, 
             a[n] = tiles[n].A_s + r * S::ROW;
             b[n] = tiles[n].Bt_s + c0 + g0 * GROUP;
         }
+        // The groups each product may have for all N to run at once, in the sums of one whole row (with
+        // the GPU's 4 warps a row's sums are one group: there the products always run one at a time)
         constexpr int TOGETHER = OWN / GROUP / N > 0 ? OWN / GROUP / N : 1;
-        if (groups * N <= OWN / GROUP) // the N products' sums fit in those of one whole row: all at once
+        if (groups * N <= OWN / GROUP)
             row_dots<D, S::SROW, TOGETHER, N>(out, a, b, groups);
         else
             for (int n = 0; n < N; n++) row_dots<D, S::SROW, OWN / GROUP, 1>(out + n, a + n, b + n, groups);
