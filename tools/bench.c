@@ -15,8 +15,8 @@ n from which the sparse pattern is faster at every size ("none" if dense is fast
 Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
 the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows as n^2; default 65536),
 -batch B, -heads H (default 1 x 1 on the CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed
-runs per size and pattern, best counts; the patterns' runs alternate, so that a slow phase of a busy
-machine reaches both; default 3 on the CPU, 5 on a GPU), -precision fp32|tf32|both (default: both on a
+runs per size and pattern after one warm-up run each, the best one counts; the patterns' runs alternate,
+so that a slow phase of a busy machine reaches both; default 3 on the CPU, 5 on a GPU), -precision fp32|tf32|both (default: both on a
 GPU; the CPU build's fp32 on the CPU, where TF32 is only emulated and its speed means nothing).
 `make bench BENCH_FLAGS="..."` passes flags.
 */
@@ -41,7 +41,7 @@ typedef struct {
     size_t bytes;
 } Result;
 
-// The tensors of one size, shared by the patterns timed there: q, k, v and dout random, (B, T, H, D).
+// The tensors of one size, shared by the patterns timed there: q, k, v and dout random, (B, H, T, D).
 typedef struct {
     float *q, *k, *v, *dout, *out, *lse, *dq, *dk, *dv;
 } Tensors;
@@ -74,12 +74,14 @@ static double time_once(StAttention *att, const Tensors *t, int B) {
     return now_ms() - start;
 }
 
-// Times `count` patterns at context n: best of `reps` after one warm-up run each, the patterns' runs
-// alternating, so that a slow phase of a busy machine reaches all of them, not just one.
+// Times `count` patterns (1 or 2) at context n: best of `reps` after one warm-up run each, the patterns'
+// runs alternating, so that a slow phase of a busy machine reaches all of them, not just one.
+#define MAX_PATTERNS 2
 static void time_patterns(const StPattern *patterns, Result *results, int count, int n, int B, int H, int D,
                           int reps) {
+    if (count < 1 || count > MAX_PATTERNS) { fprintf(stderr, "bench: %d patterns at once\n", count); exit(1); }
     Tensors t = tensors_create(n, B, H, D);
-    StAttention *att[2];
+    StAttention *att[MAX_PATTERNS];
     for (int p = 0; p < count; p++) {
         att[p] = st_attention_create(&patterns[p], 0, n, H, D);
         results[p].ms = INFINITY;

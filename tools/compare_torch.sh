@@ -18,10 +18,12 @@ steps=${1:-8}
 threads=${THREADS:-2}
 rounds=${ROUNDS:-1}
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "compare_torch.sh: ROUNDS must be a whole number >= 1, got '$rounds'" >&2; exit 1; }
-contexts=${CONTEXTS:-256 1024 4096 8192}
-for ctx in $contexts; do
+read -r -d '' -a wanted <<< "${CONTEXTS:-256 1024 4096 8192}" || true # split at any white space
+[ ${#wanted[@]} -gt 0 ] || { echo "compare_torch.sh: CONTEXTS is empty: give some of 256 1024 4096 8192" >&2; exit 1; }
+for ctx in "${wanted[@]}"; do
     [[ " 256 1024 4096 8192 " == *" $ctx "* ]] || { echo "compare_torch.sh: CONTEXTS takes some of 256 1024 4096 8192, got '$ctx'" >&2; exit 1; }
 done
+contexts=" ${wanted[*]} "
 peer=${PEER:-}
 for p in "$peer" build/peers/torch_peer.py ../shared/tools/torch_peer.py; do
     [ -n "$p" ] && [ -f "$p" ] && { peer=$p; break; }
@@ -51,7 +53,7 @@ summary="compare:"
 paired_summary="paired:"
 for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
     read -r ctx batch layers <<< "$config"
-    [[ " $contexts " == *" $ctx "* ]] || continue
+    [[ "$contexts" == *" $ctx "* ]] || continue
     stride=$(awk -v n="$ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
     ours=0 theirs=0 round_ratios=""
     for ((round = 1; round <= rounds; round++)); do # alternating, so that both sides meet the same phases
