@@ -7,10 +7,14 @@ counted on the allowed pairs only (FlashAttention's convention: 4 D flops per pa
 that backward, so 14 D per pair in all), and the bytes the attention itself allocated (tile layout
 and backward workspace: linear in n, never n x n). Each precision ends with a summary line:
   bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
-         pairs_ratio=<dense pairs / sparse pairs> sparse_exponent=<e> dense_exponent=<e> crossover=<n>
+         pairs_ratio=<dense pairs / sparse pairs> tiles_ratio=<dense tiles / sparse tiles>
+         sparse_exponent=<e> dense_exponent=<e> crossover=<n>
 with the exponents of time ~ n^e fitted by least squares on log-log over all sizes ("n/a" with a
 single size: a slope needs two points), and the smallest
 n from which the sparse pattern is faster at every size ("none" if dense is faster at the largest).
+The kernels' work per allowed pair scales with pairs_ratio, their work per tile pair (loads, the
+softmax's loops, barriers) with tiles_ratio: the more per-tile work there is, the closer the speedup
+comes to tiles_ratio instead of pairs_ratio.
 
 Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
 the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows as n^2; default 65536),
@@ -37,7 +41,7 @@ static double now_ms(void) {
 
 typedef struct {
     int n;
-    double pairs, ms;
+    double pairs, tiles, ms; // allowed pairs and the pairs of the tiles computed (st_attention_stats)
     size_t bytes;
 } Result;
 
@@ -94,6 +98,7 @@ static void time_patterns(const StPattern *patterns, Result *results, int count,
     for (int p = 0; p < count; p++) {
         const StAttentionStats stats = st_attention_stats(att[p]); // after a backward: with its workspace
         results[p].n = n, results[p].pairs = stats.pairs_allowed * B, results[p].bytes = stats.bytes;
+        results[p].tiles = stats.pairs_computed * B;
         st_attention_free(att[p]);
     }
     tensors_free(&t);
@@ -166,8 +171,9 @@ static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, 
     const Result *d = &dense[both - 1], *s = &sparse[both - 1];
     char where[32] = "none", sparse_e[16], dense_e[16];
     if (crossover(dense, sparse, both)) snprintf(where, sizeof where, "%d", crossover(dense, sparse, both));
-    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f sparse_exponent=%s dense_exponent=%s "
-           "crossover=%s\n", st_precision_name(st_get_precision()), d->n, d->ms / s->ms, d->pairs / s->pairs,
+    printf("bench: precision=%s n=%d speedup=%.2f pairs_ratio=%.2f tiles_ratio=%.2f sparse_exponent=%s "
+           "dense_exponent=%s crossover=%s\n", st_precision_name(st_get_precision()), d->n, d->ms / s->ms,
+           d->pairs / s->pairs, d->tiles / s->tiles,
            exponent_text(sparse_e, sizeof sparse_e, sparse, sizes), exponent_text(dense_e, sizeof dense_e, dense, both),
            where);
 }
