@@ -309,7 +309,7 @@ typedef struct {
 
 // Mean loss in nats per scored byte over `count` windows, `batch` at a time; *scored counts the bytes.
 // An evaluation that runs longer than 10 s says how far it is every 10 s (in place on a terminal).
-// Ctrl-C stops it early (the caller checks `interrupted`).
+// Ctrl-C stops it early: then NaN, never the mean of the part done.
 static double score(StModel *m, const Split *s, const Window *w, long count, int batch, size_t *scored) {
     const int T = opt.model.ctx;
     unsigned char *inputs = st_host_alloc((size_t)batch * T), *targets = st_host_alloc((size_t)batch * T);
@@ -334,11 +334,12 @@ static double score(StModel *m, const Split *s, const Window *w, long count, int
     }
     if (reported && tty) printf("\n");
     free(inputs), free(targets), free(losses);
+    if (interrupted) return NAN;
     return *scored ? sum / *scored : 0.0;
 }
 
 // Validation during training: eval_batches batches of windows spread evenly over the split, the same
-// windows every time so that the numbers compare.
+// windows every time so that the numbers compare. NaN when Ctrl-C stopped it.
 static double eval_spread(StModel *m, const Split *s) {
     const size_t unit = window_unit(s), starts = (s->info.n_bytes - opt.model.ctx - 1) / unit + 1;
     const long count = (long)opt.eval_batches * opt.batch < (long)starts ? (long)opt.eval_batches * opt.batch : (long)starts;
@@ -646,8 +647,12 @@ int main(int argc, char **argv) {
         const int last = step + 1 == opt.steps;
         if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
             const double val_loss = eval_spread(m, &val);
-            printf("val %.4f bpb (step %d)\n", val_loss / M_LN2, step + 1);
-            log_line("val", step + 1, val_loss, 0, 0, 0);
+            if (isnan(val_loss)) { // Ctrl-C: a part of the windows is not the validation, so nothing is reported
+                printf("val (step %d) interrupted: not reported\n", step + 1);
+            } else {
+                printf("val %.4f bpb (step %d)\n", val_loss / M_LN2, step + 1);
+                log_line("val", step + 1, val_loss, 0, 0, 0);
+            }
         }
         if (opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT) print_sample(m, &val, step + 1);
         if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || interrupted) save(m, &state);

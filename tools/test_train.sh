@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test_train.sh: ./train end to end, as a user runs it (called by .ci/run after make).
 #   1. a short run on synthetic data: step lines, validation, checkpoint, final whole-split bpb
-#   2. Ctrl-C in the middle of the same run, then -resume 1: the step lines equal the uninterrupted run's
+#   2. Ctrl-C in the middle of the same run, then -resume 1: the step lines equal the uninterrupted run's;
+#      Ctrl-C during a validation reports no number for it (not the mean of the part it scored)
 #   3. bad input: each gets one line on stderr and exit code 1
 #   4. the final evaluation: every byte of the split but the first scored once, whatever the batch;
 #      images: every image; -eval_bytes caps it
@@ -45,6 +46,19 @@ if [ $rc = 130 ] && grep -q '^saved' "$work/b1.log" && [ "$(losses "$work/a.log"
     ok "Ctrl-C saves (exit 130); -resume 1 continues with the very losses, validations and samples of the run above"
 else
     bad "interrupt and resume (exit $rc)"; diff <(losses "$work/a.log") <(losses "$work/b1.log" "$work/b2.log") || true
+fi
+
+# Ctrl-C during a validation (a long one: all 19936 windows of the split, from step 2)
+./train "${flags[@]}" -o "$work/v" -eval_every 2 -eval_batches 5000 -log "$work/v.tsv" > "$work/v.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 3000); do grep -q '^step 2/' "$work/v.log" 2>/dev/null && break; sleep 0.01; done
+kill -INT $pid
+wait $pid && rc=0 || rc=$?
+if [ $rc = 130 ] && grep -q '^val (step 2) interrupted: not reported$' "$work/v.log" &&
+   ! grep -q '^val [0-9]' "$work/v.log" && ! grep -q '^val' "$work/v.tsv" && grep -q '^saved' "$work/v.log"; then
+    ok "Ctrl-C during a validation: no number reported or logged for it, the checkpoint saved (exit 130)"
+else
+    bad "Ctrl-C during a validation (exit $rc)"; cat "$work/v.log"
 fi
 
 # 3.
