@@ -401,7 +401,7 @@ static double eval_final(StModel *m, const Split *s) {
     size_t scored;
     const double loss = score(m, s, w, count, batch, &scored);
     free(w);
-    if (interrupted) return NAN;
+    if (isnan(loss)) return NAN; // Ctrl-C
     if (n == all) printf("val %.4f bpb on the whole validation split: %zu bytes scored, every byte but the first", loss / M_LN2, scored);
     else printf("val %.4f bpb on the first %zu bytes of the validation split: %zu bytes scored (-eval_bytes)", loss / M_LN2, n, scored);
     printf(" (%ld windows, batch %d, %.1f s)\n", count, batch, (now_ms() - start) / 1e3);
