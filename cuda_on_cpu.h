@@ -15,6 +15,8 @@
 //     calls the kernel directly (a template argument of launch, inlined into that loop: run_plain).
 //     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
 //     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
+//     Built for the machine at hand (-march=native), the compiler runs that loop's element-wise
+//     kernels several threads at a time in the vector lanes, which is why expf is defined here.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
 //     the block's fibers. Dynamic shared memory must be declared once at file scope as
 //     `extern __shared__ float smem[];` (this header defines that one name; g++ mishandles a
@@ -73,6 +75,33 @@ alignas(128) thread_local float smem[CUDA_EMU_MAX_SHARED_BYTES / sizeof(float)];
 // makes, differs). Being a macro, it leaves no std::fmaxf or ::fmaxf for the CPU build: write fmaxf.
 inline float cuda_emu_fmaxf(float x, float y) { return y != y ? x : x > y ? x : y; }
 #define fmaxf cuda_emu_fmaxf
+
+// expf on a GPU is CUDA's own device function (at most 2 units in the last place off), not glibc's.
+// This one is at most 1.02 units off for every float (tools/test_emulator.cpp checks a sample; an
+// exhaustive run found 1.01), and it is plain arithmetic: the compiler runs the element-wise kernels
+// that call it (GELU, its backward) in vector lanes, several threads at once (run_plain), which a call
+// to glibc's expf forbids. It follows Cephes: x = n ln 2 + r, |r| <= ln(2) / 2 (ln 2 in two parts, so
+// that n ln 2 is exact), exp(r) by a polynomial, times 2^n made from exponent bits.
+inline float cuda_emu_expf(float x) {
+    const float hi = 88.72283935546875f, lo = -103.97208404541015625f; // beyond them: inf and 0
+    const float c = x > hi ? hi : x < lo ? lo : x;                      // (a NaN passes through)
+    const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f; // round(c / ln 2): 1.5 2^23
+    const float r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f; // exp(r)
+    // 2^n as two factors 2^n1 2^n2, each a normal float for every n in [-150, 128]
+    const int n1 = (int)n / 2, n2 = (int)n - n1, bits1 = (n1 + 127) << 23, bits2 = (n2 + 127) << 23;
+    float two_n1, two_n2;
+    memcpy(&two_n1, &bits1, 4), memcpy(&two_n2, &bits2, 4);
+    const float y = p * two_n1 * two_n2;
+    return x > hi ? INFINITY : x < lo ? 0.0f : y;
+}
+#define expf cuda_emu_expf
 
 // ----------------------------------------------------------------------------
 // Runtime API: errors, memory, synchronisation
@@ -472,6 +501,14 @@ template <auto kernel, typename Params>
 __attribute__((flatten)) void run_plain(void *p, unsigned first, unsigned n, bool reverse) {
     const Params &params = *static_cast<Params *>(p);
     const bool flat = blockDim.y == 1 && blockDim.z == 1;
+    if (flat && !reverse) { // the common case, as a loop simple enough for the compiler to vectorise:
+        // an element-wise kernel then runs several threads at once in the CPU's vector lanes
+        for (unsigned t = first; t < n; t++) {
+            threadIdx = uint3{t, 0, 0};
+            std::apply(kernel, params);
+        }
+        return;
+    }
     for (unsigned k = first; k < n; k++) {
         const unsigned t = reverse ? n - 1 - k : k;
         threadIdx = flat ? uint3{t, 0, 0} : thread_of(t, blockDim);
