@@ -1237,10 +1237,11 @@ __global__ void layernorm_backward_params_kernel(float *partial_w, float *partia
     }
 }
 
-// y[r, o] += b[o] (the bias of a matrix product): one block per row r, a thread per column (grid: rows).
+// y[r, o] += b[o] (the bias of a matrix product): a thread per element (grid: rows x blocks of columns).
 // And its backward db[o] += sum_r dy[r, o].
 __global__ void add_bias_kernel(float *y, const float *b, int cols) {
-    for (int o = threadIdx.x; o < cols; o += blockDim.x) y[(size_t)blockIdx.x * cols + o] += b[o];
+    const size_t o = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
+    if (o < (size_t)cols) y[(size_t)blockIdx.x * cols + o] += b[o];
 }
 // Pass 1 of its column sums: partial[k, o] sums chunk k's rows, for the RUN columns from o0.
 // Grid: (chunks, column blocks of RUN columns per thread).
@@ -1792,7 +1793,7 @@ static void matmul_forward(StModel *m, float *out, const float *inp, const float
                            int OC) {
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
-    if (b) LAUNCH(add_bias_kernel, N, threads_for(OC), 0, out, b, OC);
+    if (b) LAUNCH(add_bias_kernel, dim3(N, (OC + BLOCK - 1) / BLOCK), threads_for(OC), 0, out, b, OC);
 }
 
 // Backward of out = inp W^T + b:  dinp = dout W (overwritten);  dW += dout^T inp;  db += sum of dout's rows.
