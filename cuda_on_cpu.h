@@ -84,7 +84,7 @@ inline float cuda_emu_fmaxf(float x, float y) { return y != y ? x : x > y ? x : 
 // that n ln 2 is exact), exp(r) by a polynomial, times 2^n made from exponent bits.
 inline float cuda_emu_expf(float x) {
     const float hi = 88.72283935546875f, lo = -103.97208404541015625f; // beyond them: inf and 0
-    const float c = x > hi ? hi : x < lo ? lo : x;                      // (a NaN passes through)
+    const float c = x > hi ? hi : x >= lo ? x : lo;                     // a NaN becomes lo here (and NaN below)
     const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f; // round(c / ln 2), by adding 1.5 2^23
     const float r = (c - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -95,11 +95,12 @@ inline float cuda_emu_expf(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f; // exp(r)
     // 2^n as two factors 2^n1 2^n2, each a normal float for every n in [-150, 128]
-    const int n1 = (int)n / 2, n2 = (int)n - n1, bits1 = (n1 + 127) << 23, bits2 = (n2 + 127) << 23;
+    const int n1 = (int)n / 2, n2 = (int)n - n1;
+    const uint32_t bits1 = (uint32_t)(n1 + 127) << 23, bits2 = (uint32_t)(n2 + 127) << 23;
     float two_n1, two_n2;
     memcpy(&two_n1, &bits1, 4), memcpy(&two_n2, &bits2, 4);
     const float y = p * two_n1 * two_n2;
-    return x > hi ? INFINITY : x < lo ? 0.0f : y;
+    return x != x ? x : x > hi ? INFINITY : x < lo ? 0.0f : y;
 }
 #define expf cuda_emu_expf
 

@@ -1793,7 +1793,8 @@ static void matmul_forward(StModel *m, float *out, const float *inp, const float
                            int OC) {
     const float one = 1.0f, zero = 0.0f;
     cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
-    if (b) LAUNCH(add_bias_kernel, dim3(N, (OC + BLOCK - 1) / BLOCK), threads_for(OC), 0, out, b, OC);
+    const unsigned threads = threads_for(OC);
+    if (b) LAUNCH(add_bias_kernel, dim3(N, (OC + threads - 1) / threads), threads, 0, out, b, OC);
 }
 
 // Backward of out = inp W^T + b:  dinp = dout W (overwritten);  dW += dout^T inp;  db += sum of dout's rows.
