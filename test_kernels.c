@@ -849,9 +849,11 @@ static void test_chunked_sums(void) {
 // Each product errs by up to about 2u relative (see TOL_FORWARD_TF32), and a forward and backward
 // through 2 blocks chains about 10 of them, whose independent errors add up as sqrt(10): about 6u at
 // worst per gradient tensor (norm of the difference over norm of the float32 gradient); the loss, a
-// mean over B T = 128 bytes with independent errors, by about 2u / sqrt(128) = u/6. Measured:
-// gradients 1.5u to 1.8u, loss 0.015u. Tolerances 8u and u/8; a dropped term or a wrong scale errs by
-// 10% or more.
+// mean over B T = 128 bytes with independent errors, by about 2u / sqrt(128) = u/6. Measured here, with
+// operands rounded to nearest: gradients 1.5u to 1.8u, loss 0.015u. cuBLAS on a GPU may instead drop the
+// low 13 bits (truncation, as a tensor core does with unrounded operands): errors then all lean one way
+// and do not average out in the mean (emulated here: gradients 3.7u, loss 0.1u). Tolerances 8u and u/2;
+// a dropped term or a wrong scale errs by 10% or more.
 static void test_model_tf32(void) {
     const StPattern patterns[] = {{ST_STRIDED, ST_MERGED, 8, 0, 0}, {ST_FIXED, ST_MULTIHEAD, 16, 4, 2}};
     for (size_t k = 0; k < sizeof patterns / sizeof patterns[0]; k++) {
@@ -883,7 +885,7 @@ static void test_model_tf32(void) {
             if (rel_value(e) > worst) worst = rel_value(e), worst_name = name;
         }
         const double loss_err = fabs(loss[1] - loss[0]) / loss[0];
-        check(loss_err < TF32_U / 8 && worst < 8 * TF32_U, "model in tf32 against fp32, %s/%s: loss %.1e, "
+        check(loss_err < TF32_U / 2 && worst < 8 * TF32_U, "model in tf32 against fp32, %s/%s: loss %.1e, "
               "gradients %.1e relative (worst tensor %s)", st_pattern_kind_name(patterns[k].kind),
               st_combine_name(patterns[k].combine), loss_err, worst, worst_name);
         st_model_free(m);
@@ -1160,7 +1162,8 @@ int main(int argc, char **argv) {
         }
     }
     printf("device: %s\n", st_device_init());
-    make_temp_dir();
+    st_set_precision(ST_FP32); // the model's checks hold float32's tolerances (the GPU build's default is tf32);
+    make_temp_dir();           // the kernel and TF32 groups set the precision they test
     int groups = 0;
     for (size_t g = 0; g < sizeof GROUPS / sizeof GROUPS[0]; g++)
         if (strstr(GROUPS[g].name, only)) GROUPS[g].run(), groups++;

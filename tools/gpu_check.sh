@@ -3,16 +3,20 @@
 #   1. builds the GPU version for this GPU's architecture (binaries only: no data set from the network),
 #      or, where that fails, takes the binaries that `prepare` (below) built and carried
 #   2. ./test_kernels on the GPU: every kernel in both precisions (fp32 and TF32 tensor cores), the model
-#   3. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s
-#   4. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32 and in fp32
-#   5. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
+#   3. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32
+#   4. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
+#   5. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s
 #   6. the PyTorch peers, when gpu_peer.py and torch_peer.py are found (PEERS, else build/gpu_carry/peers,
 #      build/peers or ../shared/tools): FlexAttention and SDPA forward + backward, and the same model trained with
 #      FlexAttention, float32 with TF32 allowed, as ours runs
-#   7. compute-sanitizer memcheck and racecheck on the kernel tests (tf32 and fp32; each step has a time
-#      limit, and a machine that refuses the tool says so in the table)
-# Each step has a time limit and keeps its full log; the short table comes last, and the logs of
-# whatever finished come back even if the whole is cut short. About 6 to 8 minutes on an H200.
+#   7. compute-sanitizer racecheck (tf32) and memcheck on the kernel tests (a machine that refuses the tool
+#      says so in the table), then ./train in fp32, and racecheck in fp32
+# Each step has a time limit, cut to what is left of BUDGET seconds (default 480: a lent machine's call
+# must end in time for its files to come back); what does not fit is marked skipped, and
+# STEPS="racecheck memcheck ..." runs only the named steps (after the build) in a second call. Each
+# step's status is printed when it ends; the short table comes last. Logs go to LOG_DIR (default
+# build/gpu_logs); with $OUT set (a lent machine), steps.txt, table.txt and logs.tgz (every log) are
+# refreshed there after each step, so that whatever finished comes back even if the call is cut short.
 #
 # A GPU machine lent for minutes may lack what the build needs (libpng's headers, OpenBLAS for the data
 # tool) and cannot install it. So, first, on the machine you work on (with nvcc, no GPU needed):
@@ -20,7 +24,7 @@
 # builds the GPU binaries for sm_90 with libpng linked in, writes the check's data files and copies the
 # PyTorch peers, all into build/gpu_carry/ (about 16 MB) for the GPU machine to receive. There the
 # check builds if it can, and otherwise runs the carried binaries (the table says which).
-# Usage: bash tools/gpu_check.sh [LOG_DIR]   (default: $OUT if set, else build/gpu_logs)
+# Usage: bash tools/gpu_check.sh [LOG_DIR]   (BUDGET=seconds, STEPS="names"; see above)
 #        bash tools/gpu_check.sh prepare     (PEERS=folder with gpu_peer.py and torch_peer.py,
 #                                             default ../shared/tools)
 set -uo pipefail
@@ -46,6 +50,7 @@ if [ "${1:-}" = prepare ]; then
     make -C "$src" -s TARGET=gpu GPU_ARCHS="-gencode arch=compute_90,code=sm_90" LIBS="$png" -j 2 \
         train sample test_kernels build/gpu/bench > /dev/null || exit 1
     cp "$src"/train "$src"/sample "$src"/test_kernels "$src"/build/gpu/bench "$carry/bin/" && rm -rf "$src"
+    git rev-parse --short HEAD > "$carry/COMMIT"
     for f in gpu_peer.py torch_peer.py; do
         cp "${PEERS:-../shared/tools}/$f" "$carry/peers/" 2>/dev/null || echo "gpu_check.sh: no $f in ${PEERS:-../shared/tools} (PEERS=folder): the check will run without it"
     done
@@ -54,84 +59,110 @@ if [ "${1:-}" = prepare ]; then
     exit 0
 fi
 
-logs="${1:-${OUT:-build/gpu_logs}}"
+logs="${1:-build/gpu_logs}"
 mkdir -p "$logs"
 peers="${PEERS:-$carry/peers}"
 for p in "$peers" build/peers ../shared/tools; do [ -f "$p/gpu_peer.py" ] && { peers=$p; break; }; done
 # cuBLAS for carried binaries: the toolkit's, or the one PyTorch's Python packages bring
 cublas=$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cublas}"
+start=$(date +%s)
+deadline=$(( start + ${BUDGET:-480} ))
+wanted=" build ${STEPS:-tests train_tf32 ctx1m bench peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
 
-# step NAME SECONDS COMMAND...: runs the command with a time limit, its output in $logs/NAME.log;
-# records "NAME exit-code seconds" in $logs/steps.txt (exit 124: the time limit).
+# step NAME SECONDS COMMAND...: runs the command with a time limit (cut to what is left of BUDGET), its
+# output in $logs/NAME.log; records "NAME exit-code seconds" in $logs/steps.txt (exit 124: the time
+# limit; "skipped": too little time was left), prints that at once, and refreshes the table (and $OUT).
 step() {
-    local name=$1 limit=$2 t0 rc
-    t0=$(date +%s)
+    local name=$1 limit=$2 t0 rc left
     shift 2
+    [[ "$wanted" == *" $name "* ]] || return 0
+    left=$(( deadline - $(date +%s) - 5 ))
+    if [ "$left" -lt 15 ]; then
+        echo "$name skipped 0" >> "$logs/steps.txt"; echo "gpu_check: $name skipped (BUDGET spent)"; return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    t0=$(date +%s)
     timeout "$limit" "$@" > "$logs/$name.log" 2>&1; rc=$?
     echo "$name $rc $(( $(date +%s) - t0 ))" >> "$logs/steps.txt"
+    echo "gpu_check: $name $(status "$name")"
+    table > "$logs/table.txt"
+    if [ -n "${OUT:-}" ]; then # what comes back from a lent machine: a few files (the logs as one archive)
+        cp "$logs/steps.txt" "$logs/table.txt" "$OUT/" && tar -czf "$OUT/logs.tgz" -C "$logs" .
+    fi
     return $rc
 }
-status() { awk -v n="$1" '$1 == n { printf "%s in %s s", ($2 == 0 ? "ok" : $2 == 124 ? "TIMED OUT" : "FAILED (exit " $2 ")"), $3 }' "$logs/steps.txt"; }
+status() {
+    awk -v n="$1" '$1 == n { printf "%s in %s s", ($2 == 0 ? "ok" : $2 == 124 ? "TIMED OUT" : $2 == "skipped" ? "skipped" : "FAILED (exit " $2 ")"), $3 }' "$logs/steps.txt"
+}
+table() {
+    echo "==== GPU check $(date -u +%Y-%m-%d) ($(( $(date +%s) - start )) s; logs in $logs)"
+    printf '%-10s %s\n' "gpu" "$(head -1 "$logs/gpu.txt")"
+    printf '%-10s %s\n' "build" "$(status build); binaries: $binaries"
+    printf '%-10s %s: %s\n' "tests" "$(status tests)" "$(tail -1 "$logs/tests.log" 2>/dev/null)"
+    grep '^FAIL' "$logs/tests.log" 2>/dev/null | head -5
+    if [ -f "$logs/bench.log" ]; then
+        printf '%-10s %s\n' "bench" "$(status bench)"
+        grep -E '^ *[0-9]+ +(dense|strided)' "$logs/bench.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s\n", $1, $2, $(NF-4), $(NF-2), $(NF-1)}'
+        grep '^bench:' "$logs/bench.log"
+    fi
+    for t in train_tf32 train_fp32 ctx1m; do
+        [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" \
+            "$(grep -E '^(step [0-9]+/|val .* on |activations)' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
+    done
+    for t in peer_attention peer_train; do
+        [ -f "$logs/$t.log" ] && { printf '%-10s %s\n' "$t" "$(status $t)"; grep -E '^peer' "$logs/$t.log" | sed 's/^/  /'; }
+    done
+    for t in memcheck racecheck racecheck_fp32; do
+        [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not found|passed' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
+    done
+}
 
 : > "$logs/steps.txt"
 nvidia-smi -L > "$logs/gpu.txt" 2>&1 || echo "nvidia-smi failed" >> "$logs/gpu.txt"
 cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 arch="-gencode arch=compute_${cc:-90},code=sm_${cc:-90}" # this GPU only: half the build time
-start=$(date +%s)
-have_binaries=1 binaries="built here"
-if ! step build 600 make TARGET=gpu GPU_ARCHS="$arch" -j 8 train sample test_kernels build/gpu/bench; then
+here=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown commit")
+have_binaries=1 binaries="built here (the working tree at $here)"
+if ! step build 300 make TARGET=gpu GPU_ARCHS="$arch" -j 8 train sample test_kernels build/gpu/bench; then
     if [ -x "$carry/bin/train" ]; then # the binaries of `prepare` (sm_90)
         mkdir -p build/gpu && cp "$carry"/bin/{train,sample,test_kernels} . && cp "$carry/bin/bench" build/gpu/bench
-        binaries="carried (tools/gpu_check.sh prepare): the build here failed"
+        binaries="carried (tools/gpu_check.sh prepare, commit $(cat "$carry/COMMIT" 2>/dev/null)): the build here failed"
     else
         have_binaries=0 binaries="none: the build here failed, and nothing was carried (tools/gpu_check.sh prepare)"
     fi
 fi
 run=build/gpu_run data=build/gpu_run # the runs' outputs, and their data (carried, or made here)
+mkdir -p "$run"
 if [ -f "$carry/data/train.bin" ]; then data=$carry
 else make -s TARGET=cpu build/datatool > "$logs/datatool.log" 2>&1 && make_data build/datatool "$data"; fi
 if [ "$have_binaries" = 1 ]; then
-    step tests 300 ./test_kernels -v
-    step bench 600 build/gpu/bench
+    # In the order of what the check is for; BUDGET (seconds, default 480) cuts what does not fit, and
+    # STEPS="name ..." runs a chosen few (e.g. the ones a first run had no time for).
+    step tests 180 env CUDA_LAUNCH_BLOCKING=1 ./test_kernels -v # a fault reported where it happens
     quick=(-steps 30 -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 100000)
-    step train_tf32 300 ./train -i "$data/data" -o "$run/tf32" -precision tf32 "${quick[@]}"
-    step train_fp32 300 ./train -i "$data/data" -o "$run/fp32" -precision fp32 "${quick[@]}"
-    step ctx1m 300 ./train -i "$data/long" -o "$run/ctx1m" -ctx 1048576 -dim 256 -heads 4 -layers 4 -stride 1024 \
+    step train_tf32 120 ./train -i "$data/data" -o "$run/tf32" -precision tf32 "${quick[@]}"
+    step ctx1m 180 ./train -i "$data/long" -o "$run/ctx1m" -ctx 1048576 -dim 256 -heads 4 -layers 4 -stride 1024 \
         -recompute 1 -batch 1 -steps 1 -warmup 1 -eval_every 0 -sample_every 0 -eval_bytes 1
+    step bench 240 build/gpu/bench
     if [ -f "$peers/gpu_peer.py" ]; then
-        step peer_attention 400 python3 "$peers/gpu_peer.py" attention --sizes 8192,32768 --dtypes float32,bfloat16 --tf32 1
-        step peer_train 300 python3 "$peers/gpu_peer.py" train --tf32 1
+        step peer_attention 240 python3 "$peers/gpu_peer.py" attention --sizes 8192,32768 --dtypes float32,bfloat16 --tf32 1
+        step peer_train 180 python3 "$peers/gpu_peer.py" train --tf32 1
     else
         echo "peers: no gpu_peer.py in $carry/peers, build/peers or ../shared/tools (tools/gpu_check.sh prepare copies them)" > "$logs/peer_attention.log"
     fi
     if command -v compute-sanitizer > /dev/null; then
-        step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 ./test_kernels -only kernels
-        step racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 9 ./test_kernels -only kernels -precision tf32
+        step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 ./test_kernels -only kernels -precision tf32
+        step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 ./test_kernels -only kernels
     else
         echo "compute-sanitizer not found" > "$logs/memcheck.log"
     fi
+    step train_fp32 120 ./train -i "$data/data" -o "$run/fp32" -precision fp32 "${quick[@]}"
+    command -v compute-sanitizer > /dev/null &&
+        step racecheck_fp32 150 compute-sanitizer --tool racecheck --error-exitcode 9 ./test_kernels -only kernels -precision fp32
 fi
 
 echo
-echo "==== GPU check $(date -u +%Y-%m-%d) ($(( $(date +%s) - start )) s; logs in $logs)"
-printf '%-10s %s\n' "gpu" "$(head -1 "$logs/gpu.txt")"
-printf '%-10s %s\n' "build" "$(status build); binaries: $binaries"
-printf '%-10s %s: %s\n' "tests" "$(status tests)" "$(tail -1 "$logs/tests.log" 2>/dev/null)"
-grep '^FAIL' "$logs/tests.log" 2>/dev/null | head -5
-if [ -f "$logs/bench.log" ]; then
-    printf '%-10s %s\n' "bench" "$(status bench)"
-    grep -E '^ *[0-9]+ +(dense|strided)' "$logs/bench.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s\n", $1, $2, $(NF-4), $(NF-2), $(NF-1)}'
-    grep '^bench:' "$logs/bench.log"
-fi
-for t in train_tf32 train_fp32 ctx1m; do
-    [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" \
-        "$(grep -E '^(step [0-9]+/|val .* on |activations)' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
-done
-for t in peer_attention peer_train; do
-    [ -f "$logs/$t.log" ] && { printf '%-10s %s\n' "$t" "$(status $t)"; grep -E '^peer' "$logs/$t.log" | sed 's/^/  /'; }
-done
-for t in memcheck racecheck; do
-    [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not found|passed' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
-done
+table | tee "$logs/table.txt"
+[ -n "${OUT:-}" ] && cp "$logs/steps.txt" "$logs/table.txt" "$OUT/" && tar -czf "$OUT/logs.tgz" -C "$logs" .
 awk '$2 != 0 { bad = 1 } END { exit bad }' "$logs/steps.txt"
