@@ -95,11 +95,13 @@ static uint64_t splitmix64(uint64_t *state) {
     return z ^ (z >> 31);
 }
 
-// Launches a kernel that may use more than the default 48 KB of dynamic shared memory, and checks it.
+// Launches a kernel, and checks it. One that uses more than the default 48 KB of dynamic shared memory
+// must opt in first (the attention kernels; the attribute is a host call, so the small kernels skip it).
 #define LAUNCH(kernel, grid, block, shared_bytes, ...)                                              \
     do {                                                                                           \
-        cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,        \
-                                       (int)(shared_bytes)));                                      \
+        if ((shared_bytes) > 48 * 1024)                                                            \
+            cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,    \
+                                           (int)(shared_bytes)));                                  \
         KERNEL_LAUNCH(kernel, grid, block, shared_bytes, __VA_ARGS__);                             \
         cudaCheck(cudaGetLastError());                                                             \
     } while (0)
