@@ -47,7 +47,7 @@ typedef struct {
 } Flag;
 
 static Options opt;
-static volatile sig_atomic_t interrupted = 0; // set by Ctrl-C: save and stop
+static volatile sig_atomic_t interrupted = 0; // the signal of Ctrl-C (SIGINT) or of kill (SIGTERM): save and stop
 static Flag flags[] = {
     {"-i", TEXT, &opt.data_dir, 0, 0, "data folder holding train.bin and val.bin (data/prepare.sh NAME)", 0},
     {"-o", TEXT, &opt.out_dir, 0, 0, "output folder; the checkpoint is DIR/model.bin", 0},
@@ -457,19 +457,19 @@ static float learning_rate(int step) {
 }
 
 // ----------------------------------------------------------------------------
-// Checkpoints and Ctrl-C
+// Checkpoints, Ctrl-C and kill (a job scheduler that stops a run sends SIGTERM: it saves too)
 
-static void on_sigint(int sig) {
-    (void)sig;
-    if (interrupted) _Exit(130); // a second Ctrl-C does not wait
-    interrupted = 1;
+static void on_interrupt(int sig) {
+    if (interrupted) _Exit(128 + interrupted); // a second Ctrl-C does not wait
+    interrupted = sig;
 }
 
-static void install_sigint(void) {
+static void install_interrupt(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_sigint;
+    sa.sa_handler = on_interrupt;
     sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 static void checkpoint_path(char *path, size_t size) { snprintf(path, size, "%s/model.bin", opt.out_dir); }
@@ -606,11 +606,11 @@ int main(int argc, char **argv) {
     printf("model: %s/%s stride %d, ctx %d, dim %d, heads %d, layers %d: %.2fM parameters; %s products\n",
            st_pattern_kind_name(c->pattern.kind), st_combine_name(c->pattern.combine), c->pattern.stride, c->ctx,
            c->dim, c->heads, c->layers, st_model_num_params(m) / 1e6, st_precision_name(opt.precision));
-    install_sigint();
+    install_interrupt();
     if (opt.eval_only) {
         const double loss = eval_final(m, &val);
         st_model_free(m);
-        return isnan(loss) ? 130 : 0;
+        return isnan(loss) ? 128 + interrupted : 0;
     }
     struct stat out_dir;
     if ((mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) || stat(opt.out_dir, &out_dir) != 0 || !S_ISDIR(out_dir.st_mode))
@@ -658,14 +658,14 @@ int main(int argc, char **argv) {
         if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || interrupted) save(m, &state);
         if (interrupted) {
             printf("interrupted: resume with ./train -i %s -o %s -resume 1\n", opt.data_dir, opt.out_dir);
-            return 130;
+            return 128 + interrupted;
         }
     }
     free(inputs), free(targets);
     const double final_loss = eval_final(m, &val);
     if (isnan(final_loss)) {
         printf("interrupted during the final evaluation; the checkpoint is saved\n");
-        return 130;
+        return 128 + interrupted;
     }
     log_line("final", opt.steps, final_loss, 0, 0, 0);
     st_model_free(m);

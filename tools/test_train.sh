@@ -2,7 +2,8 @@
 # test_train.sh: ./train end to end, as a user runs it (called by .ci/run after make).
 #   1. a short run on synthetic data: step lines, validation, checkpoint, final whole-split bpb
 #   2. Ctrl-C in the middle of the same run, then -resume 1: the step lines equal the uninterrupted run's;
-#      Ctrl-C during a validation reports no number for it (not the mean of the part it scored)
+#      Ctrl-C during a validation reports no number for it (not the mean of the part it scored); kill
+#      (SIGTERM) saves as Ctrl-C does
 #   3. bad input: each gets one line on stderr and exit code 1
 #   4. the final evaluation: every byte of the split but the first scored once, whatever the batch;
 #      images: every image; -eval_bytes caps it
@@ -46,6 +47,19 @@ if [ $rc = 130 ] && grep -q '^saved' "$work/b1.log" && [ "$(losses "$work/a.log"
     ok "Ctrl-C saves (exit 130); -resume 1 continues with the very losses, validations and samples of the run above"
 else
     bad "interrupt and resume (exit $rc)"; diff <(losses "$work/a.log") <(losses "$work/b1.log" "$work/b2.log") || true
+fi
+
+# kill (SIGTERM, what a job scheduler sends) saves as Ctrl-C does
+./train "${flags[@]}" -o "$work/t" > "$work/t.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 3000); do grep -q '^step 3/' "$work/t.log" 2>/dev/null && break; sleep 0.01; done
+kill -TERM $pid
+wait $pid && rc=0 || rc=$?
+if [ $rc = 143 ] && grep -q '^saved' "$work/t.log" && ./train "${flags[@]}" -o "$work/t" -resume 1 > "$work/t2.log" 2>&1 &&
+   grep -q '^step 16/' "$work/t2.log"; then
+    ok "kill (SIGTERM) saves and stops (exit 143), and the run resumes"
+else
+    bad "SIGTERM (exit $rc)"; cat "$work/t.log"
 fi
 
 # Ctrl-C during a validation (a long one: all 19936 windows of the split, from step 2)
