@@ -7,8 +7,9 @@ which is the training loop: forward, backward, AdamW, a line per step, validatio
 checkpoints. `./train -show_pattern` only prints the attention patterns and exits.
 
 Every run can be resumed: checkpoints hold the model, Adam's moments, the step and the random state,
-and are written to a temporary file then renamed. Ctrl-C saves one before exiting. On the CPU build a
-resumed run prints the same losses, to the last digit, as a run that was never interrupted.
+and are written to a temporary file then renamed. Ctrl-C (or kill, SIGTERM) saves one before exiting.
+On the CPU build a resumed run prints the same losses, to the last digit, as a run that was never
+interrupted.
 */
 #define _XOPEN_SOURCE 700 // clock_gettime, sigaction, M_PI
 #include <errno.h>
