@@ -460,9 +460,15 @@ static float learning_rate(int step) {
 // ----------------------------------------------------------------------------
 // Checkpoints, Ctrl-C and kill (a job scheduler that stops a run sends SIGTERM: it saves too)
 
+// A second Ctrl-C does not wait. A repeat within half a second is the same request sent twice: `timeout`
+// signals the process and then its whole group, so a run it stops would otherwise exit without saving.
 static void on_interrupt(int sig) {
-    if (interrupted) _Exit(128 + interrupted); // a second Ctrl-C does not wait
-    interrupted = sig;
+    static double first; // when the first signal came (clock_gettime may be called in a signal handler)
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const double t = now.tv_sec + now.tv_nsec * 1e-9;
+    if (!interrupted) interrupted = sig, first = t;
+    else if (t - first > 0.5) _Exit(128 + interrupted);
 }
 
 static void install_interrupt(void) {

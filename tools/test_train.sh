@@ -53,11 +53,11 @@ fi
 ./train "${flags[@]}" -o "$work/t" > "$work/t.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 3000); do grep -q '^step 3/' "$work/t.log" 2>/dev/null && break; sleep 0.01; done
-kill -TERM $pid
+kill -TERM $pid; kill -TERM $pid # twice at once, as `timeout` does (the process, then its group)
 wait $pid && rc=0 || rc=$?
 if [ $rc = 143 ] && grep -q '^saved' "$work/t.log" && ./train "${flags[@]}" -o "$work/t" -resume 1 > "$work/t2.log" 2>&1 &&
    grep -q '^step 16/' "$work/t2.log"; then
-    ok "kill (SIGTERM) saves and stops (exit 143), and the run resumes"
+    ok "kill (SIGTERM), sent twice at once as timeout does, saves and stops (exit 143), and the run resumes"
 else
     bad "SIGTERM (exit $rc)"; cat "$work/t.log"
 fi
