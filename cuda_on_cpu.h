@@ -20,7 +20,8 @@
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
 //     the block's fibers. Dynamic shared memory must be declared once at file scope as
 //     `extern __shared__ float smem[];` (this header defines that one name; g++ mishandles a
-//     block-scope extern thread_local inside a template).
+//     block-scope extern thread_local inside a template). More than 48 KB of it needs the kernel's
+//     cudaFuncSetAttribute first, as on a GPU (a launch without it aborts, naming the kernel).
 //   - CUDA_EMU_REVERSE=1 in the environment runs threads (and blocks) in reverse order: a kernel that
 //     forgot a barrier between writing and reading shared memory gives different results then.
 //   - cudaMalloc is an aligned malloc; copies are memcpy. Memory is host memory.
@@ -145,8 +146,20 @@ inline cudaError_t cudaMemset(void *dst, int value, size_t bytes) {
     memset(dst, value, bytes);
     return cudaSuccess;
 }
-template <typename K> inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int bytes) {
-    return bytes <= CUDA_EMU_MAX_SHARED_BYTES ? cudaSuccess : cudaErrorInvalidValue;
+// A launch may give a kernel more than 48 KB of dynamic shared memory only after the kernel opted in
+// (cudaFuncSetAttribute), as on a GPU, which refuses the launch otherwise: the sizes allowed, by kernel.
+inline std::vector<std::pair<const void *, int>> &cuda_emu_shared_opt_ins() {
+    static std::vector<std::pair<const void *, int>> allowed;
+    return allowed;
+}
+template <typename K> inline cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
+    if (bytes < 0 || bytes > CUDA_EMU_MAX_SHARED_BYTES) return cudaErrorInvalidValue;
+    auto &allowed = cuda_emu_shared_opt_ins();
+    const void *key = reinterpret_cast<const void *>(kernel);
+    for (auto &k : allowed)
+        if (k.first == key) return k.second = bytes, cudaSuccess;
+    allowed.push_back({key, bytes});
+    return cudaSuccess;
 }
 
 // ----------------------------------------------------------------------------
@@ -532,6 +545,16 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
     if (shared_bytes > CUDA_EMU_MAX_SHARED_BYTES) {
         fprintf(stderr, "cuda_on_cpu: kernel %s asks for %zu bytes of shared memory, more than %d\n",
                 name, shared_bytes, CUDA_EMU_MAX_SHARED_BYTES);
+        exit(1);
+    }
+    size_t allowed = 48 * 1024;
+    for (const auto &k : cuda_emu_shared_opt_ins())
+        if (k.first == reinterpret_cast<const void *>(kernel) && (size_t)k.second > allowed) allowed = k.second;
+    if (shared_bytes > allowed) {
+        fprintf(stderr, "cuda_on_cpu: kernel %s asks for %zu bytes of dynamic shared memory, more than the %zu "
+                        "it may use: above 48 KB, call cudaFuncSetAttribute(kernel, "
+                        "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first (a GPU refuses the launch)\n",
+                name, shared_bytes, allowed);
         exit(1);
     }
     Params params(args...);

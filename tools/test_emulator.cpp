@@ -194,6 +194,19 @@ int main() {
     check(aborts_with([&] { KERNEL_LAUNCH(thread5_skips_barrier, 1, 64, 0, scratch); },
                       "thread 5 finished while thread"),
           "a thread that finishes while the others wait at a barrier aborts, naming both");
+    {
+        // More than 48 KB of dynamic shared memory: only after the kernel opted in, as on a GPU
+        const int threads = 128;
+        std::vector<float> x(threads, 1.0f), out(1, NAN);
+        const size_t big = 64 * 1024;
+        const bool refused = aborts_with([&] { KERNEL_LAUNCH(block_sum, 1, threads, big, out.data(), x.data()); },
+                                         "call cudaFuncSetAttribute");
+        const bool opted = cudaFuncSetAttribute(block_sum, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)big) ==
+                           cudaSuccess;
+        KERNEL_LAUNCH(block_sum, 1, threads, big, out.data(), x.data());
+        check(refused && opted && out[0] == (float)threads,
+              "more than 48 KB of dynamic shared memory: refused before cudaFuncSetAttribute, run after it");
+    }
     check(aborts_with([&] { KERNEL_LAUNCH(block_sum, 1, 2048, 0, (float *)NULL, (const float *)NULL); },
                       "more than 1024 threads"),
           "a block of more than 1024 threads is refused");
