@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
+#include <map>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -148,17 +149,13 @@ inline cudaError_t cudaMemset(void *dst, int value, size_t bytes) {
 }
 // A launch may give a kernel more than 48 KB of dynamic shared memory only after the kernel opted in
 // (cudaFuncSetAttribute), as on a GPU, which refuses the launch otherwise: the sizes allowed, by kernel.
-inline std::vector<std::pair<const void *, int>> &cuda_emu_shared_opt_ins() {
-    static std::vector<std::pair<const void *, int>> allowed;
+inline std::map<const void *, size_t> &cuda_emu_shared_opt_ins() {
+    static std::map<const void *, size_t> allowed;
     return allowed;
 }
 template <typename K> inline cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
     if (bytes < 0 || bytes > CUDA_EMU_MAX_SHARED_BYTES) return cudaErrorInvalidValue;
-    auto &allowed = cuda_emu_shared_opt_ins();
-    const void *key = reinterpret_cast<const void *>(kernel);
-    for (auto &k : allowed)
-        if (k.first == key) return k.second = bytes, cudaSuccess;
-    allowed.push_back({key, bytes});
+    cuda_emu_shared_opt_ins()[reinterpret_cast<const void *>(kernel)] = (size_t)bytes;
     return cudaSuccess;
 }
 
@@ -547,9 +544,9 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
                 name, shared_bytes, CUDA_EMU_MAX_SHARED_BYTES);
         exit(1);
     }
-    size_t allowed = 48 * 1024;
-    for (const auto &k : cuda_emu_shared_opt_ins())
-        if (k.first == reinterpret_cast<const void *>(kernel) && (size_t)k.second > allowed) allowed = k.second;
+    const auto opted = cuda_emu_shared_opt_ins().find(reinterpret_cast<const void *>(kernel));
+    const size_t allowed = opted == cuda_emu_shared_opt_ins().end() || opted->second < 48 * 1024 ? 48 * 1024
+                                                                                                  : opted->second;
     if (shared_bytes > allowed) {
         fprintf(stderr, "cuda_on_cpu: kernel %s asks for %zu bytes of dynamic shared memory, more than the %zu "
                         "it may use: above 48 KB, call cudaFuncSetAttribute(kernel, "

@@ -1162,8 +1162,10 @@ int main(int argc, char **argv) {
         }
     }
     printf("device: %s\n", st_device_init());
-    st_set_precision(ST_FP32); // the model's checks hold float32's tolerances (the GPU build's default is tf32);
-    make_temp_dir();           // the kernel and TF32 groups set the precision they test
+    // The model's checks hold float32's tolerances (the GPU build's default is tf32); the kernel and
+    // TF32 groups set the precision they test.
+    st_set_precision(ST_FP32);
+    make_temp_dir();
     int groups = 0;
     for (size_t g = 0; g < sizeof GROUPS / sizeof GROUPS[0]; g++)
         if (strstr(GROUPS[g].name, only)) GROUPS[g].run(), groups++;

@@ -310,7 +310,7 @@ typedef struct {
 
 // Mean loss in nats per scored byte over `count` windows, `batch` at a time; *scored counts the bytes.
 // An evaluation that runs longer than 10 s says how far it is every 10 s (in place on a terminal).
-// Ctrl-C stops it early: then NaN, never the mean of the part done.
+// An interrupt (Ctrl-C, kill) stops it early: then NaN, never the mean of the part done.
 static double score(StModel *m, const Split *s, const Window *w, long count, int batch, size_t *scored) {
     const int T = opt.model.ctx;
     unsigned char *inputs = st_host_alloc((size_t)batch * T), *targets = st_host_alloc((size_t)batch * T);
@@ -340,7 +340,7 @@ static double score(StModel *m, const Split *s, const Window *w, long count, int
 }
 
 // Validation during training: eval_batches batches of windows spread evenly over the split, the same
-// windows every time so that the numbers compare. NaN when Ctrl-C stopped it.
+// windows every time so that the numbers compare. NaN when an interrupt stopped it.
 static double eval_spread(StModel *m, const Split *s) {
     const size_t unit = window_unit(s), starts = (s->info.n_bytes - opt.model.ctx - 1) / unit + 1;
     const long count = (long)opt.eval_batches * opt.batch < (long)starts ? (long)opt.eval_batches * opt.batch : (long)starts;
@@ -386,7 +386,7 @@ static int final_eval_batch(StModel *m, long windows) {
 }
 
 // The mean loss over the split's first n bytes (all of them without -eval_bytes), with a line that
-// says what was scored. NaN when Ctrl-C stopped it.
+// says what was scored. NaN when an interrupt stopped it.
 static double eval_final(StModel *m, const Split *s) {
     const size_t T = opt.model.ctx, unit = window_unit(s), all = s->info.n_bytes;
     size_t n = all;
@@ -402,7 +402,7 @@ static double eval_final(StModel *m, const Split *s) {
     size_t scored;
     const double loss = score(m, s, w, count, batch, &scored);
     free(w);
-    if (isnan(loss)) return NAN; // Ctrl-C
+    if (isnan(loss)) return NAN; // interrupted
     if (n == all) printf("val %.4f bpb on the whole validation split: %zu bytes scored, every byte but the first", loss / M_LN2, scored);
     else printf("val %.4f bpb on the first %zu bytes of the validation split: %zu bytes scored (-eval_bytes)", loss / M_LN2, n, scored);
     printf(" (%ld windows, batch %d, %.1f s)\n", count, batch, (now_ms() - start) / 1e3);
@@ -654,7 +654,7 @@ int main(int argc, char **argv) {
         const int last = step + 1 == opt.steps;
         if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
             const double val_loss = eval_spread(m, &val);
-            if (isnan(val_loss)) { // Ctrl-C: a part of the windows is not the validation, so nothing is reported
+            if (isnan(val_loss)) { // interrupted: a part of the windows is not the validation, so nothing is reported
                 printf("val (step %d) interrupted: not reported\n", step + 1);
             } else {
                 printf("val %.4f bpb (step %d)\n", val_loss / M_LN2, step + 1);

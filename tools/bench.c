@@ -19,9 +19,10 @@ comes to tiles_ratio instead of pairs_ratio.
 Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
 the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows as n^2; default 65536),
 -batch B, -heads H (default 1 x 1 on the CPU, 4 x 4 on a GPU), -head_size D (64), -reps R (timed
-runs per size and pattern after one warm-up run each, the best one counts; the patterns' runs alternate,
-so that a slow phase of a busy machine reaches both; default 3 on the CPU, 5 on a GPU), -precision fp32|tf32|both (default: both on a
-GPU; the CPU build's fp32 on the CPU, where TF32 is only emulated and its speed means nothing).
+runs per size and pattern after one warm-up run each, the best one counts; the patterns' runs
+alternate, so that a slow phase of a busy machine reaches both; default 3 on the CPU, 5 on a GPU),
+-precision fp32|tf32|both (default: both on a GPU; the CPU build's fp32 on the CPU, where TF32 is only
+emulated and its speed means nothing).
 `make bench BENCH_FLAGS="..."` passes flags.
 */
 #define _POSIX_C_SOURCE 199309L // clock_gettime

@@ -36,11 +36,18 @@ last=$(grep '^step 16/' "$work/a.log" | sed 's/.*| loss \([0-9.]*\).*/\1/')
 awk -v f="$first" -v l="$last" 'BEGIN { exit !(l < f - 0.3) }' && ok "the loss falls ($first -> $last)" || bad "the loss does not fall ($first -> $last)"
 
 # 2.
-./train "${flags[@]}" -o "$work/b" > "$work/b1.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 3000); do grep -q '^step 3/' "$work/b1.log" 2>/dev/null && break; sleep 0.01; done
-kill -INT $pid
-wait $pid && rc=0 || rc=$?
+# stop_at STEP "SIGNAL ..." LOG ARGS...: ./train ARGS in the background, its output in LOG; once LOG shows
+# step STEP, each SIGNAL is sent at once, one after the other; rc is its exit code
+stop_at() {
+    local step=$1 signals=$2 log=$3 pid sig
+    shift 3
+    ./train "$@" > "$log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 3000); do grep -q "^step $step/" "$log" 2>/dev/null && break; sleep 0.01; done
+    for sig in $signals; do kill -"$sig" $pid; done
+    wait $pid && rc=0 || rc=$?
+}
+stop_at 3 INT "$work/b1.log" "${flags[@]}" -o "$work/b"
 ./train "${flags[@]}" -o "$work/b" -resume 1 > "$work/b2.log" 2>&1
 losses() { grep -hE '^(step|val|sample)' "$@" | sed 's/ | [0-9]* ms | .*//; s/ ([0-9]* windows, .*//'; }
 if [ $rc = 130 ] && grep -q '^saved' "$work/b1.log" && [ "$(losses "$work/a.log")" = "$(losses "$work/b1.log" "$work/b2.log")" ]; then
@@ -50,11 +57,7 @@ else
 fi
 
 # kill (SIGTERM, what a job scheduler sends) saves as Ctrl-C does
-./train "${flags[@]}" -o "$work/t" > "$work/t.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 3000); do grep -q '^step 3/' "$work/t.log" 2>/dev/null && break; sleep 0.01; done
-kill -TERM $pid; kill -TERM $pid # twice at once, as `timeout` does (the process, then its group)
-wait $pid && rc=0 || rc=$?
+stop_at 3 "TERM TERM" "$work/t.log" "${flags[@]}" -o "$work/t" # twice, as `timeout` does (process, then group)
 if [ $rc = 143 ] && grep -q '^saved' "$work/t.log" && ./train "${flags[@]}" -o "$work/t" -resume 1 > "$work/t2.log" 2>&1 &&
    grep -q '^step 16/' "$work/t2.log"; then
     ok "kill (SIGTERM), sent twice at once as timeout does, saves and stops (exit 143), and the run resumes"
@@ -63,11 +66,7 @@ else
 fi
 
 # Ctrl-C during a validation (a long one: all 19936 windows of the split, from step 2)
-./train "${flags[@]}" -o "$work/v" -eval_every 2 -eval_batches 5000 -log "$work/v.tsv" > "$work/v.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 3000); do grep -q '^step 2/' "$work/v.log" 2>/dev/null && break; sleep 0.01; done
-kill -INT $pid
-wait $pid && rc=0 || rc=$?
+stop_at 2 INT "$work/v.log" "${flags[@]}" -o "$work/v" -eval_every 2 -eval_batches 5000 -log "$work/v.tsv"
 if [ $rc = 130 ] && grep -q '^val (step 2) interrupted: not reported$' "$work/v.log" &&
    ! grep -q '^val [0-9]' "$work/v.log" && ! grep -q '^val' "$work/v.tsv" && grep -q '^saved' "$work/v.log"; then
     ok "Ctrl-C during a validation: no number reported or logged for it, the checkpoint saved (exit 130)"
@@ -150,10 +149,7 @@ fi
 
 # 6. Killed (no save) after the checkpoint of step 10, at step 12 or later; the log then runs ahead of
 # the checkpoint, and the resumed run must neither repeat nor lose a line.
-./train "${flags[@]}" -o "$work/k" -log "$work/k.tsv" > "$work/k1.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 3000); do grep -q '^step 12/' "$work/k1.log" 2>/dev/null && break; sleep 0.01; done
-kill -KILL $pid; wait $pid 2>/dev/null || true
+stop_at 12 KILL "$work/k1.log" "${flags[@]}" -o "$work/k" -log "$work/k.tsv" 2>/dev/null
 ahead=$(grep -c '^train' "$work/k.tsv" || true) # lines logged before the kill: more than the checkpoint's 10
 ./train "${flags[@]}" -o "$work/k" -log "$work/k.tsv" -resume 1 > "$work/k2.log" 2>&1 || true
 columns() { grep -v '^#' "$1" | cut -f1-5; }
