@@ -87,10 +87,12 @@ step() {
     echo "$name $rc $(( $(date +%s) - t0 ))" >> "$logs/steps.txt"
     echo "gpu_check: $name $(status "$name")"
     table > "$logs/table.txt"
-    if [ -n "${OUT:-}" ]; then # what comes back from a lent machine: a few files (the logs as one archive)
-        cp "$logs/steps.txt" "$logs/table.txt" "$OUT/" && tar -czf "$OUT/logs.tgz" -C "$logs" .
-    fi
+    refresh_out
     return $rc
+}
+# What comes back from a lent machine ($OUT): a few files, the logs as one archive.
+refresh_out() {
+    [ -z "${OUT:-}" ] || { cp "$logs/steps.txt" "$logs/table.txt" "$OUT/" && tar -czf "$OUT/logs.tgz" -C "$logs" .; }
 }
 status() {
     awk -v n="$1" '$1 == n { printf "%s in %s s", ($2 == 0 ? "ok" : $2 == 124 ? "TIMED OUT" : $2 == "skipped" ? "skipped" : "FAILED (exit " $2 ")"), $3 }' "$logs/steps.txt"
@@ -164,5 +166,5 @@ fi
 
 echo
 table | tee "$logs/table.txt"
-[ -n "${OUT:-}" ] && cp "$logs/steps.txt" "$logs/table.txt" "$OUT/" && tar -czf "$OUT/logs.tgz" -C "$logs" .
+refresh_out
 awk '$2 != 0 { bad = 1 } END { exit bad }' "$logs/steps.txt"
