@@ -4,8 +4,9 @@ bench.c: times forward + backward of the attention, dense against strided/merged
 Run with `make bench` (it builds for the CPU or the GPU like `make`). For each precision and n it
 prints the pairs the pattern allows, the time of one forward + backward, the effective TFLOP/s
 counted on the allowed pairs only (FlashAttention's convention: 4 D flops per pair forward, 2.5 times
-that backward, so 14 D per pair in all), and the bytes the attention itself allocated (tile layout
-and backward workspace: linear in n, never n x n). Each precision ends with a summary line:
+that backward, so 14 D per pair in all), the bytes the attention itself allocated (tile layout
+and backward workspace: linear in n, never n x n), and the time per tile pair the kernels computed
+(us/tile: a tile pair is 32 x 32 (query, key) pairs, all heads and batch elements counted). Each precision ends with a summary line:
   bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
          pairs_ratio=<dense pairs / sparse pairs> tiles_ratio=<dense tiles / sparse tiles>
          sparse_exponent=<e> dense_exponent=<e> crossover=<n>
@@ -14,7 +15,8 @@ single size: a slope needs two points), and the smallest
 n from which the sparse pattern is faster at every size ("none" if dense is faster at the largest).
 The kernels' work per allowed pair scales with pairs_ratio, their work per tile pair (loads, the
 softmax's loops, barriers) with tiles_ratio: the more per-tile work there is, the closer the speedup
-comes to tiles_ratio instead of pairs_ratio.
+comes to tiles_ratio instead of pairs_ratio. us/tile shows which: where dense's and the sparse pattern's
+are alike, a sparse tile pair costs a full one, however few of its pairs are allowed.
 
 Flags: -min_ctx N (smallest n, then doubled; default 1024), -max_ctx N (largest n; default 8192 on
 the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows as n^2; default 65536),
@@ -126,8 +128,8 @@ static int crossover(const Result *dense, const Result *sparse, int both) {
 // Exercise 9 ends here.
 
 static void print_row(const char *name, const Result *r, int D) {
-    printf("%7d  %-16s %-5s %14.0f %11.3f %9.3g %12zu\n", r->n, name, st_precision_name(st_get_precision()), r->pairs,
-           r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes);
+    printf("%7d  %-16s %-5s %14.0f %11.3f %9.3g %12zu %9.3g\n", r->n, name, st_precision_name(st_get_precision()),
+           r->pairs, r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes, r->ms * 1e3 / (r->tiles / (32 * 32)));
 }
 
 // An exponent for the summary line: a fit needs two sizes at least.
@@ -204,7 +206,8 @@ int main(int argc, char **argv) {
     }
     printf("device: %s\nbatch %d, heads %d, head size %d, forward + backward, best of %d; TFLOP/s on the allowed "
            "pairs (14 D flops each)\n", device, B, H, D, reps);
-    printf("%7s  %-16s %-5s %14s %11s %9s %12s\n", "n", "pattern", "prec", "allowed pairs", "ms", "TFLOP/s", "bytes");
+    printf("%7s  %-16s %-5s %14s %11s %9s %12s %9s\n", "n", "pattern", "prec", "allowed pairs", "ms", "TFLOP/s", "bytes",
+           "us/tile");
     for (int p = first; p <= last; p++) {
         st_set_precision((StPrecision)p);
         bench(min_ctx, max_ctx, max_dense, B, H, D, reps);

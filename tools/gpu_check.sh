@@ -105,7 +105,7 @@ table() {
     grep '^FAIL' "$logs/tests.log" 2>/dev/null | head -5
     if [ -f "$logs/bench.log" ]; then
         printf '%-10s %s\n' "bench" "$(status bench)"
-        grep -E '^ *[0-9]+ +(dense|strided)' "$logs/bench.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s\n", $1, $2, $(NF-4), $(NF-2), $(NF-1)}'
+        grep -E '^ *[0-9]+ +(dense|strided)' "$logs/bench.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s %8s us/tile\n", $1, $2, $(NF-5), $(NF-3), $(NF-2), $NF}'
         grep '^bench:' "$logs/bench.log"
     fi
     for t in train_tf32 train_fp32 ctx1m; do
