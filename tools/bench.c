@@ -5,8 +5,9 @@ Run with `make bench` (it builds for the CPU or the GPU like `make`). For each p
 prints the pairs the pattern allows, the time of one forward + backward, the effective TFLOP/s
 counted on the allowed pairs only (FlashAttention's convention: 4 D flops per pair forward, 2.5 times
 that backward, so 14 D per pair in all), the bytes the attention itself allocated (tile layout
-and backward workspace: linear in n, never n x n), and the time per tile pair the kernels computed
-(us/tile: a tile pair is 32 x 32 (query, key) pairs, all heads and batch elements counted). Each precision ends with a summary line:
+and backward workspace: linear in n, never n x n), and us/tile: the time divided by the tile pairs
+the kernels computed (each 32 x 32 (query, key) pairs; all heads and batch elements counted).
+Each precision ends with a summary line:
   bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
          pairs_ratio=<dense pairs / sparse pairs> tiles_ratio=<dense tiles / sparse tiles>
          sparse_exponent=<e> dense_exponent=<e> crossover=<n>
@@ -127,9 +128,10 @@ static int crossover(const Result *dense, const Result *sparse, int both) {
 }
 // Exercise 9 ends here.
 
+#define TILE_PAIRS (32 * 32) // (query, key) pairs in a tile pair: TILE x TILE in sparse_transformer.cu
 static void print_row(const char *name, const Result *r, int D) {
     printf("%7d  %-16s %-5s %14.0f %11.3f %9.3g %12zu %9.3g\n", r->n, name, st_precision_name(st_get_precision()),
-           r->pairs, r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes, r->ms * 1e3 / (r->tiles / (32 * 32)));
+           r->pairs, r->ms, r->pairs * 14.0 * D / (r->ms * 1e-3) / 1e12, r->bytes, r->ms * 1e3 / (r->tiles / TILE_PAIRS));
 }
 
 // An exponent for the summary line: a fit needs two sizes at least.
