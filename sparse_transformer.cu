@@ -414,36 +414,62 @@ static TileRange query_tile_range(const Step &st, int qt, double *allowed) {
     return r;
 }
 
-// Key-tile view (dK, dV): the transpose of the query-tile view. It must again be one range per tile;
-// the check below guards that property for any step added later.
+// Key-tile view (dK, dV): the transpose of the query-tile view. Every step's key range moves forward
+// with the query (section 3), so, over the query tiles that have any, neither end of a query tile's
+// range ever moves back, nor does either end of its full tiles. Then the query tiles that meet key tile
+// kt are one range: from the first whose last tile reaches kt to the last whose first tile has not passed
+// it. Two indices sweeping forward with kt find it in O(query tiles + key tiles); visiting every tile
+// pair instead would cost O(n^2 / TILE^2) for dense, a second at n = 2^20. The checks guard both
+// properties for any step added later.
+[[noreturn]] static void layout_error(int kt, const char *what) {
+    fprintf(stderr, "internal error: key tile %d: %s\n", kt, what);
+    exit(1);
+}
+
+// One view: the query tiles qt with lo[qt] <= kt <= hi[qt] (none where hi[qt] < lo[qt]) become
+// first[kt] .. last[kt] (0 .. -1 where there are none).
+static void transpose_view(const int *lo, const int *hi, int n_qtiles, int *first, int *last, int n_ktiles) {
+    // Pass 1: check that the ranges move forward, and count the query tiles meeting each key tile:
+    // +1 where a range starts, -1 just after it ends, summed in pass 2 (a difference array)
+    int *starts = (int *)host_zeroed((n_ktiles + 1) * sizeof(int));
+    for (int qt = 0, prev = -1; qt < n_qtiles; qt++) {
+        if (hi[qt] < lo[qt]) continue;
+        if (prev >= 0 && (lo[qt] < lo[prev] || hi[qt] < hi[prev])) layout_error(lo[qt], "the query tiles' ranges move back");
+        starts[lo[qt]]++, starts[hi[qt] + 1]--;
+        prev = qt;
+    }
+    // Pass 2: for each key tile, `a` = the first query tile whose range ends at kt or later, `b` = past
+    // every query tile whose range starts at kt or earlier, `met` = how many of them hold kt
+    for (int kt = 0, a = 0, b = 0, last_started = -1, met = 0; kt < n_ktiles; kt++) {
+        met += starts[kt];
+        while (a < n_qtiles && (hi[a] < lo[a] || hi[a] < kt)) a++;
+        for (; b < n_qtiles && (hi[b] < lo[b] || lo[b] <= kt); b++)
+            if (hi[b] >= lo[b]) last_started = b;
+        first[kt] = met ? a : 0;
+        last[kt] = met ? last_started : -1;
+        if (met && last[kt] - first[kt] + 1 != met) layout_error(kt, "its query tiles are not one range");
+    }
+    free(starts);
+}
+
 static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k_tiles, int n_ktiles) {
-    int *touched = (int *)host_zeroed(n_ktiles * sizeof(int)), *full = (int *)host_zeroed(n_ktiles * sizeof(int));
-    for (int kt = 0; kt < n_ktiles; kt++) k_tiles[kt] = TileRange{INT_MAX, INT_MAX, -1, -1};
-    for (int qt = 0; qt < n_qtiles; qt++) {
-        const TileRange r = q_tiles[qt];
-        for (int kt = r.first; kt <= r.last; kt++) {
-            TileRange *k = &k_tiles[kt];
-            touched[kt]++;
-            if (qt < k->first) k->first = qt;
-            if (qt > k->last) k->last = qt;
-            if (kt < r.first_full || kt > r.last_full) continue;
-            full[kt]++;
-            if (qt < k->first_full) k->first_full = qt;
-            if (qt > k->last_full) k->last_full = qt;
+    int *lo = (int *)st_host_alloc(n_qtiles * sizeof(int)), *hi = (int *)st_host_alloc(n_qtiles * sizeof(int));
+    int *first = (int *)st_host_alloc(n_ktiles * sizeof(int)), *last = (int *)st_host_alloc(n_ktiles * sizeof(int));
+    for (int full = 0; full < 2; full++) { // the tiles touched, then the full ones
+        for (int qt = 0; qt < n_qtiles; qt++) {
+            lo[qt] = full ? q_tiles[qt].first_full : q_tiles[qt].first;
+            hi[qt] = full ? q_tiles[qt].last_full : q_tiles[qt].last;
+        }
+        transpose_view(lo, hi, n_qtiles, first, last, n_ktiles);
+        for (int kt = 0; kt < n_ktiles; kt++) {
+            if (full) k_tiles[kt].first_full = first[kt], k_tiles[kt].last_full = last[kt];
+            else k_tiles[kt].first = first[kt], k_tiles[kt].last = last[kt];
         }
     }
-    for (int kt = 0; kt < n_ktiles; kt++) {
-        TileRange *k = &k_tiles[kt];
-        if (!touched[kt]) *k = TileRange{0, 0, -1, -1};
-        if (!full[kt]) k->first_full = 0, k->last_full = -1;
-        if ((touched[kt] && touched[kt] != k->last - k->first + 1) ||
-            (full[kt] && full[kt] != k->last_full - k->first_full + 1)) {
-            fprintf(stderr, "internal error: key tile %d's query tiles are not one range\n", kt);
-            exit(1);
-        }
-    }
-    free(touched);
-    free(full);
+    free(lo);
+    free(hi);
+    free(first);
+    free(last);
 }
 
 // ----------------------------------------------------------------------------
