@@ -602,11 +602,11 @@ struct ScoreTile {
 // The (TILE, TILE) tiles of dot products of A's rows with B's, for the pairs the step allows, for N
 // products of the same tile pair (the backward's scores and dP). In a full tile pair every pair is
 // allowed. In another, the keys of this thread's row are one range of columns [first, last] (section
-// 3): the float32 body computes only the groups of GROUP columns that meet it, so that on a CPU a partial
-// tile costs about its allowed pairs (at a short stride most of a tile is masked). A row of one or two
-// groups is a chain of D dependent additions per sum, which the CPU waits on; doing the N products'
-// sums together gives it more independent ones (up to the sums of a whole row, the registers one product
-// of a full row needs). On a GPU a warp's lanes are 32 rows, so a warp saves work only where none of its
+// 3): the float32 body computes only the groups of GROUP columns that meet it (at a short stride most of
+// a tile is masked). A row of one or two groups is still a chain of D dependent additions per sum, which
+// the CPU waits on, so on a CPU a partial row costs nearly a full one (README, Benchmark); doing the N
+// products' sums together gives it more independent ones (up to the sums of a whole row, the registers
+// one product of a full row needs). On a GPU a warp's lanes are 32 rows, so a warp saves work only where none of its
 // rows has a key in its columns. The tensor cores compute the whole tiles (each warp one or more of the
 // 16 x 16 quarters, then a barrier): their work is the same either way. Each thread writes the entries
 // it owns in the score tile's ownership, which later passes can rely on.
