@@ -421,8 +421,8 @@ static TileRange query_tile_range(const Step &st, int qt, double *allowed) {
 // it. Two indices sweeping forward with kt find it in O(query tiles + key tiles); visiting every tile
 // pair instead would cost O(n^2 / TILE^2) for dense, a second at n = 2^20. The checks guard both
 // properties for any step added later.
-[[noreturn]] static void layout_error(int kt, const char *what) {
-    fprintf(stderr, "internal error: key tile %d: %s\n", kt, what);
+[[noreturn]] static void layout_error(const char *what, int tile) {
+    fprintf(stderr, "internal error: the key-tile view: %s %d\n", what, tile);
     exit(1);
 }
 
@@ -434,7 +434,7 @@ static void transpose_view(const int *lo, const int *hi, int n_qtiles, int *firs
     int *starts = (int *)host_zeroed((n_ktiles + 1) * sizeof(int));
     for (int qt = 0, prev = -1; qt < n_qtiles; qt++) {
         if (hi[qt] < lo[qt]) continue;
-        if (prev >= 0 && (lo[qt] < lo[prev] || hi[qt] < hi[prev])) layout_error(lo[qt], "the query tiles' ranges move back");
+        if (prev >= 0 && (lo[qt] < lo[prev] || hi[qt] < hi[prev])) layout_error("the ranges move back at query tile", qt);
         starts[lo[qt]]++, starts[hi[qt] + 1]--;
         prev = qt;
     }
@@ -447,7 +447,7 @@ static void transpose_view(const int *lo, const int *hi, int n_qtiles, int *firs
             if (hi[b] >= lo[b]) last_started = b;
         first[kt] = met ? a : 0;
         last[kt] = met ? last_started : -1;
-        if (met && last[kt] - first[kt] + 1 != met) layout_error(kt, "its query tiles are not one range");
+        if (met && last[kt] - first[kt] + 1 != met) layout_error("not one range of query tiles at key tile", kt);
     }
     free(starts);
 }
@@ -602,14 +602,14 @@ struct ScoreTile {
 // The (TILE, TILE) tiles of dot products of A's rows with B's, for the pairs the step allows, for N
 // products of the same tile pair (the backward's scores and dP). In a full tile pair every pair is
 // allowed. In another, the keys of this thread's row are one range of columns [first, last] (section
-// 3): the float32 body computes only the groups of GROUP columns that meet it (at a short stride most of
-// a tile is masked). A row of one or two groups is still a chain of D dependent additions per sum, which
-// the CPU waits on, so on a CPU a partial row costs nearly a full one (README, Benchmark); doing the N
-// products' sums together gives it more independent ones (up to the sums of a whole row, the registers
-// one product of a full row needs). On a GPU a warp's lanes are 32 rows, so a warp saves work only where none of its
-// rows has a key in its columns. The tensor cores compute the whole tiles (each warp one or more of the
-// 16 x 16 quarters, then a barrier): their work is the same either way. Each thread writes the entries
-// it owns in the score tile's ownership, which later passes can rely on.
+// 3): the float32 body computes only the groups of GROUP columns that meet it (at a short stride most
+// of a tile is masked). A row of one or two groups is still a chain of D dependent additions per sum,
+// which the CPU waits on, so on a CPU a partial row costs nearly a full one (README, Benchmark); doing
+// the N products' sums together gives it more independent ones (up to the sums of a whole row, the
+// registers one product of a full row needs). On a GPU a warp's lanes are 32 rows, so a warp saves work
+// only where none of its rows has a key in its columns. The tensor cores compute the whole tiles (each
+// warp one or more of the 16 x 16 quarters, then a barrier): their work is the same either way. Each
+// thread writes the entries it owns in the score tile's ownership, which later passes can rely on.
 template <int D, bool TF32, int N>
 __device__ static void tile_scores(const ScoreTile (&tiles)[N], const Step &st, int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
