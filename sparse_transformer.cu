@@ -10,8 +10,9 @@ One file, read top to bottom:
                   what makes the kernels' work proportional to the allowed pairs.
   4. Tile layout  per step, for every tile of queries the range of key tiles it touches (and back).
   5. Kernels      forward (online softmax, stores the log-sum-exp) and backward (dQ, dK, dV with the
-                  probabilities recomputed), written as plain loops over 32 x 32 tiles; the tile
-                  products in float32 loops or on the tensor cores (TF32), one helper, two bodies.
+                  probabilities recomputed), written as plain loops over 32 x 32 tiles. Then their
+                  helpers (5b): tile loads, and the tile products in float32 loops or on the tensor
+                  cores (TF32), one helper, two bodies.
   6. API          the C functions of sparse_transformer.h that run the attention.
   7. Model kernels embeddings, layer norm, GELU, dropout, cross-entropy, AdamW.
   8. Model        the byte-level Sparse Transformer: parameters, forward, backward, update.
@@ -177,8 +178,23 @@ void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 // Two baselines have a single step: dense (every j <= i) and local (strided's local step alone:
 // i - l < j <= i, a sliding window). One local layer sees l - 1 bytes back; R layers stacked see at
 // most R (l - 1): what is further back is out of reach, which the strided and fixed patterns reach.
+//
+// How to add a pattern (a dilated window, say). Every place it touches:
+//   1. sparse_transformer.h: its value in StPatternKind, just before ST_PATTERN_KINDS (checkpoints
+//      store the number), and its name in the comment above st_pattern_kind_from_name;
+//   2. this section: its name in PATTERN_NAMES, its rule in st_pattern_allows (the definition every
+//      test checks against), its settings in st_pattern_check;
+//   3. section 3: each of its steps as a band, every query's keys one range in some order of the
+//      sequence (a StepKind; step_key_range; step_query_position and step_key_position if the order is
+//      new; the lengths in make_step), and head_steps, which gives each head its steps. The layout
+//      (section 4) and the kernels need nothing more: the layout checks that the ranges move forward;
+//   4. train.c: -pattern's help text (and the settings its first line prints);
+//   5. test_kernels.c: its steps in mark_step (an independent mask, written from the paper's rule), its
+//      pairs per query in count_step (a closed form), and configurations in the lists of the pattern,
+//      kernel, layout and model tests; -show_pattern then draws it (it reads st_pattern_allows).
 
 static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed", "local"};
+static_assert(sizeof PATTERN_NAMES / sizeof PATTERN_NAMES[0] == ST_PATTERN_KINDS, "a name for every pattern");
 static const char *COMBINE_NAMES[] = {"interleaved", "merged", "multihead"};
 
 static int name_index(const char *name, const char *const *names, int count) {
@@ -186,7 +202,7 @@ static int name_index(const char *name, const char *const *names, int count) {
         if (strcmp(name, names[i]) == 0) return i;
     return -1;
 }
-int st_pattern_kind_from_name(const char *name) { return name_index(name, PATTERN_NAMES, 4); }
+int st_pattern_kind_from_name(const char *name) { return name_index(name, PATTERN_NAMES, ST_PATTERN_KINDS); }
 int st_combine_from_name(const char *name) { return name_index(name, COMBINE_NAMES, 3); }
 const char *st_pattern_kind_name(StPatternKind kind) { return PATTERN_NAMES[kind]; }
 const char *st_combine_name(StCombine combine) { return COMBINE_NAMES[combine]; }
@@ -214,19 +230,16 @@ int st_pattern_allows(const StPattern *p, int layer, int head, int i, int j) {
     }
 }
 
-// The largest context the int positions and tile counts are safe for.
-#define MAX_CTX (1 << 24)
-
 const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_head) {
     static char msg[256];
-    if (n_ctx < 1 || n_ctx > MAX_CTX)
-        snprintf(msg, sizeof msg, "context %d is out of range: use 1 <= ctx <= %d", n_ctx, MAX_CTX);
+    if (n_ctx < 1 || n_ctx > ST_MAX_CTX)
+        snprintf(msg, sizeof msg, "context %d is out of range: use 1 <= ctx <= %d", n_ctx, ST_MAX_CTX);
     else if (n_head < 1)
         snprintf(msg, sizeof msg, "heads %d: need at least one head", n_head);
     else if (d_head != 32 && d_head != 64 && d_head != 128)
         snprintf(msg, sizeof msg, "head size %d is not supported: the kernels take 32, 64 or 128 "
                  "(choose dim = heads * head size)", d_head);
-    else if (p->kind < ST_DENSE || p->kind > ST_LOCAL)
+    else if (p->kind < ST_DENSE || p->kind >= ST_PATTERN_KINDS)
         snprintf(msg, sizeof msg, "unknown pattern %d: use dense, strided, fixed or local", (int)p->kind);
     else if (p->kind == ST_DENSE)
         return NULL;
@@ -377,14 +390,16 @@ static int head_steps(const StPattern *p, int layer, int head, int n, Step steps
 // Because every query's keys are one range, and the ranges move forward with the query, the key tiles
 // of a query tile are one range too, and so are the query tiles of a key tile. A tile pair is "full"
 // when every (query, key) in it is a real, allowed pair: the kernel then skips the mask. The full tiles
-// also form one range. So each tile is described by four numbers (an int4):
-//   x = first tile touched, y = first full tile, z = last full tile, w = last tile touched.
+// also form one range. So each tile is described by four numbers, a TileRange (the kernels read it).
 // Memory is O(n / TILE) per step: never an n x n mask.
 
 static int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 struct TileRange {
-    int first, first_full, last_full, last;
+    int first;      // the first tile touched
+    int first_full; // the first full tile (first_full > last_full: none is full)
+    int last_full;  // the last full tile
+    int last;       // the last tile touched (last < first: none)
 };
 
 // Query-tile view (forward, dQ): the range of key tiles of query tile qt. Counts the allowed pairs.
@@ -475,311 +490,110 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // ----------------------------------------------------------------------------
 // 5. Kernels
 
-// Every kernel below works on one tile of TILE rows at a time, with a block of WARPS warps:
-//   - a score tile S (TILE x TILE): thread t owns row t % TILE and TILE / WARPS contiguous columns from
-//     (t / TILE) TILE / WARPS: all the lanes of a warp own the same columns;
-//   - an output tile (TILE x D): the same way, thread t owns row t % TILE and D / WARPS contiguous
-//     columns from (t / TILE) D / WARPS. Loads follow the same split.
-// So in both, lane = row and warp = a part of the columns (TILE is a warp's 32 threads): a warp's
-// lanes read one address of a key tile or a value tile at a time (a broadcast) and 32 rows of the
-// other operand (32 banks, as rows are padded, below), and a CPU, running one thread after another,
-// sums a thread's contiguous columns in its vector unit.
+// Three kernels run the attention of one step (section 3) over its tile layout (section 4):
+//   attention_forward_kernel      a query tile per block, looping over its key tiles: out and lse
+//   attention_backward_kv_kernel  a key tile per block, looping over its query tiles: dK and dV
+//   attention_backward_q_kernel   a query tile per block, looping over its key tiles: dQ
+// A block owns its output tile: no two blocks write the same row, so there are no atomics, and every
+// sum is taken in the same order on every run. Its TILE_THREADS threads split every tile the same way:
+// thread t owns row t % TILE (a warp's 32 lanes are a tile's 32 rows) and the (t / TILE)-th of WARPS
+// equal parts of its columns. The tiles sit in shared memory (TileShape); the products of tiles are two
+// helpers, tile_scores (S = Q K^T, masked) and accumulate_product (O += P V), each with two bodies:
+// float32 loops, or the tensor cores with TF32 operands (the template parameter TF32). The helpers
+// follow the kernels.
 //
-// A GPU block has 4 warps, each a quarter of the columns: a thread keeps few values in its registers,
-// and four warps hide each other's waits on memory. The CPU build has 1 warp, each thread a whole row:
-// it runs a block's threads one after another, and each thread pays a fiber switch at each barrier
-// (cuda_on_cpu.h), so a quarter of the threads with four times the work each is twice as fast there.
-// Every entry is the same sum in the same order either way, so both give the same bits; `make test`
-// also runs the kernel tests with 4 warps on the CPU (a build with -DWARPS=4), so CI checks the GPU's
-// shape too.
+// A GPU block has 4 warps: a thread keeps few values in registers, and four warps hide each other's
+// waits on memory. The CPU build has 1 warp, a thread per row: it runs a block's threads one after
+// another with a fiber switch at each barrier (cuda_on_cpu.h), so fewer threads doing more is faster
+// there. Every entry is the same sum in the same order either way; `make test` also runs the kernel
+// tests on the CPU with the GPU's 4 warps (a build with -DWARPS=4).
 #ifndef WARPS
 #define WARPS (BUILT_FOR_GPU ? 4 : 1)
 #endif
 #define TILE_THREADS (TILE * WARPS) // a tile kernel's block
-// The tile products (S = Q K^T, O += P V and the backward's four) are done by two helpers,
-// tile_scores and accumulate_product, each with two bodies chosen by the kernels' template parameter
-// TF32: exact float32 loops on the CUDA cores, or the tensor cores (WMMA, TF32 operands, float32
-// sums). Everything else (masks, softmax, the merge) is the same code for both.
-//
-// Rows in shared memory are padded: by one float for the float32 loops, so that 32 threads reading
-// 32 different rows at one column hit 32 different memory banks; by four for the tensor cores, whose
-// loads need every row to start on a 16-byte boundary (and every tile on a 32-byte one).
-
-// The dynamic shared memory of a block (its size is given at launch); each kernel carves its tiles from it.
-extern __shared__ __align__(32) float smem[];
-
-// Blocks per multiprocessor that the register budget must allow (__launch_bounds__): 4 on the float32
-// path; 2 on the tensor cores, whose fragments need more registers and whose larger tiles leave room
-// in shared memory for 2 blocks of head size 128 anyway.
+// Blocks per multiprocessor that the register budget must allow (__launch_bounds__): 4 for float32, 2
+// on the tensor cores, whose fragments take more registers.
 #define MIN_BLOCKS(TF32) ((TF32) ? 2 : 4)
-
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
+// The block's dynamic shared memory (sized at launch); each kernel carves its tiles from it. Rows are
+// padded: by one float for the float32 loops, so that 32 threads reading 32 rows at one column hit 32
+// different banks; by four for the tensor cores, whose loads need rows on 16-byte boundaries.
+extern __shared__ __align__(32) float smem[];
 template <int D, bool TF32> struct TileShape {
     static const int PAD = TF32 ? 4 : 1;
-    static const int ROW = D + PAD;             // floats per row of a (TILE, D) tile in shared memory
-    static const int MATRIX = TILE * ROW;       // floats of a (TILE, D) tile
-    static const int SROW = TILE + PAD;         // floats per row of a (TILE, TILE) score tile
-    static const int SCORES = TILE * SROW;      // floats of a (TILE, TILE) tile
-    static const int TMATRIX = D * SROW;        // floats of a (D, TILE) tile: a (TILE, D) one transposed
-    static const int OWN = D / WARPS;           // the contiguous columns of a (TILE, D) tile's row a thread owns
+    static const int ROW = D + PAD;         // floats per row of a (TILE, D) tile
+    static const int MATRIX = TILE * ROW;   // floats of a (TILE, D) tile
+    static const int SROW = TILE + PAD;     // floats per row of a (TILE, TILE) score tile
+    static const int SCORES = TILE * SROW;  // floats of a (TILE, TILE) tile
+    static const int TMATRIX = D * SROW;    // floats of a (D, TILE) tile: a (TILE, D) one transposed
+    static const int OWN = D / WARPS;       // the columns of a (TILE, D) tile's row that a thread owns
     static_assert(TILE == 32 && D % WARPS == 0, "a tile's rows are a warp's lanes; the warps' parts cover its columns");
 };
-// The part of a (TILE, COLS) tile (scores: COLS = TILE; outputs: COLS = D) that this thread owns: row
-// own_row(), columns own_col<COLS>() + 0 .. COLS / WARPS - 1.
+// The part of a (TILE, COLS) tile this thread owns: row own_row(), columns own_col<COLS>() + 0 .. COLS / WARPS - 1.
 __device__ static inline int own_row(void) { return threadIdx.x % TILE; }
 template <int COLS> __device__ static inline int own_col(void) { return threadIdx.x / TILE * (COLS / WARPS); }
+template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN]; // a thread's part of a (TILE, D) tile
 
-// Loads rows first .. first + TILE - 1 of a step's query or key order into a (TILE, D) shared tile,
-// or, TRANSPOSED, into a (D, TILE) one, scaled by `scale`; padding slots and slots past the end load
-// as zeros. Each thread loads the part it owns, so it finds its row's position once.
+// The helpers, defined after the kernels:
+// Rows first .. first + TILE - 1 of a step's query order (or key order) into a (TILE, D) tile, or into a
+// (D, TILE) one if TRANSPOSED, times `scale`; padding slots load as zeros.
 template <int D, bool TF32, bool TRANSPOSED = false>
-__device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys,
-                                 float scale) {
-    typedef TileShape<D, TF32> S;
-    const int row = own_row(), c0 = own_col<D>();
-    const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
-    for (int c = c0; c < c0 + S::OWN; c++)
-        tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
-}
-
-// Loads one float per row of the query tile (lse or D), `missing` for padding slots.
-__device__ static void load_row_values(float *dst, const float *x, const Step &st, int first,
-                                       float scale, float missing) {
-    for (int row = threadIdx.x; row < TILE; row += TILE_THREADS) {
-        const int pos = step_query_position(st, first + row);
-        dst[row] = pos >= 0 ? x[pos] * scale : missing;
-    }
-}
-
-using namespace nvcuda; // wmma: <mma.h> on the GPU, cuda_on_cpu.h on the CPU
-// Tensor-core operands: a 16 x 8 slice of A, an 8 x 16 slice of B, a 16 x 16 float accumulator.
-template <typename Layout> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, Layout>;
-template <typename Layout> using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, Layout>;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
-
-// Loads an operand and rounds it to TF32 (to nearest, 10 mantissa bits): the tensor core would
-// otherwise just drop the low 13 bits.
-template <typename Frag> __device__ static inline void load_tf32(Frag &frag, const float *tile, int ldm) {
-    wmma::load_matrix_sync(frag, tile, ldm);
-    for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
-}
-
-// The float32 body of a score tile's row, for N products at once: out[n][m] = a[n] . (column m of
-// b[n]'s tile) for the groups * GROUP columns from b[n], each summed in x order, one term at a time:
-// independent sums whose operands b[n][x][m] lie side by side, which a CPU does several at once in its
-// vector unit (and a GPU warp reads at one address). `groups` is 1 .. GROUPS; it is made a compile-time
-// width, so that the loop over m unrolls into whole vector operations.
-#define GROUP 8 // columns: two of a CPU's 4-float vectors; with the GPU's 4 warps, all of a thread's columns
-template <int D, int SROW, int GROUPS, int N>
-__device__ static inline void row_dots(float *const *out, const float *const *a, const float *const *b, int groups) {
-    if constexpr (GROUPS > 1)
-        if (groups < GROUPS) return row_dots<D, SROW, GROUPS - 1, N>(out, a, b, groups);
-    float dot[N][GROUPS * GROUP] = {};
-    for (int x = 0; x < D; x++) {
-        #pragma unroll
-        for (int n = 0; n < N; n++) {
-            #pragma unroll
-            for (int m = 0; m < GROUPS * GROUP; m++) dot[n][m] += a[n][x] * b[n][x * SROW + m];
-        }
-    }
-    #pragma unroll
-    for (int n = 0; n < N; n++) {
-        #pragma unroll
-        for (int m = 0; m < GROUPS * GROUP; m++) out[n][m] = dot[n][m];
-    }
-}
-
-// One product for tile_scores: S = A B^T for a (TILE, D) shared tile A and a (TILE, D) tile B given
-// transposed, Bt (D, TILE); the pairs the step does not allow get `masked` (-inf for scores, 0 for dP).
-struct ScoreTile {
-    float *S_s;
-    const float *A_s, *Bt_s;
-    float masked;
-};
-
-// The (TILE, TILE) tiles of dot products of A's rows with B's, for the pairs the step allows, for N
-// products of the same tile pair (the backward's scores and dP). In a full tile pair every pair is
-// allowed. In another, the keys of this thread's row are one range of columns [first, last] (section
-// 3): the float32 body computes only the groups of GROUP columns that meet it (at a short stride most
-// of a tile is masked). A row of one or two groups is still a chain of D dependent additions per sum,
-// which the CPU waits on, so on a CPU a partial row costs nearly a full one (README, Benchmark); doing
-// the N products' sums together gives it more independent ones (up to the sums of a whole row, the
-// registers one product of a full row needs). On a GPU a warp's lanes are 32 rows, so a warp saves work
-// only where none of its rows has a key in its columns. The tensor cores compute the whole tiles (each
-// warp one or more of the 16 x 16 quarters, then a barrier): their work is the same either way. Each
-// thread writes the entries it owns in the score tile's ownership, which later passes can rely on.
-template <int D, bool TF32, int N>
-__device__ static void tile_scores(const ScoreTile (&tiles)[N], const Step &st, int p0, int s0, bool full) {
-    typedef TileShape<D, TF32> S;
-    const int r = own_row(), OWN = TILE / WARPS;
-    static_assert(OWN % GROUP == 0, "a thread's columns are whole groups: WARPS is 1, 2 or 4");
-    if constexpr (TF32) {
-        for (int n = 0; n < N; n++)
-            for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
-                const int r0 = quarter % 2 * 16, c0 = quarter / 2 * 16;
-                FragA<wmma::row_major> a;
-                FragB<wmma::row_major> b;
-                FragC acc;
-                wmma::fill_fragment(acc, 0.0f);
-                for (int k = 0; k < D; k += 8) {
-                    load_tf32(a, tiles[n].A_s + r0 * S::ROW + k, S::ROW);
-                    load_tf32(b, tiles[n].Bt_s + k * S::SROW + c0, S::SROW);
-                    wmma::mma_sync(acc, a, b, acc);
-                }
-                wmma::store_matrix_sync(tiles[n].S_s + r0 * S::SROW + c0, acc, S::SROW, wmma::mem_row_major);
-            }
-        __syncthreads();
-    }
-    const int c0 = own_col<TILE>();
-    int first = c0, last = c0 + OWN - 1; // this thread's columns that hold allowed pairs
-    if (!full) {
-        int lo, hi; // the keys of this thread's row r (section 3), as columns of this tile
-        step_slot_range(st, p0 + r, &lo, &hi);
-        first = lo - s0 > first ? lo - s0 : first;
-        last = hi - s0 < last ? hi - s0 : last;
-    }
-    if (!TF32 && first <= last) {
-        const int g0 = (first - c0) / GROUP, groups = (last - c0) / GROUP - g0 + 1;
-        float *out[N];
-        const float *a[N], *b[N];
-        for (int n = 0; n < N; n++) {
-            out[n] = tiles[n].S_s + r * S::SROW + c0 + g0 * GROUP;
-            a[n] = tiles[n].A_s + r * S::ROW;
-            b[n] = tiles[n].Bt_s + c0 + g0 * GROUP;
-        }
-        // The groups each product may have for all N to run at once, in the sums of one whole row (with
-        // the GPU's 4 warps a row's sums are one group: there the products always run one at a time)
-        constexpr int TOGETHER = OWN / GROUP / N > 0 ? OWN / GROUP / N : 1;
-        if (groups * N <= OWN / GROUP)
-            row_dots<D, S::SROW, TOGETHER, N>(out, a, b, groups);
-        else
-            for (int n = 0; n < N; n++) row_dots<D, S::SROW, OWN / GROUP, 1>(out + n, a + n, b + n, groups);
-    }
-    for (int n = 0; n < N; n++) {
-        #pragma unroll
-        for (int c = c0; c < c0 + OWN; c++)
-            if (c < first || c > last) tiles[n].S_s[r * S::SROW + c] = tiles[n].masked;
-    }
-}
-
-// acc += A B for the part of a (TILE, D) output tile this thread owns, where A is a (TILE, TILE) score
-// tile (read transposed if TRANSPOSED: dV += P^T dO) and B a (TILE, D) tile in shared memory.
-// The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
-// after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
-template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN];
-template <int D, bool TF32, bool TRANSPOSED>
-__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
-                                                          float *scratch_s) {
-    typedef TileShape<D, TF32> S;
-    const int row = own_row(), c0 = own_col<D>();
-    if constexpr (TF32) {
-        typedef typename std::conditional<TRANSPOSED, wmma::col_major, wmma::row_major>::type LayoutA;
-        const int warp = threadIdx.x / 32;
-        for (int piece = warp; piece < 2 * D / 16; piece += WARPS) {
-            const int r0 = piece % 2 * 16, c0 = piece / 2 * 16;
-            FragA<LayoutA> a;
-            FragB<wmma::row_major> b;
-            FragC product;
-            wmma::fill_fragment(product, 0.0f);
-            for (int k = 0; k < TILE; k += 8) {
-                load_tf32(a, TRANSPOSED ? A_s + k * S::SROW + r0 : A_s + r0 * S::SROW + k, S::SROW);
-                load_tf32(b, B_s + k * S::ROW + c0, S::ROW);
-                wmma::mma_sync(product, a, b, product);
-            }
-            wmma::store_matrix_sync(scratch_s + r0 * S::ROW + c0, product, S::ROW, wmma::mem_row_major);
-        }
-        __syncthreads();
-    }
-    // The sums of this thread's row and columns c0 + u: each one a dot product summed in c order, all of
-    // them advancing together, one c at a time: independent sums over contiguous columns, which a CPU
-    // does several at once in its vector unit (a GPU unrolls them anyway).
-    float sum[S::OWN] = {};
-    if constexpr (TF32) {
-        #pragma unroll
-        for (int u = 0; u < S::OWN; u++) sum[u] = scratch_s[row * S::ROW + c0 + u];
-    } else {
-        #pragma unroll 4
-        for (int c = 0; c < TILE; c++) {
-            const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
-            // A 0 weight (a masked pair's probability or dS) adds +-0 (B is finite), which leaves a sum
-            // that starts at +0 as it is: skipped, it changes no bit, and a CPU saves most of a partial
-            // tile's work.
-            if (a == 0.0f) continue;
-            #pragma unroll
-            for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
-        }
-    }
-    #pragma unroll
-    for (int u = 0; u < S::OWN; u++) acc[u] += sum[u];
-    if constexpr (TF32) __syncthreads();
-}
-
-// The backward's elementwise pass on one tile pair, shared by the dK/dV and the dQ kernels:
-//   P_ij  = exp(s_ij - lse_i)                  the forward's probabilities, recomputed
-//   dP_ij = dO_i . v_j                         from out_i = sum_j P_ij v_j
-//   dS_ij = P_ij (dP_ij - D_i), D_i = dO_i . O_i   through the softmax
-// Q_s holds q / sqrt(D) * log2(e) and lse2_s holds lse * log2(e), so P = exp2(Q_s . k - lse2); Kt_s and
-// Vt_s hold the key tile's k and v transposed, (D, TILE), as tile_scores takes them.
+__device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys, float scale);
+// One float per row of a query tile (lse or delta), times `scale`; `missing` for padding slots.
+__device__ static void load_row_values(float *dst, const float *x, const Step &st, int first, float scale,
+                                       float missing);
+// S = A B^T on the tile pair (query slots from p0, key slots from s0), A a (TILE, D) tile and B given
+// transposed, Bt (D, TILE); the pairs the step does not allow get `masked`.
 template <int D, bool TF32>
-__device__ static void probability_gradients(float *P_s, float *dS_s, const float *Q_s, const float *dO_s,
-                                             const float *Kt_s, const float *Vt_s, const float *lse2_s,
-                                             const float *D_s, const Step &st, int p0, int s0, bool full) {
-    typedef TileShape<D, TF32> S;
-    // s (base 2), -inf where not allowed, and dP, 0 where not allowed
-    tile_scores<D, TF32>({{P_s, Q_s, Kt_s, -INFINITY}, {dS_s, dO_s, Vt_s, 0.0f}}, st, p0, s0, full);
-    const int r = own_row(), c0 = own_col<TILE>();
-    for (int c = c0; c < c0 + TILE / WARPS; c++) { // the entries this thread's scores wrote
-        // Exercise 5 starts here: the softmax's backward.
-        const float s = P_s[r * S::SROW + c];
-        const float p = s == -INFINITY ? 0.0f : exp2f(s - lse2_s[r]); // a row with no key has lse -inf
-        P_s[r * S::SROW + c] = p;
-        dS_s[r * S::SROW + c] = p * (dS_s[r * S::SROW + c] - D_s[r]);
-        // Exercise 5 ends here.
-    }
-}
+__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
+                                   int p0, int s0, bool full);
+// acc += A B (A^T B if TRANSPOSED) for this thread's part of a (TILE, D) tile; A is a (TILE, TILE) score
+// tile, B a (TILE, D) tile.
+template <int D, bool TF32, bool TRANSPOSED>
+__device__ static void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
+                                          float *scratch_s);
 
 // Forward: out_i = sum_j softmax_j(s_ij) v_j over the keys of this step, s_ij = q_i . k_j / sqrt(D),
-// with FlashAttention's online softmax: a running max m_i and sum l_i per row, so the scores of a row
-// are never all in memory. The second step of a merged head (accumulate = 1) merges its result into
-// the first's by the log-sum-exp rule:
+// with FlashAttention's online softmax: a running max m and a running sum per row, so the scores of a
+// row are never all in memory. The second step of a merged head (accumulate = 1) merges its result
+// into the first's by the log-sum-exp rule:
 //   lse = log(e^lse1 + e^lse2),  out = e^(lse1 - lse) out1 + e^(lse2 - lse) out2.
 // Grid: (query tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, Step st,
-                         const int4 *tiles, const int *heads, int H, int accumulate) {
+                         const TileRange *tiles, const int *heads, int H, int accumulate) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                    // (TILE, D) queries * log2(e) / sqrt(D)
     float *Kt_s = Q_s + S::MATRIX;        // (D, TILE) keys, transposed
     float *V_s = Kt_s + S::TMATRIX;       // (TILE, D)
     float *P_s = V_s + S::MATRIX;         // (TILE, TILE) scores, then probabilities
     float *alpha_s = P_s + S::SCORES;     // (TILE) how much each row's running output shrinks
-    float *lse_s = alpha_s + TILE;        // (TILE) this step's log-sum-exp per row
-    float *w_old_s = lse_s + TILE;        // (TILE) merge weights (accumulate)
+    float *w_old_s = alpha_s + TILE;      // (TILE) merge weights (accumulate)
     float *w_new_s = w_old_s + TILE;      // (TILE)
     float *scratch_s = w_new_s + TILE;    // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; out += bh * st.n * D; lse += bh * st.n;
-    const int4 range = tiles[qt];
+    const TileRange keys = tiles[qt];     // the key tiles of this query tile
     const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>(); // this thread's part of the output
 
     load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
     float o[S::OWN] = {};                   // this thread's part of the unnormalised output
-    float m = -INFINITY, l = 0.0f;          // running max and sum of row threadIdx.x (threads < TILE)
+    float m = -INFINITY, row_sum = 0.0f;    // running max and sum of row threadIdx.x (threads < TILE)
 
-    for (int kt = range.x; kt <= range.w; kt++) {
-        const bool full = range.y <= kt && kt <= range.z;
+    for (int kt = keys.first; kt <= keys.last; kt++) {
+        const bool full = keys.first_full <= kt && kt <= keys.last_full;
         __syncthreads(); // the previous tile is no longer read
         load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
         load_tile<D, TF32>(V_s, v, st, kt * TILE, true, 1.0f);
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
-        tile_scores<D, TF32>({{P_s, Q_s, Kt_s, -INFINITY}}, st, p0, kt * TILE, full);
+        tile_scores<D, TF32>(P_s, Q_s, Kt_s, -INFINITY, st, p0, kt * TILE, full);
         __syncthreads();
 
         // Pass 2: online softmax, one thread per row: new max, rescale factor, probabilities, sum
@@ -789,13 +603,13 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
             float m_new = m;
             for (int c = 0; c < TILE; c++) m_new = fmaxf(m_new, row[c]);
             const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m - m_new);
-            float sum = 0.0f;
+            float tile_sum = 0.0f;
             // A pair not allowed (-inf) gets 0, and so does every pair of a row with no key yet.
             for (int c = 0; c < TILE; c++) {
                 row[c] = row[c] == -INFINITY ? 0.0f : exp2f(row[c] - m_new);
-                sum += row[c];
+                tile_sum += row[c];
             }
-            l = l * alpha + sum;
+            row_sum = row_sum * alpha + tile_sum;
             m = m_new;
             alpha_s[threadIdx.x] = alpha;
             // Exercise 3 ends here.
@@ -812,13 +626,13 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     if (threadIdx.x < TILE) {
         const int row = threadIdx.x, i = step_query_position(st, p0 + row);
         // Exercise 4 starts here: the log-sum-exp merge of a merged head's two steps.
-        const float lse_new = l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
+        const float lse_new = row_sum > 0.0f ? (m + log2f(row_sum)) * LN2 : -INFINITY;
         float lse_old = -INFINITY;
         if (accumulate && i >= 0) lse_old = lse[i];
         const float top = fmaxf(lse_old, lse_new);
         const float merged = top == -INFINITY ? -INFINITY : top + logf(expf(lse_old - top) + expf(lse_new - top));
         w_old_s[row] = merged == -INFINITY ? 0.0f : expf(lse_old - merged);
-        w_new_s[row] = merged == -INFINITY || l == 0.0f ? 0.0f : expf(lse_new - merged) / l;
+        w_new_s[row] = merged == -INFINITY || row_sum == 0.0f ? 0.0f : expf(lse_new - merged) / row_sum;
         if (i >= 0) lse[i] = merged;
         // Exercise 4 ends here.
     }
@@ -833,7 +647,23 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     }
 }
 
-// Backward, preparation: D_i = dO_i . O_i for every row (B, H, T). One thread per row, no barrier.
+// The backward recomputes the probabilities from the forward's lse instead of storing them (FlashAttention 2):
+//   P_ij     = exp(s_ij - lse_i)                   the forward's probabilities
+//   dP_ij    = dO_i . v_j                          from out_i = sum_j P_ij v_j
+//   delta_i  = sum_j P_ij dP_ij = dO_i . O_i       the same sum, from the output: one dot product per row
+//   dS_ij    = P_ij (dP_ij - delta_i)              through the softmax
+//   dV_j = sum_i P_ij dO_i,  dK_j = sum_i dS_ij q_i / sqrt(D),  dQ_i = sum_j dS_ij k_j / sqrt(D)
+// Each step's kernels add their keys' terms into dq, dk, dv.
+//
+// Why a merged head's backward is right though it runs its two steps one at a time: the forward left one
+// lse and one out per row, the merged ones. Each step recomputes P_ij = exp(s_ij - lse_i) with that
+// merged lse, which is the probability of the pair in the joint softmax over both steps' keys, not in the
+// step's own softmax; and delta_i = dO_i . O_i with the merged output is the sum of P_ij dP_ij over the
+// keys of BOTH steps, which is what the joint softmax's dS needs. So every pair gets the joint softmax's
+// P and dS, whichever step computes it; the steps' key sets are disjoint (section 3, exclusive), so adding
+// the two steps' contributions counts each pair once.
+
+// Backward, preparation: delta_i = dO_i . O_i for every row (B, H, T). One thread per row, no barrier.
 template <int D> __global__ void attention_delta_kernel(float *delta, const float *dout, const float *out, size_t rows) {
     const size_t row = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= rows) return;
@@ -842,15 +672,36 @@ template <int D> __global__ void attention_delta_kernel(float *delta, const floa
     delta[row] = sum;
 }
 
-// Loads the query side of a tile pair for the backward: Q (scaled as in the forward), dO, lse and D.
+// The backward's elementwise pass on one tile pair, shared by the dK/dV and the dQ kernels: P and dS.
+// Q_s holds q / sqrt(D) * log2(e) and lse2_s holds lse * log2(e), so P = exp2(Q_s . k - lse2); Kt_s and
+// Vt_s hold the key tile's k and v transposed, (D, TILE), as tile_scores takes them.
 template <int D, bool TF32>
-__device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, float *D_s, const float *q,
+__device__ static void probability_gradients(float *P_s, float *dS_s, const float *Q_s, const float *dO_s,
+                                             const float *Kt_s, const float *Vt_s, const float *lse2_s,
+                                             const float *delta_s, const Step &st, int p0, int s0, bool full) {
+    typedef TileShape<D, TF32> S;
+    tile_scores<D, TF32>(P_s, Q_s, Kt_s, -INFINITY, st, p0, s0, full); // s (base 2), -inf where not allowed
+    tile_scores<D, TF32>(dS_s, dO_s, Vt_s, 0.0f, st, p0, s0, full);    // dP, 0 where not allowed
+    const int r = own_row(), c0 = own_col<TILE>();
+    for (int c = c0; c < c0 + TILE / WARPS; c++) { // the entries this thread's scores wrote
+        // Exercise 5 starts here: the softmax's backward.
+        const float s = P_s[r * S::SROW + c];
+        const float p = s == -INFINITY ? 0.0f : exp2f(s - lse2_s[r]); // a row with no key has lse -inf
+        P_s[r * S::SROW + c] = p;
+        dS_s[r * S::SROW + c] = p * (dS_s[r * S::SROW + c] - delta_s[r]);
+        // Exercise 5 ends here.
+    }
+}
+
+// Loads the query side of a tile pair for the backward: Q (scaled as in the forward), dO, lse and delta.
+template <int D, bool TF32>
+__device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, float *delta_s, const float *q,
                                        const float *dout, const float *lse, const float *delta,
                                        const Step &st, int p0) {
     load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
     load_tile<D, TF32>(dO_s, dout, st, p0, false, 1.0f);
     load_row_values(lse2_s, lse, st, p0, LOG2E, INFINITY);
-    load_row_values(D_s, delta, st, p0, 1.0f, 0.0f);
+    load_row_values(delta_s, delta, st, p0, 1.0f, 0.0f);
 }
 
 // Backward for keys and values, one key tile per block, looping over the query tiles that meet it:
@@ -862,7 +713,7 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
-                             const float *q, const float *k, const float *v, Step st, const int4 *tiles,
+                             const float *q, const float *k, const float *v, Step st, const TileRange *tiles,
                              const int *heads, int H) {
     typedef TileShape<D, TF32> S;
     float *Kt_s = smem;                 // (D, TILE) keys, transposed
@@ -872,26 +723,26 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     float *P_s = dO_s + S::MATRIX;      // (TILE, TILE)
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE) lse * log2(e)
-    float *D_s = lse2_s + TILE;         // (TILE)
-    float *scratch_s = D_s + TILE;      // (TILE, D) the tensor cores' product (TF32 only)
+    float *delta_s = lse2_s + TILE;     // (TILE)
+    float *scratch_s = delta_s + TILE;  // (TILE, D) the tensor cores' product (TF32 only)
 
     const int kt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dk += bh * st.n * D; dv += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
-    const int4 range = tiles[kt];
+    const TileRange queries = tiles[kt]; // the query tiles that meet this key tile
     const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D>();
 
     load_tile<D, TF32, true>(Kt_s, k, st, s0, true, 1.0f);
     load_tile<D, TF32, true>(Vt_s, v, st, s0, true, 1.0f);
     float dk_acc[S::OWN] = {}, dv_acc[S::OWN] = {};
 
-    for (int qt = range.x; qt <= range.w; qt++) {
-        const bool full = range.y <= qt && qt <= range.z;
+    for (int qt = queries.first; qt <= queries.last; qt++) {
+        const bool full = queries.first_full <= qt && qt <= queries.last_full;
         __syncthreads();
-        load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, qt * TILE);
+        load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, qt * TILE);
         __syncthreads();
-        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, D_s, st, qt * TILE, s0, full);
+        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, qt * TILE, s0, full);
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the part of the key tile this thread owns
         accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s, scratch_s);
@@ -914,7 +765,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
-                            const float *q, const float *k, const float *v, Step st, const int4 *tiles,
+                            const float *q, const float *k, const float *v, Step st, const TileRange *tiles,
                             const int *heads, int H) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
@@ -925,27 +776,27 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     float *P_s = Vt_s + S::TMATRIX;     // (TILE, TILE)
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE)
-    float *D_s = lse2_s + TILE;         // (TILE)
-    float *scratch_s = D_s + TILE;      // (TILE, D) the tensor cores' product (TF32 only)
+    float *delta_s = lse2_s + TILE;     // (TILE)
+    float *scratch_s = delta_s + TILE;  // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t bh = (size_t)b * H + h;
     q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
     dq += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
-    const int4 range = tiles[qt];
+    const TileRange keys = tiles[qt];   // the key tiles of this query tile
     const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>();
 
-    load_query_side<D, TF32>(Q_s, dO_s, lse2_s, D_s, q, dout, lse, delta, st, p0);
+    load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, p0);
     float dq_acc[S::OWN] = {};
 
-    for (int kt = range.x; kt <= range.w; kt++) {
-        const bool full = range.y <= kt && kt <= range.z;
+    for (int kt = keys.first; kt <= keys.last; kt++) {
+        const bool full = keys.first_full <= kt && kt <= keys.last_full;
         __syncthreads();
         load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
         load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
         load_tile<D, TF32, true>(Vt_s, v, st, kt * TILE, true, 1.0f);
         __syncthreads();
-        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, D_s, st, p0, kt * TILE, full);
+        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, p0, kt * TILE, full);
         __syncthreads();
         // dQ += dS K, for the part of the query tile this thread owns
         accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s, scratch_s);
@@ -958,6 +809,138 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
 }
 
 // ----------------------------------------------------------------------------
+// 5b. The kernels' helpers: tile loads and tile products (float32 loops or TF32 tensor cores)
+
+// Each thread loads the part of the tile it owns, so it finds its row's position once.
+template <int D, bool TF32, bool TRANSPOSED>
+__device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys, float scale) {
+    typedef TileShape<D, TF32> S;
+    const int row = own_row(), c0 = own_col<D>();
+    const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
+    for (int c = c0; c < c0 + S::OWN; c++)
+        tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
+}
+
+__device__ static void load_row_values(float *dst, const float *x, const Step &st, int first, float scale,
+                                       float missing) {
+    for (int row = threadIdx.x; row < TILE; row += TILE_THREADS) {
+        const int pos = step_query_position(st, first + row);
+        dst[row] = pos >= 0 ? x[pos] * scale : missing;
+    }
+}
+
+using namespace nvcuda; // wmma: <mma.h> on the GPU, cuda_on_cpu.h on the CPU
+// Tensor-core operands: a 16 x 8 slice of A, an 8 x 16 slice of B, a 16 x 16 float accumulator.
+template <typename Layout> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, Layout>;
+template <typename Layout> using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, Layout>;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
+
+// Loads an operand and rounds it to TF32 (to nearest, 10 mantissa bits): the tensor core would
+// otherwise just drop the low 13 bits.
+template <typename Frag> __device__ static inline void load_tf32(Frag &frag, const float *tile, int ldm) {
+    wmma::load_matrix_sync(frag, tile, ldm);
+    for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+}
+
+// In a full tile pair every pair is allowed. In another, the keys of this thread's row are one range of
+// columns [first, last] (section 3); the others get `masked`. The float32 body computes the thread's
+// whole row part, one sum per column, each in x order, all advancing together: independent sums over
+// contiguous columns, which a CPU does several at once in its vector unit and a GPU warp reads at one
+// address per column. The tensor cores compute the whole tile (each warp one or more of its 16 x 16
+// quarters, then a barrier). Each thread then masks the entries it owns, which later passes rely on.
+template <int D, bool TF32>
+__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
+                                   int p0, int s0, bool full) {
+    typedef TileShape<D, TF32> S;
+    const int r = own_row(), c0 = own_col<TILE>(), OWN = TILE / WARPS;
+    if constexpr (TF32) {
+        for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
+            const int row0 = quarter % 2 * 16, col0 = quarter / 2 * 16;
+            FragA<wmma::row_major> a;
+            FragB<wmma::row_major> b;
+            FragC acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int k = 0; k < D; k += 8) {
+                load_tf32(a, A_s + row0 * S::ROW + k, S::ROW);
+                load_tf32(b, Bt_s + k * S::SROW + col0, S::SROW);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(S_s + row0 * S::SROW + col0, acc, S::SROW, wmma::mem_row_major);
+        }
+        __syncthreads();
+    }
+    int first = c0, last = c0 + OWN - 1; // this thread's columns that hold allowed pairs
+    if (!full) {
+        int lo, hi; // the keys of this thread's row r (section 3), as columns of this tile
+        step_slot_range(st, p0 + r, &lo, &hi);
+        first = lo - s0 > first ? lo - s0 : first;
+        last = hi - s0 < last ? hi - s0 : last;
+    }
+    float *row = S_s + r * S::SROW;
+    if (!TF32 && first <= last) {
+        const float *a = A_s + r * S::ROW;
+        float dot[OWN] = {};
+        for (int x = 0; x < D; x++) {
+            #pragma unroll
+            for (int u = 0; u < OWN; u++) dot[u] += a[x] * Bt_s[x * S::SROW + c0 + u];
+        }
+        #pragma unroll
+        for (int u = 0; u < OWN; u++) row[c0 + u] = dot[u];
+    }
+    #pragma unroll
+    for (int c = c0; c < c0 + OWN; c++)
+        if (c < first || c > last) row[c] = masked;
+}
+
+// The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
+// after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
+template <int D, bool TF32, bool TRANSPOSED>
+__device__ static void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
+                                          float *scratch_s) {
+    typedef TileShape<D, TF32> S;
+    const int row = own_row(), c0 = own_col<D>();
+    if constexpr (TF32) {
+        typedef typename std::conditional<TRANSPOSED, wmma::col_major, wmma::row_major>::type LayoutA;
+        const int warp = threadIdx.x / 32;
+        for (int piece = warp; piece < 2 * D / 16; piece += WARPS) {
+            const int row0 = piece % 2 * 16, col0 = piece / 2 * 16;
+            FragA<LayoutA> a;
+            FragB<wmma::row_major> b;
+            FragC product;
+            wmma::fill_fragment(product, 0.0f);
+            for (int k = 0; k < TILE; k += 8) {
+                load_tf32(a, TRANSPOSED ? A_s + k * S::SROW + row0 : A_s + row0 * S::SROW + k, S::SROW);
+                load_tf32(b, B_s + k * S::ROW + col0, S::ROW);
+                wmma::mma_sync(product, a, b, product);
+            }
+            wmma::store_matrix_sync(scratch_s + row0 * S::ROW + col0, product, S::ROW, wmma::mem_row_major);
+        }
+        __syncthreads();
+    }
+    // The sums of this thread's row and columns c0 + u: each one a dot product summed in c order, all of
+    // them advancing together, one c at a time, as in tile_scores.
+    float sum[S::OWN] = {};
+    if constexpr (TF32) {
+        #pragma unroll
+        for (int u = 0; u < S::OWN; u++) sum[u] = scratch_s[row * S::ROW + c0 + u];
+    } else {
+        #pragma unroll 4
+        for (int c = 0; c < TILE; c++) {
+            const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
+            // A 0 weight (a masked pair's probability or dS) adds +-0 (B is finite), which leaves a sum
+            // that starts at +0 as it is: skipped, it changes no bit, and a CPU saves most of a partial
+            // tile's work.
+            if (a == 0.0f) continue;
+            #pragma unroll
+            for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
+        }
+    }
+    #pragma unroll
+    for (int u = 0; u < S::OWN; u++) acc[u] += sum[u];
+    if constexpr (TF32) __syncthreads();
+}
+
+// ----------------------------------------------------------------------------
 // 6. API: build the layout once, then run the kernels step by step
 
 // One step of the layer, with the heads that use it and its tile layout on the device.
@@ -966,8 +949,8 @@ struct StepPlan {
     int slot;          // 0: first step of its heads; 1: the second step of merged heads (accumulates)
     int n_heads;
     int *heads;        // (n_heads) on the device
-    int4 *q_tiles;     // (query tiles) TileRange of key tiles, on the device
-    int4 *k_tiles;     // (key tiles) TileRange of query tiles, on the device
+    TileRange *q_tiles; // (query tiles) the key tiles of each query tile, on the device
+    TileRange *k_tiles; // (key tiles) the query tiles of each key tile, on the device
     int n_qtiles, n_ktiles;
 };
 
@@ -984,8 +967,6 @@ struct StAttention {
 
 static bool same_step(const Step &a, const Step &b) { return memcmp(&a, &b, sizeof(Step)) == 0; }
 
-static int4 to_int4(TileRange r) { return int4{r.first, r.first_full, r.last_full, r.last}; }
-
 static void *upload(const void *src, size_t bytes, size_t *counter) {
     void *dst = st_malloc(bytes);
     st_to_device(dst, src, bytes);
@@ -998,7 +979,6 @@ static StepPlan make_plan(StAttention *a, const Step &st, int slot, const int *h
     StepPlan plan = {st, slot, n_heads, NULL, NULL, NULL, ceil_div(st.nq, TILE), ceil_div(st.nk, TILE)};
     TileRange *q_tiles = (TileRange *)st_host_alloc(plan.n_qtiles * sizeof(TileRange));
     TileRange *k_tiles = (TileRange *)st_host_alloc(plan.n_ktiles * sizeof(TileRange));
-    int4 *packed = (int4 *)st_host_alloc((plan.n_qtiles > plan.n_ktiles ? plan.n_qtiles : plan.n_ktiles) * sizeof(int4));
     double allowed = 0.0, computed = 0.0;
     for (int qt = 0; qt < plan.n_qtiles; qt++) {
         q_tiles[qt] = query_tile_range(st, qt, &allowed);
@@ -1007,14 +987,11 @@ static StepPlan make_plan(StAttention *a, const Step &st, int slot, const int *h
     key_tile_ranges(q_tiles, plan.n_qtiles, k_tiles, plan.n_ktiles);
     a->pairs_allowed += allowed * n_heads;
     a->pairs_computed += computed * n_heads;
-    for (int t = 0; t < plan.n_qtiles; t++) packed[t] = to_int4(q_tiles[t]);
-    plan.q_tiles = (int4 *)upload(packed, plan.n_qtiles * sizeof(int4), &a->layout_bytes);
-    for (int t = 0; t < plan.n_ktiles; t++) packed[t] = to_int4(k_tiles[t]);
-    plan.k_tiles = (int4 *)upload(packed, plan.n_ktiles * sizeof(int4), &a->layout_bytes);
+    plan.q_tiles = (TileRange *)upload(q_tiles, plan.n_qtiles * sizeof(TileRange), &a->layout_bytes);
+    plan.k_tiles = (TileRange *)upload(k_tiles, plan.n_ktiles * sizeof(TileRange), &a->layout_bytes);
     plan.heads = (int *)upload(heads, n_heads * sizeof(int), &a->layout_bytes);
     free(q_tiles);
     free(k_tiles);
-    free(packed);
     return plan;
 }
 
@@ -1085,7 +1062,7 @@ StAttentionStats st_attention_stats(const StAttention *a) {
 // the tensor cores one more (TILE, D) tile for the products.
 template <int D, bool TF32> static size_t forward_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
-    return ((2 + TF32) * (size_t)S::MATRIX + S::TMATRIX + S::SCORES + 4 * TILE) * sizeof(float);
+    return ((2 + TF32) * (size_t)S::MATRIX + S::TMATRIX + S::SCORES + 3 * TILE) * sizeof(float);
 }
 template <int D, bool TF32> static size_t backward_kv_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
@@ -1428,71 +1405,6 @@ __global__ void adamw_kernel(float *p, float *m, float *v, const float *g, size_
     p[e] -= lr * (step + weight_decay * p[e]);
 }
 
-// Decoding one new byte at position i, with the keys and values of the earlier bytes cached (B = 1).
-// Appends the byte's k and v (parts of qkv (3C)) to the caches (H, T, D).
-__global__ void cache_append_kernel(float *kcache, float *vcache, const float *qkv, int i, int H, int T, int D) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x, C = H * D;
-    if (e >= C) return;
-    const int h = e / D, d = e % D;
-    kcache[((size_t)h * T + i) * D + d] = qkv[C + e];
-    vcache[((size_t)h * T + i) * D + d] = qkv[2 * C + e];
-}
-
-// The new byte's attention, one block per head:  out_h = sum_j softmax_j(q_h . k_hj / sqrt(D)) v_hj
-// over the keys its steps allow. Each step's keys are one range of slots (section 3), so the work is
-// the number of allowed keys, not the position. steps: (H, 2) with n_steps (H) of them used.
-// Passes: 1. scores of the allowed keys into `scores` (H, T), in slot order; 2. their max and the
-// sum of exponentials; 3. the output, one thread per channel.
-template <int D>
-__global__ void __launch_bounds__(THREADS)
-attention_decode_kernel(float *out, const float *qkv, const float *kcache, const float *vcache, float *scores,
-                        const Step *steps, const int *n_steps, int i, int T) {
-    const int h = blockIdx.x;
-    kcache += (size_t)h * T * D, vcache += (size_t)h * T * D, scores += (size_t)h * T;
-    const Step *mine = steps + 2 * h;
-    // 1.
-    int count = 0;
-    // Exercise 8 starts here: the keys a new byte sees.
-    const float *q = qkv + h * D;
-    for (int s = 0; s < n_steps[h]; s++) {
-        const int p = step_query_slot(mine[s], i);
-        int lo, hi;
-        step_key_range(mine[s], p, i, &lo, &hi);
-        for (int k = lo + threadIdx.x; k <= hi; k += THREADS) {
-            const int j = step_key_position(mine[s], k);
-            float dot = 0.0f;
-            for (int x = 0; x < D && j >= 0; x++) dot += q[x] * kcache[(size_t)j * D + x];
-            scores[count + k - lo] = j >= 0 ? dot / sqrtf((float)D) : -INFINITY;
-        }
-        count += hi >= lo ? hi - lo + 1 : 0;
-    }
-    // Exercise 8 ends here.
-    __syncthreads();
-    // 2.
-    float top = -INFINITY, sum = 0.0f;
-    for (int e = threadIdx.x; e < count; e += THREADS) top = fmaxf(top, scores[e]);
-    top = block_reduce(top, true);
-    for (int e = threadIdx.x; e < count; e += THREADS) {
-        scores[e] = top == -INFINITY ? 0.0f : expf(scores[e] - top);
-        sum += scores[e];
-    }
-    sum = block_reduce(sum, false);
-    // 3.
-    for (int d = threadIdx.x; d < D; d += THREADS) {
-        float acc = 0.0f;
-        int e = 0;
-        for (int s = 0; s < n_steps[h]; s++) {
-            int lo, hi;
-            step_key_range(mine[s], step_query_slot(mine[s], i), i, &lo, &hi);
-            for (int k = lo; k <= hi; k++, e++) {
-                const int j = step_key_position(mine[s], k);
-                if (j >= 0) acc += scores[e] * vcache[(size_t)j * D + d];
-            }
-        }
-        out[h * D + d] = sum > 0.0f ? acc / sum : 0.0f;
-    }
-}
-
 // ----------------------------------------------------------------------------
 // 8. The model: parameters, activations, forward, backward
 
@@ -1575,7 +1487,7 @@ const char *st_model_check(const StModelConfig *c) {
     const struct { const char *flag; int value, lo, hi; } ranges[] = {
         {"-ctx", c->ctx, 1, ST_MAX_CTX}, {"-dim", c->dim, 1, ST_MAX_DIM}, {"-heads", c->heads, 1, ST_MAX_HEADS},
         {"-layers", c->layers, 1, ST_MAX_LAYERS}, {"-ff", c->ff, 1, ST_MAX_FF}, {"-recompute", c->recompute, 0, 1},
-        {"-pattern", c->pattern.kind, ST_DENSE, ST_LOCAL}, {"-combine", c->pattern.combine, ST_INTERLEAVED, ST_MULTIHEAD},
+        {"-pattern", c->pattern.kind, ST_DENSE, ST_PATTERN_KINDS - 1}, {"-combine", c->pattern.combine, ST_INTERLEAVED, ST_MULTIHEAD},
         {"-stride", c->pattern.stride, 1, ST_MAX_CTX},
         // summary and groups only matter to fixed: other patterns may leave them 0
         {"-summary", c->pattern.summary, fixed, ST_MAX_CTX}, {"-summary_groups", c->pattern.groups, fixed, ST_MAX_CTX}};
@@ -2071,6 +1983,71 @@ void st_model_losses(const StModel *m, float *host) {
 // ----------------------------------------------------------------------------
 // 9. Decoding: keys and values cached, each new byte costs what its attention allows
 
+// Decoding one new byte at position i, with the keys and values of the earlier bytes cached (B = 1).
+// Appends the byte's k and v (parts of qkv (3C)) to the caches (H, T, D).
+__global__ void cache_append_kernel(float *kcache, float *vcache, const float *qkv, int i, int H, int T, int D) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x, C = H * D;
+    if (e >= C) return;
+    const int h = e / D, d = e % D;
+    kcache[((size_t)h * T + i) * D + d] = qkv[C + e];
+    vcache[((size_t)h * T + i) * D + d] = qkv[2 * C + e];
+}
+
+// The new byte's attention, one block per head:  out_h = sum_j softmax_j(q_h . k_hj / sqrt(D)) v_hj
+// over the keys its steps allow. Each step's keys are one range of slots (section 3), so the work is
+// the number of allowed keys, not the position. steps: (H, 2) with n_steps (H) of them used.
+// Passes: 1. scores of the allowed keys into `scores` (H, T), in slot order; 2. their max and the
+// sum of exponentials; 3. the output, one thread per channel.
+template <int D>
+__global__ void __launch_bounds__(THREADS)
+attention_decode_kernel(float *out, const float *qkv, const float *kcache, const float *vcache, float *scores,
+                        const Step *steps, const int *n_steps, int i, int T) {
+    const int h = blockIdx.x;
+    kcache += (size_t)h * T * D, vcache += (size_t)h * T * D, scores += (size_t)h * T;
+    const Step *mine = steps + 2 * h;
+    // 1.
+    int count = 0;
+    // Exercise 8 starts here: the keys a new byte sees.
+    const float *q = qkv + h * D;
+    for (int s = 0; s < n_steps[h]; s++) {
+        const int p = step_query_slot(mine[s], i);
+        int lo, hi;
+        step_key_range(mine[s], p, i, &lo, &hi);
+        for (int k = lo + threadIdx.x; k <= hi; k += THREADS) {
+            const int j = step_key_position(mine[s], k);
+            float dot = 0.0f;
+            for (int x = 0; x < D && j >= 0; x++) dot += q[x] * kcache[(size_t)j * D + x];
+            scores[count + k - lo] = j >= 0 ? dot / sqrtf((float)D) : -INFINITY;
+        }
+        count += hi >= lo ? hi - lo + 1 : 0;
+    }
+    // Exercise 8 ends here.
+    __syncthreads();
+    // 2.
+    float top = -INFINITY, sum = 0.0f;
+    for (int e = threadIdx.x; e < count; e += THREADS) top = fmaxf(top, scores[e]);
+    top = block_reduce(top, true);
+    for (int e = threadIdx.x; e < count; e += THREADS) {
+        scores[e] = top == -INFINITY ? 0.0f : expf(scores[e] - top);
+        sum += scores[e];
+    }
+    sum = block_reduce(sum, false);
+    // 3.
+    for (int d = threadIdx.x; d < D; d += THREADS) {
+        float acc = 0.0f;
+        int e = 0;
+        for (int s = 0; s < n_steps[h]; s++) {
+            int lo, hi;
+            step_key_range(mine[s], step_query_slot(mine[s], i), i, &lo, &hi);
+            for (int k = lo; k <= hi; k++, e++) {
+                const int j = step_key_position(mine[s], k);
+                if (j >= 0) acc += scores[e] * vcache[(size_t)j * D + d];
+            }
+        }
+        out[h * D + d] = sum > 0.0f ? acc / sum : 0.0f;
+    }
+}
+
 void st_model_prefill(StModel *m, const unsigned char *window, int len, float *logits) {
     st_model_set_recompute(m, 0);
     unsigned char *padded = (unsigned char *)host_zeroed(m->T);
@@ -2412,7 +2389,7 @@ static const char *checkpoint_header(const char *path, const unsigned char *h, u
     int v[16];
     for (int i = 0; i < 16; i++) v[i] = (int)get_u32(h + 16 + 4 * i);
     const char *bad = "unknown pattern, combination or data kind";
-    if ((unsigned)v[5] <= ST_LOCAL && (unsigned)v[6] <= ST_MULTIHEAD && (unsigned)v[11] <= ST_AUDIO) {
+    if ((unsigned)v[5] < ST_PATTERN_KINDS && (unsigned)v[6] <= ST_MULTIHEAD && (unsigned)v[11] <= ST_AUDIO) {
         *c = StModelConfig{v[0], v[1], v[2], v[3], v[4], {(StPatternKind)v[5], (StCombine)v[6], v[7], v[8], v[9]},
                            get_f32(h + 80), v[10], (StDataKind)v[11], v[12], v[13], v[14], v[15]};
         bad = st_model_check(c);

@@ -42,7 +42,9 @@ const char *st_precision_name(StPrecision p);
 // ----------------------------------------------------------------------------
 // Attention patterns (Child et al. 2019, section 4): positions are 0-based, always causal (j <= i).
 
-typedef enum { ST_DENSE, ST_STRIDED, ST_FIXED, ST_LOCAL } StPatternKind; // local: strided's local step alone
+// local: strided's local step alone. ST_PATTERN_KINDS counts them: a new pattern goes just before it, so
+// that the numbers stored in checkpoints keep their meaning (sparse_transformer.cu, section 2: how to add one).
+typedef enum { ST_DENSE, ST_STRIDED, ST_FIXED, ST_LOCAL, ST_PATTERN_KINDS } StPatternKind;
 typedef enum { ST_INTERLEAVED, ST_MERGED, ST_MULTIHEAD } StCombine;
 
 typedef struct {
@@ -168,7 +170,7 @@ typedef struct {
 
 // The ranges the model's settings must lie in: ./train's flags accept these, and st_model_check (which
 // the checkpoint loader calls before it computes any size) holds every configuration to them.
-#define ST_MAX_CTX (1 << 20)    // ctx; also stride, summary and summary groups
+#define ST_MAX_CTX (1 << 20)    // ctx (the attention's too: st_pattern_check); also stride, summary and groups
 #define ST_MAX_DIM (1 << 16)    // dim
 #define ST_MAX_HEADS 1024       // heads
 #define ST_MAX_LAYERS 4096      // layers
