@@ -55,7 +55,7 @@ $(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARG
 .SECONDARY: # keep intermediate objects (the fuzz harness objects), so that nothing is rebuilt twice
 all: announce $(BINARIES) data/default
 
-# The default data set, made once: enwik8 if it can be downloaded, else kjv from Debian, else synthetic.
+# The default data set, made once and offline: kjv from Debian, else synthetic (data/prepare.sh says which).
 data/default:
 	bash data/prepare.sh default
 

@@ -12,7 +12,7 @@
 #                               speech         audio, 8 kHz mu-law (asterisk-core-sounds-en-wav), 21 minutes
 #   generated:                  synthetic [-bytes N] [-period P] [-noise PERCENT] [-seed S]
 #                               long-range structure a local window cannot see (data/datatool.c)
-#   default:                    enwik8 if it can be downloaded, else kjv, else synthetic; data/default
+#   default:                    kjv, else synthetic (made offline: nothing is downloaded); data/default
 #                               then points to it (what ./train reads when given no -i)
 #
 # A data set already made is checked and kept, never downloaded again. Missing Debian packages are
@@ -149,18 +149,18 @@ make_set() {
 }
 
 if [ "$name" = default ]; then
-    chosen=""
-    for candidate in enwik8 kjv synthetic; do
-        if complete "$here/$candidate"; then chosen=$candidate; say "default: $candidate is already prepared"; break; fi
-    done
-    if [ -z "$chosen" ]; then
-        if bash "$0" enwik8; then chosen=enwik8
-        elif say "default: enwik8 could not be had; trying kjv from Debian" && bash "$0" kjv; then chosen=kjv
-        else say "default: kjv could not be had either; generating the synthetic data set"; bash "$0" synthetic; chosen=synthetic
-        fi
+    # Made offline, never downloaded: kjv when Debian can give it, else the synthetic set.
+    why="the King James Bible, from Debian's bible-kjv; the README's expected output is for it"
+    if complete "$here/kjv"; then chosen=kjv
+    elif bash "$0" kjv; then chosen=kjv
+    else
+        chosen=synthetic
+        why="kjv could not be had (above); the README's expected output is for kjv, so yours will differ"
+        complete "$here/synthetic" || bash "$0" synthetic
     fi
     ln -sfn "$chosen" "$here/default"
-    say "data/default -> data/$chosen"
+    say "data/default -> data/$chosen ($why)"
+    say "other data sets: data/prepare.sh NAME, e.g. enwik8 (downloads 36 MB), then ./train -i data/NAME"
     exit 0
 fi
 
