@@ -14,9 +14,12 @@ Read it in this order:
      recompute, a smaller batch after a larger one, overfitting a string, cached decoding,
      checkpoints (round trip, resume, damaged files).
 
-Run: ./test_kernels [-v] [-precision fp32|tf32] [-only NAME]. -v prints every check; -precision runs
-the kernels in one precision only; -only runs the groups of checks whose name contains NAME (the list
-is GROUPS, at the end). The last line is "N passed, M failed"; the exit code is 1 if any failed.
+Run: ./test_kernels [-v] [-precision fp32|tf32] [-only NAME] (-h: the usage and the groups). -v prints
+every check; -precision runs the kernels in one precision only; -only runs the groups of checks whose
+name contains NAME (the list is GROUPS, at the end). When a check fails, a line "verdict: ..." names
+the first thing found wrong (for the kernels: the forward's output, its log-sum-exp, or only the
+backward; for the model: the tensors whose gradients are off and where they meet the right ones), then
+the first failed checks follow. The last line is "N passed, M failed"; the exit code is 1 if any failed.
 CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
 */
 #define _POSIX_C_SOURCE 200809L // mkdtemp
@@ -32,17 +35,38 @@ CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
 
 static int passed = 0, failed = 0, verbose = 0;
 static int only_precision = -1; // -precision fp32|tf32: the kernels in that precision only (default both)
+static const char *group = "";  // the group of checks running (GROUPS, at the end)
+
+// The verdict: one line that names the first thing found wrong, in the terms of what it computes. A
+// group with a diagnosis of its own (the kernels, the model's gradients) writes it before its check;
+// otherwise the first failed check's own line is the verdict. Without -v the failed checks are kept
+// and printed after it, at the end (a few of them: the first one is usually the cause of the others).
+static char verdict[1024];
+static void set_verdict(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void set_verdict(const char *fmt, ...) {
+    if (verdict[0]) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(verdict, sizeof verdict, fmt, ap);
+    va_end(ap);
+}
+#define SHOWN_FAILURES 5
+static char shown[SHOWN_FAILURES][512], first_failed_group[32];
 
 static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void check(int ok, const char *fmt, ...) {
     if (ok) passed++; else failed++;
     if (ok && !verbose) return;
+    char line[512];
     va_list ap;
     va_start(ap, fmt);
-    printf("%s ", ok ? "ok  " : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
+    vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
+    if (verbose) printf("%s %s\n", ok ? "ok  " : "FAIL", line);
+    if (ok) return;
+    set_verdict("%s", line);
+    if (failed == 1) snprintf(first_failed_group, sizeof first_failed_group, "%s", group);
+    if (failed <= SHOWN_FAILURES) snprintf(shown[failed - 1], sizeof shown[0], "%s", line);
 }
 
 // ----------------------------------------------------------------------------
@@ -320,9 +344,18 @@ static float *device_random(size_t count, float **host_copy) {
     *host_copy = h;
     return d;
 }
+// The poison written into every output before a run: a quiet NaN with a payload of its own, so that an
+// entry the kernels never wrote (still these bits) is told apart from a NaN they computed.
+#define POISON_BITS 0x7fc0deadu
+static int is_poison(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits == POISON_BITS;
+}
 static float *device_poisoned(size_t count) {
+    const uint32_t bits = POISON_BITS;
     float *h = malloc(count * sizeof(float));
-    for (size_t e = 0; e < count; e++) h[e] = NAN;
+    for (size_t e = 0; e < count; e++) memcpy(&h[e], &bits, sizeof bits);
     float *d = st_malloc(count * sizeof(float));
     st_to_device(d, h, count * sizeof(float));
     free(h);
@@ -347,6 +380,58 @@ static double work_bound(const Case *c, double allowed) {
     return 2.0 * allowed + 4.0 * TILE * TILE * query_tiles * c->H * steps;
 }
 
+// One output tensor against its reference: the relative error, the worst entry, and the entries that
+// are not numbers where the reference is one: never written (still the poison), NaN, or infinite.
+// `at` is the entry's index in the (B, H, T, D) tensor, or (B, H, T) for lse.
+typedef struct {
+    RelErr rel;
+    double worst, worst_ref;
+    float worst_got;
+    size_t worst_at;
+    long count[3];    // not numbers: NAN_COMPUTED, INFINITE, UNWRITTEN
+    size_t first[3];  // the first of each kind, in memory order
+} Diff;
+enum { NAN_COMPUTED, INFINITE, UNWRITTEN };
+static void diff_add(Diff *d, float got, double ref, size_t at) {
+    const int kind = is_poison(got) ? UNWRITTEN : isnan(got) ? NAN_COMPUTED : isinf(got) && got != ref ? INFINITE : -1;
+    if (kind >= 0) {
+        if (!d->count[kind]++) d->first[kind] = at;
+        return;
+    }
+    rel_add(&d->rel, got, ref);
+    const double e = fabs(got - ref);
+    if (e > d->worst) d->worst = e, d->worst_at = at, d->worst_got = got, d->worst_ref = ref;
+}
+static long diff_not_numbers(const Diff *d) { return d->count[0] + d->count[1] + d->count[2]; }
+static int diff_bad(const Diff *d, double tol) { return diff_not_numbers(d) || !(rel_value(d->rel) < tol); }
+
+// "out[b=0 h=1 i=37 d=5]": an entry of a (B, H, T, D) tensor (of a (B, H, T) one if !has_d).
+static void entry_name(char *buf, size_t size, const char *tensor, size_t at, const Case *c, int has_d) {
+    const size_t row = has_d ? at / c->D : at;
+    if (has_d) snprintf(buf, size, "%s[b=%zu h=%zu i=%zu d=%zu]", tensor, row / ((size_t)c->H * c->n), row / c->n % c->H, row % c->n, at % c->D);
+    else snprintf(buf, size, "%s[b=%zu h=%zu i=%zu]", tensor, row / ((size_t)c->H * c->n), row / c->n % c->H, row % c->n);
+}
+
+// What is wrong with one tensor, in a phrase for the verdict.
+static void diff_phrase(char *buf, size_t size, const Diff *d, const char *tensor, const Case *c, int has_d, double tol) {
+    static const char *what[3] = {"NaN", "infinity", "entries never written"};
+    char where[96];
+    for (int kind = 0; kind < 3; kind++) {
+        if (!d->count[kind]) continue;
+        entry_name(where, sizeof where, tensor, d->first[kind], c, has_d);
+        snprintf(buf, size, "%s has %s, first at %s (%ld in all)%s", tensor, what[kind], where, d->count[kind],
+                 kind == NAN_COMPUTED ? ": a row with no allowed key (yet) must give 0 and -inf, never -inf - -inf or 0 / 0"
+                 : kind == UNWRITTEN ? ": still the poison the test wrote before the run" : "");
+        return;
+    }
+    entry_name(where, sizeof where, tensor, d->worst_at, c, has_d);
+    snprintf(buf, size, "%s off by %.1e relative (tolerance %.0e); the worst entry %s = %.6g, the reference %.6g",
+             tensor, rel_value(d->rel), tol, where, d->worst_got, d->worst_ref);
+}
+
+// Which kernel cases failed, for the hints the verdict gets after all of them ran (test_kernels).
+static struct { int fwd_fail_one_tile, fwd_pass_one_tile, fwd_fail_beyond, fwd_fail_merged, fwd_fail_other, bwd_fail_too; } tally;
+
 static void run_case(const Case *c) {
     const int n = c->n, H = c->H, D = c->D, B = c->B;
     const size_t rows = (size_t)B * H * n, count = rows * D;
@@ -367,8 +452,9 @@ static void run_case(const Case *c) {
     double *rq = t, *rk = rq + n * D, *rv = rk + n * D, *rdout = rv + n * D, *rout = rdout + n * D;
     double *rdq = rout + n * D, *rdk = rdq + n * D, *rdv = rdk + n * D, *rlse = rdv + n * D;
     unsigned char *mask = malloc((size_t)n * n);
-    RelErr e_out = {0, 0}, e_lse = {0, 0}, e_dq = {0, 0}, e_dk = {0, 0}, e_dv = {0, 0};
-    int lse_inf_mismatch = 0, unwritten = 0;
+    Diff e_out = {0}, e_lse = {0}, e_dq = {0}, e_dk = {0}, e_dv = {0};
+    long lse_inf_mismatch = 0; // rows with no key: lse must be -inf there, and finite elsewhere
+    size_t first_mismatch = 0;
     long allowed = 0;
     for (int h = 0; h < H; h++) {
         build_mask(mask, n, &c->p, c->layer, h);
@@ -383,33 +469,68 @@ static void run_case(const Case *c) {
             ref_backward(rdq, rdk, rdv, rdout, rlse, rq, rk, rv, mask, n, D);
             for (size_t e = 0; e < (size_t)n * D; e++) {
                 const size_t at = base * D + e;
-                unwritten += isnan(g_out[at]) || isnan(g_dq[at]) || isnan(g_dk[at]) || isnan(g_dv[at]);
-                rel_add(&e_out, g_out[at], rout[e]);
-                rel_add(&e_dq, g_dq[at], rdq[e]);
-                rel_add(&e_dk, g_dk[at], rdk[e]);
-                rel_add(&e_dv, g_dv[at], rdv[e]);
+                diff_add(&e_out, g_out[at], rout[e], at);
+                diff_add(&e_dq, g_dq[at], rdq[e], at);
+                diff_add(&e_dk, g_dk[at], rdk[e], at);
+                diff_add(&e_dv, g_dv[at], rdv[e], at);
             }
             for (int i = 0; i < n; i++) {
                 const float got = g_lse[base + i];
-                unwritten += isnan(got);
-                if (isinf(rlse[i]) || isinf(got)) lse_inf_mismatch += !(isinf(rlse[i]) && isinf(got));
-                else rel_add(&e_lse, got, rlse[i]);
+                if (isinf(rlse[i]) && got == rlse[i]) continue; // a row with no key: -inf, as it should
+                if (!isnan(got) && isinf(rlse[i]) != isinf(got)) {
+                    if (!lse_inf_mismatch++) first_mismatch = base + i;
+                    continue;
+                }
+                diff_add(&e_lse, got, rlse[i], base + i);
             }
         }
     }
     const StAttentionStats stats = st_attention_stats(att);
-    const double err_fwd = fmax(rel_value(e_out), rel_value(e_lse));
-    const double err_bwd = fmax(rel_value(e_dq), fmax(rel_value(e_dk), rel_value(e_dv)));
     char name[160];
     snprintf(name, sizeof name, "%s %s/%s l=%d c=%d G=%d layer %d n=%d H=%d D=%d B=%d",
              st_precision_name(st_get_precision()), st_pattern_kind_name(c->p.kind), st_combine_name(c->p.combine),
              c->p.stride, c->p.summary, c->p.groups, c->layer, n, H, D, B);
     const int tf32 = st_get_precision() == ST_TF32;
-    check(unwritten == 0 && lse_inf_mismatch == 0 && err_fwd < (tf32 ? TOL_FORWARD_TF32 : TOL_FORWARD),
-          "forward  %-52s rel err %.1e (out %.1e, lse %.1e), %d unwritten, %d empty-row mismatches", name,
-          err_fwd, rel_value(e_out), rel_value(e_lse), unwritten, lse_inf_mismatch);
-    check(unwritten == 0 && err_bwd < (tf32 ? TOL_BACKWARD_TF32 : TOL_BACKWARD), "backward %-52s rel err %.1e (dq %.1e dk %.1e dv %.1e)",
-          name, err_bwd, rel_value(e_dq), rel_value(e_dk), rel_value(e_dv));
+    const double tol_f = tf32 ? TOL_FORWARD_TF32 : TOL_FORWARD, tol_b = tf32 ? TOL_BACKWARD_TF32 : TOL_BACKWARD;
+    const int out_bad = diff_bad(&e_out, tol_f), lse_bad = diff_bad(&e_lse, tol_f) || lse_inf_mismatch;
+    const Diff *grads[3] = {&e_dq, &e_dk, &e_dv};
+    const char *grad_names[3] = {"dq", "dk", "dv"};
+    int worst_grad = 0; // the gradient to name: one with entries that are not numbers, else the largest error
+    for (int g = 1; g < 3; g++)
+        if (diff_not_numbers(grads[g]) > diff_not_numbers(grads[worst_grad]) ||
+            (!diff_not_numbers(grads[worst_grad]) && rel_value(grads[g]->rel) > rel_value(grads[worst_grad]->rel)))
+            worst_grad = g;
+    const int bwd_bad = diff_bad(&e_dq, tol_b) || diff_bad(&e_dk, tol_b) || diff_bad(&e_dv, tol_b);
+    char phrase[512];
+    if (out_bad) {
+        diff_phrase(phrase, sizeof phrase, &e_out, "out", c, 1, tol_f);
+        set_verdict("forward output wrong (%s): %s", name, phrase);
+    } else if (lse_bad) {
+        if (diff_not_numbers(&e_lse) || !lse_inf_mismatch) diff_phrase(phrase, sizeof phrase, &e_lse, "lse", c, 0, tol_f);
+        else {
+            char where[96];
+            entry_name(where, sizeof where, "lse", first_mismatch, c, 0);
+            snprintf(phrase, sizeof phrase, "%ld rows where exactly one of lse and the reference is infinite, first %s "
+                     "(a row with no allowed key has lse -inf)", lse_inf_mismatch, where);
+        }
+        set_verdict("forward log-sum-exp wrong, its output right (%s): %s", name, phrase);
+    } else if (bwd_bad) {
+        diff_phrase(phrase, sizeof phrase, grads[worst_grad], grad_names[worst_grad], c, 1, tol_b);
+        set_verdict("only the backward is wrong, the forward is right (%s): %s", name, phrase);
+    }
+    const int one_tile = n <= TILE, two_steps = (c->p.kind == ST_STRIDED || c->p.kind == ST_FIXED) && c->p.combine == ST_MERGED;
+    if (out_bad || lse_bad) {
+        tally.fwd_fail_one_tile += one_tile, tally.fwd_fail_beyond += !one_tile;
+        tally.fwd_fail_merged += two_steps, tally.fwd_fail_other += !two_steps, tally.bwd_fail_too += bwd_bad;
+    } else {
+        tally.fwd_pass_one_tile += one_tile;
+    }
+    check(!out_bad && !lse_bad, "forward  %-52s rel err out %.1e, lse %.1e; not numbers: out %ld, lse %ld; "
+          "empty-row mismatches %ld", name, rel_value(e_out.rel), rel_value(e_lse.rel), diff_not_numbers(&e_out),
+          diff_not_numbers(&e_lse), lse_inf_mismatch);
+    check(!bwd_bad, "backward %-52s rel err dq %.1e dk %.1e dv %.1e; not numbers %ld", name, rel_value(e_dq.rel),
+          rel_value(e_dk.rel), rel_value(e_dv.rel),
+          diff_not_numbers(&e_dq) + diff_not_numbers(&e_dk) + diff_not_numbers(&e_dv));
     check(stats.pairs_allowed == (double)allowed && stats.pairs_computed <= work_bound(c, allowed),
           "work     %-52s allowed %ld (layout %.0f), computed %.0f = %.2fx, bound %.0f", name, allowed,
           stats.pairs_allowed, stats.pairs_computed, stats.pairs_computed / allowed, work_bound(c, allowed));
@@ -455,12 +576,27 @@ static void test_kernels(void) {
         {{ST_LOCAL, ST_MULTIHEAD, 32, 0, 0}, 1, 100, 1, 32, 1},
         {{ST_LOCAL, ST_INTERLEAVED, 45, 0, 0}, 1, 200, 2, 128, 1},
     };
+    const int had_verdict = verdict[0] != 0;
     for (int p = 0; p < 2; p++) {
         if (only_precision >= 0 && p != only_precision) continue;
         st_set_precision((StPrecision)p);
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
     }
     st_set_precision(ST_FP32);
+    // Hints from which cases failed: they say where to look.
+    if (had_verdict || !verdict[0]) return;
+    size_t len = strlen(verdict);
+    if (tally.fwd_fail_beyond && !tally.fwd_fail_one_tile && tally.fwd_pass_one_tile)
+        len += snprintf(verdict + len, sizeof verdict - len, ". The forward is right wherever a row's keys fit in one "
+                        "key tile (n <= %d) and wrong beyond: look at what carries a row from one key tile to the next "
+                        "(the running max, the running sum, the rescale alpha)", TILE);
+    else if (tally.fwd_fail_merged && !tally.fwd_fail_other)
+        len += snprintf(verdict + len, sizeof verdict - len, ". The forward is wrong only in merged heads, whose two "
+                        "steps run one after the other: look at how the second step's result merges into the first's "
+                        "(the log-sum-exp rule)");
+    if (tally.bwd_fail_too && len < sizeof verdict)
+        snprintf(verdict + len, sizeof verdict - len, ". Where the forward is wrong the backward fails too: it reads the "
+                 "forward's out and lse");
 }
 
 // At a realistic size (n = 16384, l = 128 = sqrt(n), the paper's c = 32) the tile edges are small next
@@ -731,6 +867,48 @@ static double forward_loss(StModel *m, const unsigned char *inputs, const unsign
 // rounding of about 1e-6, which eps = 1e-2 turns into 5e-5 on the difference quotient; the O(eps^2)
 // curvature term is about 1e-4 relative. Measured: at most 4e-4 relative. A missing or wrong term in
 // a backward formula errs by 1% or more.
+// The operation a tensor belongs to, by its name (st_model_tensor: "wte", "h1.fcw", "lnfw", ...).
+static const char *tensor_operation(const char *name) {
+    static const struct { const char *suffix, *operation; } ops[] = {
+        {"ln1w", "a layer norm"}, {"ln1b", "a layer norm"}, {"ln2w", "a layer norm"}, {"ln2b", "a layer norm"},
+        {"lnfw", "the final layer norm"}, {"lnfb", "the final layer norm"}, {"qkvw", "the q, k, v product"},
+        {"qkvb", "the q, k, v product"}, {"projw", "the attention's output product"},
+        {"projb", "the attention's output product"}, {"fcw", "the MLP's first product (before the GELU)"},
+        {"fcb", "the MLP's first product (before the GELU)"}, {"fc2w", "the MLP's second product (after the GELU)"},
+        {"fc2b", "the MLP's second product (after the GELU)"}, {"outw", "the output logits"}};
+    const char *dot = strchr(name, '.'), *suffix = dot ? dot + 1 : name;
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++)
+        if (strcmp(suffix, ops[i].suffix) == 0) return ops[i].operation;
+    return "the embeddings";
+}
+
+// The verdict for gradients that are off: which tensors, and what they have in common. The tensors
+// are in the forward's order, so the backward reaches them last to first: when the off ones are
+// exactly the first k, the gradient is right down to tensor k and wrong from tensor k - 1 back.
+static void gradient_verdict(const char *what, char (*names)[32], const int *off, int n, int bad) {
+    int k = 0;
+    while (k < n && off[k]) k++;
+    int prefix = k > 0 && k < n;
+    for (int t = k; t < n; t++) prefix = prefix && !off[t];
+    if (prefix) {
+        set_verdict("model gradients wrong (%s): %d of %d tensors off, every one upstream of %s and none from it "
+                    "on: the gradient is right down to %s and wrong from %s back, so the fault is in the backward "
+                    "between them, through %s or what comes just before it", what, bad, n, names[k], names[k],
+                    names[k - 1], tensor_operation(names[k]));
+        return;
+    }
+    char list[384] = "";
+    size_t len = 0;
+    int listed = 0;
+    for (int t = 0; t < n && len < sizeof list; t++)
+        if (off[t] && listed++ < 8) len += snprintf(list + len, sizeof list - len, "%s%s", listed > 1 ? ", " : "", names[t]);
+    const char *common = NULL; // the operation every off tensor belongs to, if they share one
+    for (int t = 0; t < n; t++)
+        if (off[t]) common = !common || strcmp(common, tensor_operation(names[t])) == 0 ? tensor_operation(names[t]) : "";
+    set_verdict("model gradients wrong (%s): %d of %d tensors off: %s%s%s%s", what, bad, n, list, bad > 8 ? ", ..." : "",
+                common && common[0] ? "; all of them parameters of " : "", common && common[0] ? common : "");
+}
+
 static void check_model_gradients(const char *what, StModelConfig cfg) {
     const int B = 2, T = cfg.ctx;
     StModel *m = st_model_create(&cfg, 7);
@@ -748,9 +926,13 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
     int bad = 0;
     double worst = 0;
     char worst_name[64] = "";
-    for (int t = 0; t < st_model_num_tensors(m); t++) {
+    const int n_tensors = st_model_num_tensors(m);
+    char (*names)[32] = malloc(n_tensors * sizeof *names);
+    int *off = calloc(n_tensors, sizeof(int));
+    for (int t = 0; t < n_tensors; t++) {
         size_t offset, size;
         const char *name = st_model_tensor(m, t, &offset, &size);
+        snprintf(names[t], sizeof names[t], "%s", name);
         double gnorm = 0, rnorm = 0;
         double *u = malloc(size * sizeof(double)), *r = malloc(size * sizeof(double));
         for (size_t i = 0; i < size; i++) r[i] = uniform(), rnorm += r[i] * r[i], gnorm += (double)g[offset + i] * g[offset + i];
@@ -770,16 +952,18 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
         const double fd = (loss[0] - loss[1]) / (2 * eps), err = fabs(fd - gu);
         const double of_tolerance = err / fmax(5e-3 * fabs(gu), 1e-4);
         if (of_tolerance > worst)
-            worst = of_tolerance, snprintf(worst_name, sizeof worst_name, "%s (g.u %.4e, fd %.4e)", name, gu, fd);
+            worst = of_tolerance, snprintf(worst_name, sizeof worst_name, "%s (g.u %.4e, loss difference %.4e)", name, gu, fd);
         if (!(of_tolerance <= 1.0)) {
-            bad++;
-            if (verbose) printf("     %s: g.u %.6e, difference quotient %.6e\n", name, gu, fd);
+            bad++, off[t] = 1;
+            if (verbose) printf("     %s: the gradient along u, g.u = %.6e; the loss's difference quotient along u %.6e\n", name, gu, fd);
         }
         free(u);
         free(r);
     }
-    check(bad == 0, "model gradients, %s: %d of %d tensors off; worst %.3f of tolerance at %s", what, bad,
-          st_model_num_tensors(m), worst, worst_name);
+    if (bad) gradient_verdict(what, names, off, n_tensors, bad);
+    check(bad == 0, "model gradients, %s: %d of %d tensors off; the worst %.3f times its tolerance, %s", what, bad,
+          n_tensors, worst, worst_name);
+    free(names), free(off);
     st_model_free(m);
     free(p), free(g), free(q), free(inputs), free(targets);
 }
@@ -1149,15 +1333,29 @@ static const struct {
     {"checkpoint", test_checkpoint},
 };
 
+static void print_groups(FILE *f) {
+    for (size_t g = 0; g < sizeof GROUPS / sizeof GROUPS[0]; g++) fprintf(f, " %s", GROUPS[g].name);
+    fprintf(f, "\n");
+}
+static void usage(FILE *f) {
+    fprintf(f, "usage: ./test_kernels [-v] [-precision fp32|tf32] [-only NAME]\n"
+               "  -v          print every check (without it: a verdict, the first failures, the counts)\n"
+               "  -precision  run the kernels in one precision only (default: both)\n"
+               "  -only NAME  run the groups whose name contains NAME; the groups, in order:\n             ");
+    print_groups(f);
+}
+
 int main(int argc, char **argv) {
     const char *only = "";
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "-v") == 0) verbose = 1;
+        else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) { usage(stdout); return 0; }
         else if (strcmp(argv[i], "-precision") == 0 && i + 1 < argc && st_precision_from_name(argv[i + 1]) >= 0)
             only_precision = st_precision_from_name(argv[++i]);
         else if (strcmp(argv[i], "-only") == 0 && i + 1 < argc) only = argv[++i];
         else {
-            fprintf(stderr, "unknown flag %s: usage: ./test_kernels [-v] [-precision fp32|tf32] [-only NAME]\n", argv[i]);
+            fprintf(stderr, "unknown flag %s\n", argv[i]);
+            usage(stderr);
             return 1;
         }
     }
@@ -1168,12 +1366,21 @@ int main(int argc, char **argv) {
     make_temp_dir();
     int groups = 0;
     for (size_t g = 0; g < sizeof GROUPS / sizeof GROUPS[0]; g++)
-        if (strstr(GROUPS[g].name, only)) GROUPS[g].run(), groups++;
+        if (strstr(GROUPS[g].name, only)) group = GROUPS[g].name, GROUPS[g].run(), groups++;
     remove_temp_dir();
     if (!groups) {
-        fprintf(stderr, "-only %s matches no group of checks: reference masks rejections kernels work data "
-                "model_gradients model_tf32 recompute partial_batch grad_norm overfit decode checkpoint\n", only);
+        fprintf(stderr, "-only %s matches no group of checks; the groups:", only);
+        print_groups(stderr);
         return 1;
+    }
+    if (failed) {
+        printf("verdict: %s\n", verdict);
+        if (!verbose) {
+            for (int f = 0; f < failed && f < SHOWN_FAILURES; f++) printf("FAIL %s\n", shown[f]);
+            if (failed > SHOWN_FAILURES)
+                printf("... and %d more failed checks: %s -v -only %s prints every check\n",
+                       failed - SHOWN_FAILURES, argv[0], first_failed_group);
+        }
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
