@@ -28,7 +28,20 @@ GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm
 GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
             -Xcompiler -Wall,-Wextra
 LIBS = -lm -lpng
-CPU_LIBS = $(LIBS) -lopenblas # the CPU build's cublasSgemm is OpenBLAS's (cuda_on_cpu.h)
+# The CPU build's cublasSgemm is OpenBLAS's (cuda_on_cpu.h). Debian ships OpenBLAS in variants (OpenMP,
+# pthreads, serial) behind one name, libopenblas.so.0; with several installed the system resolves it to
+# the pthreads one first, whose threads then fight the OpenMP threads of the kernels for the cores (half
+# the speed). So the build links the OpenMP variant's own folder, with an rpath, wherever it is
+# installed (libopenblas-openmp-dev); the programs check at start which variant they got.
+OPENBLAS_OPENMP := $(firstword $(wildcard /usr/lib/$(shell $(CC) -print-multiarch 2>/dev/null)/openblas-openmp/libopenblas.so))
+ifneq ($(OPENBLAS_OPENMP),)
+  BLAS = -L$(dir $(OPENBLAS_OPENMP)) -Wl,-rpath,$(dir $(OPENBLAS_OPENMP)) -lopenblas
+  BLAS_WHY = OpenBLAS, its OpenMP variant: $(dir $(OPENBLAS_OPENMP)), by rpath
+else
+  BLAS = -lopenblas
+  BLAS_WHY = OpenBLAS as the system resolves libopenblas.so.0: its OpenMP variant is not installed (apt-get install libopenblas-openmp-dev)
+endif
+CPU_LIBS = $(LIBS) $(BLAS)
 
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -62,6 +75,7 @@ data/default:
 
 announce:
 	@echo "building for the $(TARGET) ($(WHY))"
+	@if [ "$(TARGET)" != gpu ]; then echo "matrix products: $(BLAS_WHY)"; fi
 
 cpu:
 	@$(MAKE) --no-print-directory TARGET=cpu all
@@ -116,7 +130,7 @@ build/datatool: build/cpu/datatool.o build/cpu/sparse_transformer.o
 
 build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
-	$(CXX) -O3 -march=native -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ -lopenblas
+	$(CXX) -O3 -march=native -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
 
 # The kernel tests once more with the GPU's block shape: the CPU build's tile kernels have 1 warp, a
 # GPU's 4 (WARPS in sparse_transformer.cu), so this checks, on the CPU, the layout a GPU runs.

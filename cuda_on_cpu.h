@@ -123,9 +123,29 @@ inline const char *cudaGetErrorString(cudaError_t e) {
 inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; }
+// Which OpenBLAS the loader gave (openblas_get_parallel: 0 serial, 1 pthreads, 2 OpenMP). The OpenMP
+// variant runs its threads in the kernels' OpenMP pool. The pthreads one brings a pool of its own, whose
+// threads and the OpenMP ones, spinning between launches, fight for the cores: a training step at half
+// speed. The Makefile links the OpenMP variant by rpath; an older build, LD_LIBRARY_PATH or a system with
+// only the pthreads variant can still bring it, and then its matrix products run on one thread, inside
+// the OpenMP program (see blas_check), and the program says what to install.
+inline const char *blas_variant(void) {
+    const int parallel = openblas_get_parallel();
+    return parallel == 2 ? "OpenMP" : parallel == 1 ? "pthreads" : "serial";
+}
+inline void blas_check(void) {
+    static bool checked = false;
+    if (checked || openblas_get_parallel() != 1) return;
+    checked = true;
+    openblas_set_num_threads(1);
+    fprintf(stderr, "note: this program loaded OpenBLAS's pthreads variant, whose threads fight the OpenMP ones: its "
+                    "matrix products run on one thread. For full speed: apt-get install libopenblas-openmp-dev, "
+                    "then make clean && make\n");
+}
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
-    snprintf(p->name, sizeof p->name, "CPU (CUDA emulated by cuda_on_cpu.h, %d OpenMP threads)",
-             omp_get_max_threads());
+    blas_check();
+    snprintf(p->name, sizeof p->name, "CPU (CUDA emulated by cuda_on_cpu.h, %d OpenMP threads, OpenBLAS %s)",
+             omp_get_max_threads(), blas_variant());
     p->totalGlobalMem = 0;
     p->multiProcessorCount = omp_get_max_threads();
     return cudaSuccess;
