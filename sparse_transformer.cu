@@ -547,12 +547,12 @@ __device__ static void load_row_values(float *dst, const float *x, const Step &s
 // S = A B^T on the tile pair (query slots from p0, key slots from s0), A a (TILE, D) tile and B given
 // transposed, Bt (D, TILE); the pairs the step does not allow get `masked`.
 template <int D, bool TF32>
-__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
+__device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
                                    int p0, int s0, bool full);
 // acc += A B (A^T B if TRANSPOSED) for this thread's part of a (TILE, D) tile; A is a (TILE, TILE) score
 // tile, B a (TILE, D) tile.
 template <int D, bool TF32, bool TRANSPOSED>
-__device__ static void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
+__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
                                           float *scratch_s);
 
 // Forward: out_i = sum_j softmax_j(s_ij) v_j over the keys of this step, s_ij = q_i . k_j / sqrt(D),
@@ -849,7 +849,7 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // address per column. The tensor cores compute the whole tile (each warp one or more of its 16 x 16
 // quarters, then a barrier). Each thread then masks the entries it owns, which later passes rely on.
 template <int D, bool TF32>
-__device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
+__device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
                                    int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
     const int r = own_row(), c0 = own_col<TILE>(), OWN = TILE / WARPS;
@@ -895,7 +895,7 @@ __device__ static void tile_scores(float *S_s, const float *A_s, const float *Bt
 // The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
 // after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
 template <int D, bool TF32, bool TRANSPOSED>
-__device__ static void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
+__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
                                           float *scratch_s) {
     typedef TileShape<D, TF32> S;
     const int row = own_row(), c0 = own_col<D>();
