@@ -181,7 +181,7 @@ template <typename K> inline cudaError_t cudaFuncSetAttribute(K kernel, cudaFunc
 // ----------------------------------------------------------------------------
 // cuBLAS: the one call the model uses, cublasSgemm, column-major as cuBLAS defines it:
 //   C (m x n) = alpha op(A) op(B) + beta C,  op(A) m x k, op(B) k x n, X(i, j) = X[i + j * ldX]
-// It is OpenBLAS's cblas_sgemm (Debian's libopenblas-dev), a well-kept CPU matrix product. OpenBLAS
+// It is OpenBLAS's cblas_sgemm (Debian's libopenblas-openmp-dev), a well-kept CPU matrix product. OpenBLAS
 // splits C between its threads, each element summed by one thread in a fixed order, so at a given
 // number of threads a run repeats bit for bit (a resumed run repeats the losses of an uninterrupted
 // one; tools/test_train.sh checks it).

@@ -185,13 +185,14 @@ void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 //   2. this section: its name in PATTERN_NAMES, its rule in st_pattern_allows (the definition every
 //      test checks against), its settings in st_pattern_check;
 //   3. section 3: each of its steps as a band, every query's keys one range in some order of the
-//      sequence (a StepKind; step_key_range; step_query_position and step_key_position if the order is
-//      new; the lengths in make_step), and head_steps, which gives each head its steps. The layout
-//      (section 4) and the kernels need nothing more: the layout checks that the ranges move forward;
+//      sequence (a StepKind; its case in step_key_range, whose default is the summary step's;
+//      step_query_position, step_query_slot and step_key_position if the order is new; the lengths in
+//      make_step), and head_steps, which gives each head its steps. The layout (section 4), the kernels
+//      and decoding need nothing more: the layout checks that the ranges move forward;
 //   4. train.c: -pattern's help text (and the settings its first line prints);
 //   5. test_kernels.c: its steps in mark_step (an independent mask, written from the paper's rule), its
 //      pairs per query in count_step (a closed form), and configurations in the lists of the pattern,
-//      kernel, layout and model tests; -show_pattern then draws it (it reads st_pattern_allows).
+//      kernel, layout, model and decoding tests; -show_pattern then draws it (st_pattern_allows).
 
 static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed", "local"};
 static_assert(sizeof PATTERN_NAMES / sizeof PATTERN_NAMES[0] == ST_PATTERN_KINDS, "a name for every pattern");
@@ -490,7 +491,8 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // ----------------------------------------------------------------------------
 // 5. Kernels
 
-// Three kernels run the attention of one step (section 3) over its tile layout (section 4):
+// Three kernels run the attention of one step (section 3) over its tile layout (section 4) (and one
+// small one, attention_delta_kernel, prepares the backward):
 //   attention_forward_kernel      a query tile per block, looping over its key tiles: out and lse
 //   attention_backward_kv_kernel  a key tile per block, looping over its query tiles: dK and dV
 //   attention_backward_q_kernel   a query tile per block, looping over its key tiles: dQ

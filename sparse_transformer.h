@@ -223,7 +223,7 @@ void st_generate(StModel *m, unsigned char *text, long prompt_len, long total, f
                  unsigned long long *rng);
 
 // ----------------------------------------------------------------------------
-// Checkpoints (format in sparse_transformer.cu, section 11, and the README)
+// Checkpoints (format in sparse_transformer.cu, section 11, and docs/formats.md)
 
 typedef struct {
     long long step;         // optimizer steps done

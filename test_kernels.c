@@ -952,7 +952,7 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
         const double fd = (loss[0] - loss[1]) / (2 * eps), err = fabs(fd - gu);
         const double of_tolerance = err / fmax(5e-3 * fabs(gu), 1e-4);
         if (of_tolerance > worst)
-            worst = of_tolerance, snprintf(worst_name, sizeof worst_name, "%s (g.u %.4e, loss difference %.4e)", name, gu, fd);
+            worst = of_tolerance, snprintf(worst_name, sizeof worst_name, "%s (g.u %.4e, difference quotient %.4e)", name, gu, fd);
         if (!(of_tolerance <= 1.0)) {
             bad++, off[t] = 1;
             if (verbose) printf("     %s: the gradient along u, g.u = %.6e; the loss's difference quotient along u %.6e\n", name, gu, fd);
@@ -1187,7 +1187,7 @@ static void test_overfit(void) {
     st_model_free(m);
 }
 
-#define CKPT_PARAMS_AT 256 // the parameters follow the checkpoint's 256-byte header (README)
+#define CKPT_PARAMS_AT 256 // the parameters follow the checkpoint's 256-byte header (docs/formats.md)
 
 // Checkpoints: what is saved is what is loaded (every parameter and Adam moment, bit for bit; the
 // configuration; the training state), and training on from a loaded checkpoint gives the very losses

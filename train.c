@@ -53,7 +53,7 @@ static Flag flags[] = {
     {"-i", TEXT, &opt.data_dir, 0, 0, "data folder holding train.bin and val.bin (data/prepare.sh NAME)", 0},
     {"-o", TEXT, &opt.out_dir, 0, 0, "output folder; the checkpoint is DIR/model.bin", 0},
     {"-log", TEXT, &opt.log_path, 0, 0, "also write a tab-separated line per step and per validation to FILE "
-     "(README: the columns; a resumed run appends)", 0},
+     "(docs/formats.md: the columns; a resumed run appends)", 0},
     {"-pattern", PATTERN, &opt.model.pattern.kind, 0, 0, "attention pattern: dense | strided | fixed | local (a window of -stride bytes)", 0},
     {"-combine", COMBINE, &opt.model.pattern.combine, 0, 0,
      "how a layer uses the pattern's two steps: interleaved | merged | multihead", 0},

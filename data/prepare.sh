@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # data/prepare.sh NAME [flags]: makes data/NAME/train.bin and val.bin (and test.bin where the data set has
-# one) in the trainer's format (README, "Data files"), then prints what it made.
+# one) in the trainer's format (docs/formats.md), then prints what it made.
 #
 #   downloads (need internet):  enwik8   text, 100 MB of Wikipedia: the paper's split 90M / 5M / 5M
 #                               cifar10  images 32 x 32 x 3: train 45000, val 5000, test 10000

@@ -85,20 +85,24 @@ check() {
     log=$SAVED/check.log
     local judge; judge=$(field "$s" check)
     # (exercise 9's judge, the benchmark, builds what it runs itself)
+    : > "$SAVED/build.log"
     if [[ "$judge" == ./test_kernels* ]] && ! make --no-print-directory exercise > "$SAVED/build.log" 2>&1; then
         echo "exercise $n: NOT YET: the code does not compile:"
-        grep -E 'error' "$SAVED/build.log" | head -n 20
+        grep -E 'error' "$SAVED/build.log" | head -n 20 || true
         echo "(the whole log: $SAVED/build.log)"
         return 1
     fi
-    [[ "$judge" != ./test_kernels* ]] || grep -E 'warning' "$SAVED/build.log" | head -n 10 || true
     judge=${judge/#.\/test_kernels/build/exercise/test_kernels}
+    # The verdict first; then the compiler's warnings on your code, if any, and the details
+    warnings() { grep -E 'warning' "$SAVED/build.log" | head -n 10 || true; }
     if bash -c "$judge" > "$log" 2>&1; then
         echo "exercise $n: SOLVED: the tests that judge it pass ($(tail -n 1 "$log"))"
+        warnings
         return 0
     fi
     verdict=$(sed -n 's/^verdict: //p' "$log" | head -n 1)
     echo "exercise $n: NOT YET: ${verdict:-the tests below fail}"
+    warnings
     grep -v '^verdict: ' "$log" | grep -v '^device: ' || true
     return 1
 }
