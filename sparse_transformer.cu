@@ -178,6 +178,9 @@ void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 // Two baselines have a single step: dense (every j <= i) and local (strided's local step alone:
 // i - l < j <= i, a sliding window). One local layer sees l - 1 bytes back; R layers stacked see at
 // most R (l - 1): what is further back is out of reach, which the strided and fixed patterns reach.
+// One more single step, added as the list below says (exercise 10): dilated, the l keys i, i - l, ...,
+// i - (l - 1) l, a window of l taps l apart, like a dilated convolution's: (i - j) mod l == 0 and
+// i - j < l^2. With l ~ sqrt(n) it reaches about n back with sqrt(n) keys, but sees no neighbour.
 //
 // How to add a pattern (a dilated window, say). Every place it touches:
 //   1. sparse_transformer.h: its value in StPatternKind, just before ST_PATTERN_KINDS (checkpoints
@@ -194,7 +197,7 @@ void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 //      pairs per query in count_step (a closed form), and configurations in the lists of the pattern,
 //      kernel, layout, model and decoding tests; -show_pattern then draws it (st_pattern_allows).
 
-static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed", "local"};
+static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed", "local", "dilated"};
 static_assert(sizeof PATTERN_NAMES / sizeof PATTERN_NAMES[0] == ST_PATTERN_KINDS, "a name for every pattern");
 static const char *COMBINE_NAMES[] = {"interleaved", "merged", "multihead"};
 
@@ -213,6 +216,7 @@ int st_pattern_allows(const StPattern *p, int layer, int head, int i, int j) {
     if (p->kind == ST_DENSE) return 1;
     const int l = p->stride;
     if (p->kind == ST_LOCAL) return i - j < l;
+    if (p->kind == ST_DILATED) return (i - j) % l == 0 && (i - j) / l < l;
     int step0, step1;
     // Exercise 1 starts here: the two steps of the strided and fixed patterns.
     if (p->kind == ST_STRIDED) {
@@ -241,7 +245,7 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
         snprintf(msg, sizeof msg, "head size %d is not supported: the kernels take 32, 64 or 128 "
                  "(choose dim = heads * head size)", d_head);
     else if (p->kind < ST_DENSE || p->kind >= ST_PATTERN_KINDS)
-        snprintf(msg, sizeof msg, "unknown pattern %d: use dense, strided, fixed or local", (int)p->kind);
+        snprintf(msg, sizeof msg, "unknown pattern %d: use dense, strided, fixed, local or dilated", (int)p->kind);
     else if (p->kind == ST_DENSE)
         return NULL;
     else if (p->combine < ST_INTERLEAVED || p->combine > ST_MULTIHEAD)
@@ -256,7 +260,7 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
     else if (p->kind == ST_FIXED && (long)p->groups * p->summary > p->stride)
         snprintf(msg, sizeof msg, "fixed needs summary_groups * summary <= stride (the summary cells "
                  "must fit in a block), got %d * %d > %d", p->groups, p->summary, p->stride);
-    else if (p->combine == ST_MULTIHEAD && n_head < 2 && p->kind != ST_LOCAL)
+    else if (p->combine == ST_MULTIHEAD && n_head < 2 && (p->kind == ST_STRIDED || p->kind == ST_FIXED))
         snprintf(msg, sizeof msg, "multihead splits the heads between the two steps: it needs at "
                  "least 2 heads, got %d", n_head);
     else
@@ -276,6 +280,7 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
 //   local           natural              natural                     [i - l + 1, i]
 //   block           natural              natural                     [floor(i/l) l, i]
 //   stride          transposed           transposed                  its residue class, up to itself
+//   dilated         transposed           transposed                  its residue class, its last l
 //   summary         natural              gathered summary cells      every summary cell <= i
 //
 // "Transposed" is OpenAI's trick: lay the sequence out as rows of width l and read it column by column.
@@ -288,14 +293,16 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
 
 #define TILE 32       // queries and keys per tile
 
-enum StepKind { STEP_CAUSAL, STEP_LOCAL, STEP_BLOCK, STEP_STRIDE, STEP_SUMMARY };
+enum StepKind { STEP_CAUSAL, STEP_LOCAL, STEP_BLOCK, STEP_STRIDE, STEP_SUMMARY, STEP_DILATED };
+// The steps read in the transposed order: a residue class mod l is a column, read down
+static __host__ __device__ inline bool transposed(int kind) { return kind == STEP_STRIDE || kind == STEP_DILATED; }
 
 struct Step {
     int kind;       // StepKind
     int n;          // sequence length
     int l, c, g;    // stride or block length; summary width and group (summary)
     int exclusive;  // 1: drop the keys the merged head's first step already has
-    int column;     // stride: slots per column in the transposed order
+    int column;     // stride, dilated: slots per column in the transposed order
     int nq, nk;     // length of the query and the key order (slots)
 };
 
@@ -303,7 +310,7 @@ struct Step {
 // Natural position of slot p of the query order, or -1 for a padding slot.
 static __host__ __device__ inline int step_query_position(const Step &st, int p) {
     if (p >= st.nq) return -1;
-    if (st.kind != STEP_STRIDE) return p;
+    if (!transposed(st.kind)) return p;
     const int r = p / st.column, t = p % st.column; // column r, row t
     const int i = t * st.l + r;
     return i < st.n ? i : -1;
@@ -311,14 +318,14 @@ static __host__ __device__ inline int step_query_position(const Step &st, int p)
 
 // The query slot of natural position i: the inverse of step_query_position.
 static __host__ __device__ inline int step_query_slot(const Step &st, int i) {
-    return st.kind == STEP_STRIDE ? i % st.l * st.column + i / st.l : i;
+    return transposed(st.kind) ? i % st.l * st.column + i / st.l : i;
 }
 // Exercise 2 ends here.
 
 // Natural position of slot s of the key order, or -1 for a padding slot.
 static __host__ __device__ inline int step_key_position(const Step &st, int s) {
     if (s >= st.nk) return -1;
-    if (st.kind == STEP_STRIDE) return step_query_position(st, s);
+    if (transposed(st.kind)) return step_query_position(st, s);
     if (st.kind == STEP_SUMMARY) return s / st.c * st.l + (st.l - (st.g + 1) * st.c) + s % st.c;
     return s;
 }
@@ -330,6 +337,9 @@ static __host__ __device__ inline void step_key_range(const Step &st, int p, int
     case STEP_LOCAL: *lo = i - st.l + 1 > 0 ? i - st.l + 1 : 0; *hi = i; break;
     case STEP_BLOCK: *lo = i / st.l * st.l; *hi = i; break;
     case STEP_STRIDE: *lo = p - p % st.column; *hi = p - st.exclusive; break;
+    // Exercise 10 starts here: the dilated window as a band in the transposed order.
+    case STEP_DILATED: *lo = p - p % st.column > p - st.l + 1 ? p - p % st.column : p - st.l + 1; *hi = p; break;
+    // Exercise 10 ends here.
     default: { // STEP_SUMMARY: the c cells of every earlier block, then those of its own block <= i
         const int first = st.l - (st.g + 1) * st.c; // first summary cell of a block
         int own = i % st.l - first + 1;              // summary cells <= i in its own block
@@ -353,7 +363,7 @@ static Step make_step(int kind, int n, const StPattern *p, int head, int exclusi
     // Only the fields a step reads are set, so that heads with the same step compare equal.
     Step st = {kind, n, kind == STEP_CAUSAL ? 0 : p->stride, 0, 0, exclusive, 1, n, n};
     if (kind == STEP_SUMMARY) st.c = p->summary, st.g = head % p->groups;
-    if (kind == STEP_STRIDE) {
+    if (transposed(kind)) {
         const int rows = (n + st.l - 1) / st.l; // longest column
         int column = 1;
         while (column < rows && column < TILE) column *= 2;
@@ -369,8 +379,9 @@ static Step make_step(int kind, int n, const StPattern *p, int head, int exclusi
 
 // The steps of head `head` in layer `layer` (1 or 2), in the order they must run.
 static int head_steps(const StPattern *p, int layer, int head, int n, Step steps[2]) {
-    if (p->kind == ST_DENSE || p->kind == ST_LOCAL) {
-        steps[0] = make_step(p->kind == ST_DENSE ? STEP_CAUSAL : STEP_LOCAL, n, p, head, 0);
+    if (p->kind == ST_DENSE || p->kind == ST_LOCAL || p->kind == ST_DILATED) {
+        steps[0] = make_step(p->kind == ST_DENSE ? STEP_CAUSAL : p->kind == ST_LOCAL ? STEP_LOCAL : STEP_DILATED, n, p,
+                             head, 0);
         return 1;
     }
     const int first = p->kind == ST_STRIDED ? STEP_LOCAL : STEP_BLOCK;

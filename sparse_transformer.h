@@ -42,20 +42,22 @@ const char *st_precision_name(StPrecision p);
 // ----------------------------------------------------------------------------
 // Attention patterns (Child et al. 2019, section 4): positions are 0-based, always causal (j <= i).
 
-// local: strided's local step alone. ST_PATTERN_KINDS counts them: a new pattern goes just before it, so
-// that the numbers stored in checkpoints keep their meaning (sparse_transformer.cu, section 2: how to add one).
-typedef enum { ST_DENSE, ST_STRIDED, ST_FIXED, ST_LOCAL, ST_PATTERN_KINDS } StPatternKind;
+// local: strided's local step alone; dilated: l keys l apart. ST_PATTERN_KINDS counts them: a new pattern
+// goes just before it, so that the numbers stored in checkpoints keep their meaning (sparse_transformer.cu,
+// section 2: how to add one).
+typedef enum { ST_DENSE, ST_STRIDED, ST_FIXED, ST_LOCAL, ST_DILATED, ST_PATTERN_KINDS } StPatternKind;
 typedef enum { ST_INTERLEAVED, ST_MERGED, ST_MULTIHEAD } StCombine;
 
 typedef struct {
     StPatternKind kind;
     StCombine combine; // how a layer uses the pattern's two steps; ignored by dense
-    int stride;        // l: the stride (strided), the block length (fixed) or the window (local)
+    int stride;        // l: the stride (strided), the block length (fixed), the window (local), the dilation (dilated)
     int summary;       // c: summary cells per block (fixed)
     int groups;        // G: summary groups; head h uses group h mod G (fixed)
 } StPattern;
 
-// Name <-> enum: "dense" "strided" "fixed" "local"; "interleaved" "merged" "multihead". -1 for an unknown name.
+// Name <-> enum: "dense" "strided" "fixed" "local" "dilated"; "interleaved" "merged" "multihead". -1 for an
+// unknown name.
 int st_pattern_kind_from_name(const char *name);
 int st_combine_from_name(const char *name);
 const char *st_pattern_kind_name(StPatternKind kind);

@@ -87,6 +87,7 @@ static double uniform(void) {
 // Marks in mask (n x n, row = query i) the keys of one step, by enumerating them.
 //   strided step 0: the l positions up to i;  step 1: i, i - l, i - 2l, ...
 //   fixed step 0: i's block up to i;  step 1: in every block, cells l-(g+1)c .. l-gc-1, up to i
+//   dilated: the l taps i, i - l, ..., i - (l - 1) l that are >= 0
 static void mark_step(unsigned char *mask, int n, StPatternKind kind, int step, int l, int c, int g) {
     for (int i = 0; i < n; i++) {
         unsigned char *row = mask + (size_t)i * n;
@@ -96,6 +97,8 @@ static void mark_step(unsigned char *mask, int n, StPatternKind kind, int step, 
             for (int j = i; j >= 0 && j > i - l; j--) row[j] = 1;
         } else if (kind == ST_STRIDED) {
             for (int j = i; j >= 0; j -= l) row[j] = 1;
+        } else if (kind == ST_DILATED) {
+            for (int tap = 0; tap < l && i - (long)tap * l >= 0; tap++) row[i - tap * l] = 1;
         } else if (step == 0) {
             for (int j = i - i % l; j <= i; j++) row[j] = 1;
         } else {
@@ -109,7 +112,10 @@ static void mark_step(unsigned char *mask, int n, StPatternKind kind, int step, 
 static void build_mask(unsigned char *mask, int n, const StPattern *p, int layer, int head) {
     memset(mask, 0, (size_t)n * n);
     const int g = p->kind == ST_FIXED ? head % p->groups : 0;
-    if (p->kind == ST_DENSE || p->kind == ST_LOCAL) { mark_step(mask, n, p->kind, 0, p->stride, 0, 0); return; }
+    if (p->kind == ST_DENSE || p->kind == ST_LOCAL || p->kind == ST_DILATED) {
+        mark_step(mask, n, p->kind, 0, p->stride, 0, 0);
+        return;
+    }
     if (p->combine == ST_MERGED) {
         mark_step(mask, n, p->kind, 0, p->stride, p->summary, g);
         mark_step(mask, n, p->kind, 1, p->stride, p->summary, g);
@@ -228,6 +234,7 @@ static void test_reference_gradients(void) {
 static long count_step(StPatternKind kind, int step, int l, int c, int g, int i) {
     if (kind == ST_DENSE) return i + 1;
     if (kind == ST_LOCAL) return i + 1 < l ? i + 1 : l;
+    if (kind == ST_DILATED) return i / l + 1 < l ? i / l + 1 : l; // taps back to 0, at most l
     if (kind == ST_STRIDED) return step == 0 ? (i + 1 < l ? i + 1 : l) : i / l + 1;
     if (step == 0) return i % l + 1;
     const int own = i % l - (l - (g + 1) * c) + 1; // summary cells <= i in i's own block
@@ -240,7 +247,10 @@ static long expected_pairs(const StPattern *p, int n, int layer, int head) {
     const int l = p->stride, c = p->summary, g = p->kind == ST_FIXED ? head % p->groups : 0;
     long total = 0;
     for (int i = 0; i < n; i++) {
-        if (p->kind == ST_DENSE || p->kind == ST_LOCAL) { total += count_step(p->kind, 0, l, c, g, i); continue; }
+        if (p->kind == ST_DENSE || p->kind == ST_LOCAL || p->kind == ST_DILATED) {
+            total += count_step(p->kind, 0, l, c, g, i);
+            continue;
+        }
         if (p->combine != ST_MERGED) {
             const int step = p->combine == ST_INTERLEAVED ? layer % 2 : head % 2;
             total += count_step(p->kind, step, l, c, g, i);
@@ -262,6 +272,8 @@ static void test_masks(void) {
         {ST_FIXED, ST_MERGED, 10, 3, 2},     {ST_FIXED, ST_MULTIHEAD, 9, 1, 1},
         {ST_FIXED, ST_MERGED, 4, 4, 1},      {ST_FIXED, ST_MERGED, 37, 5, 7},
         {ST_LOCAL, ST_MULTIHEAD, 1, 0, 0},   {ST_LOCAL, ST_MERGED, 9, 0, 0},
+        {ST_DILATED, ST_MERGED, 1, 0, 0},    {ST_DILATED, ST_INTERLEAVED, 4, 0, 0},
+        {ST_DILATED, ST_MULTIHEAD, 7, 0, 0}, {ST_DILATED, ST_MERGED, 37, 0, 0},
     };
     const int n = 37, H = 4;
     unsigned char *mask = malloc(n * n);
@@ -575,6 +587,10 @@ static void test_kernels(void) {
         {{ST_LOCAL, ST_MERGED, 5, 0, 0}, 0, 77, 2, 64, 2},
         {{ST_LOCAL, ST_MULTIHEAD, 32, 0, 0}, 1, 100, 1, 32, 1},
         {{ST_LOCAL, ST_INTERLEAVED, 45, 0, 0}, 1, 200, 2, 128, 1},
+        // dilated: one step in the transposed order; a window that ends inside a column and one that spans it
+        {{ST_DILATED, ST_MERGED, 3, 0, 0}, 0, 30, 1, 32, 1},
+        {{ST_DILATED, ST_MULTIHEAD, 6, 0, 0}, 1, 150, 2, 64, 2},
+        {{ST_DILATED, ST_INTERLEAVED, 13, 0, 0}, 0, 300, 2, 128, 1},
     };
     const int had_verdict = verdict[0] != 0;
     for (int p = 0; p < 2; p++) {
@@ -611,6 +627,7 @@ static void test_work_at_scale(void) {
         {ST_STRIDED, ST_MERGED, 100, 0, 0},    {ST_FIXED, ST_INTERLEAVED, 128, 32, 1},
         {ST_FIXED, ST_MERGED, 128, 32, 4},     {ST_FIXED, ST_MULTIHEAD, 128, 32, 2},
         {ST_FIXED, ST_MERGED, 100, 7, 3},      {ST_LOCAL, ST_MERGED, 128, 0, 0},
+        {ST_DILATED, ST_MERGED, 128, 0, 0},    {ST_DILATED, ST_MERGED, 40, 0, 0},
     };
     for (size_t t = 0; t < sizeof patterns / sizeof patterns[0]; t++) {
         const StPattern *p = &patterns[t];
@@ -981,6 +998,7 @@ static void test_model_gradients(void) {
     check_model_gradients("fixed/merged, dropout 0.1", tiny_config(fixed, 0, 0.1f));
     check_model_gradients("strided/merged, recompute, dropout 0.1", tiny_config(strided, 1, 0.1f));
     check_model_gradients("local", tiny_config((StPattern){ST_LOCAL, ST_MERGED, 8, 0, 0}, 0, 0));
+    check_model_gradients("dilated", tiny_config((StPattern){ST_DILATED, ST_MERGED, 5, 0, 0}, 0, 0));
 }
 
 // The gradient's column sums (biases, layer norms) in chunks, as a GPU does them (two passes, section 7
@@ -1288,7 +1306,8 @@ static void test_checkpoint(void) {
 static void test_decode_matches_forward(void) {
     const StPattern patterns[] = {{ST_DENSE, ST_INTERLEAVED, 8, 0, 0}, {ST_STRIDED, ST_MERGED, 8, 0, 0},
                                   {ST_STRIDED, ST_INTERLEAVED, 6, 0, 0}, {ST_FIXED, ST_MERGED, 16, 3, 2},
-                                  {ST_FIXED, ST_MULTIHEAD, 10, 2, 3}, {ST_LOCAL, ST_MERGED, 12, 0, 0}};
+                                  {ST_FIXED, ST_MULTIHEAD, 10, 2, 3}, {ST_LOCAL, ST_MERGED, 12, 0, 0},
+                                  {ST_DILATED, ST_MERGED, 5, 0, 0}};
     for (size_t k = 0; k < sizeof patterns / sizeof patterns[0]; k++) {
         StModelConfig cfg = tiny_config(patterns[k], 0, 0);
         const int T = cfg.ctx, prompt = 10;

@@ -54,7 +54,7 @@ static Flag flags[] = {
     {"-o", TEXT, &opt.out_dir, 0, 0, "output folder; the checkpoint is DIR/model.bin", 0},
     {"-log", TEXT, &opt.log_path, 0, 0, "also write a tab-separated line per step and per validation to FILE "
      "(docs/formats.md: the columns; a resumed run appends)", 0},
-    {"-pattern", PATTERN, &opt.model.pattern.kind, 0, 0, "attention pattern: dense | strided | fixed | local (a window of -stride bytes)", 0},
+    {"-pattern", PATTERN, &opt.model.pattern.kind, 0, 0, "attention pattern: dense | strided | fixed | local (a window of -stride bytes) | dilated (-stride keys, -stride apart)", 0},
     {"-combine", COMBINE, &opt.model.pattern.combine, 0, 0,
      "how a layer uses the pattern's two steps: interleaved | merged | multihead", 0},
     {"-ctx", INT, &opt.model.ctx, 1, ST_MAX_CTX, "context length in bytes", 0},
@@ -228,7 +228,9 @@ static void show_pattern(void) {
     printf("pattern %s", st_pattern_kind_name(c->pattern.kind));
     if (c->pattern.kind == ST_STRIDED || c->pattern.kind == ST_FIXED) printf(", combine %s", st_combine_name(c->pattern.combine));
     printf(", ctx %d", c->ctx);
-    if (c->pattern.kind != ST_DENSE) printf(", %s %d", c->pattern.kind == ST_LOCAL ? "window" : "stride", c->pattern.stride);
+    if (c->pattern.kind != ST_DENSE)
+        printf(", %s %d", c->pattern.kind == ST_LOCAL ? "window" : c->pattern.kind == ST_DILATED ? "dilation" : "stride",
+               c->pattern.stride);
     if (c->pattern.kind == ST_FIXED) printf(", summary %d, summary_groups %d", c->pattern.summary, c->pattern.groups);
     printf("\n");
     for (int layer = 0; layer < c->layers; layer++) {

@@ -25,6 +25,7 @@ plants=(
     "4@merged == -INFINITY || row_sum == 0.0f ? 0.0f : expf(lse_new - merged) / row_sum@expf(lse_new - merged) / row_sum@out has NaN"
     "5@p * (dS_s[r * S::SROW + c] - delta_s[r])@p * dS_s[r * S::SROW + c]@only the backward is wrong"
     "7@(s + 1.702f * x[e] * s * (1.0f - s))@(s + x[e] * s * (1.0f - s))@every one upstream of h1.fc2w"
+    "10@p - st.l + 1 ? p - p % st.column : p - st.l + 1@p - st.l ? p - p % st.column : p - st.l@forward output wrong (fp32 dilated"
 )
 
 # fill N FILE CODE: the lines between exercise N's signposts in FILE become the file CODE.
