@@ -145,7 +145,7 @@ static const char *exponent_text(char *text, size_t size, const Result *r, int c
 static int flag_value(int argc, char **argv, int i) {
     char *end;
     long value = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
-    if (i + 1 >= argc || *end != '\0' || value < 1 || value > (1 << 24)) {
+    if (i + 1 >= argc || *end != '\0' || value < 1 || value > ST_MAX_CTX) {
         fprintf(stderr, "%s expects a positive whole number " FLAGS "\n", argv[i]);
         exit(1);
     }

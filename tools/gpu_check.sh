@@ -125,6 +125,8 @@ nvidia-smi -L > "$logs/gpu.txt" 2>&1 || echo "nvidia-smi failed" >> "$logs/gpu.t
 cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 arch="-gencode arch=compute_${cc:-90},code=sm_${cc:-90}" # this GPU only: half the build time
 here=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown commit")
+# (a lent machine's copy may carry files newer than its HEAD: say so rather than name a commit it is not)
+[ -z "$(git status --porcelain --untracked-files=no 2>/dev/null | head -n 1)" ] || here="$here, with changes not in it"
 have_binaries=1 binaries="built here (the working tree at $here)"
 if ! step build 300 make TARGET=gpu GPU_ARCHS="$arch" -j 8 train sample test_kernels build/gpu/bench; then
     if [ -x "$carry/bin/train" ]; then # the binaries of `prepare` (sm_90)
