@@ -43,6 +43,9 @@ else
 endif
 CPU_LIBS = $(LIBS) $(BLAS)
 
+# Data-parallel training (mpirun -np N ./train) in the CPU build, where MPI's compiler wrapper is found
+# (Debian's openmpi-bin libopenmpi-dev): train.c is compiled with -DST_MPI and linked with MPI.
+HAVE_MPI := $(shell command -v mpicc 2>/dev/null)
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 ifeq ($(TARGET),)
@@ -61,6 +64,14 @@ else
 endif
 
 BUILD = build/$(TARGET)
+ifneq ($(HAVE_MPI),)
+ifneq ($(TARGET),gpu)
+$(BUILD)/train.o: CFLAGS += -DST_MPI $(shell mpicc --showme:compile)
+MPI_LIBS = $(shell mpicc --showme:link)
+MPI_WHY = MPI (mpicc found): mpirun -np N ./train trains one model on N processes
+endif
+endif
+MPI_WHY ?= no MPI: ./train runs as one process (for several: apt-get install openmpi-bin libopenmpi-dev, make clean && make)
 BINARIES = train sample test_kernels
 # The binaries are relinked whenever the target changes (build/target holds the last one).
 $(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
@@ -75,7 +86,7 @@ data/default:
 
 announce:
 	@echo "building for the $(TARGET) ($(WHY))"
-	@if [ "$(TARGET)" != gpu ]; then echo "matrix products: $(BLAS_WHY)"; fi
+	@if [ "$(TARGET)" != gpu ]; then echo "matrix products: $(BLAS_WHY)"; echo "ranks: $(MPI_WHY)"; fi
 
 cpu:
 	@$(MAKE) --no-print-directory TARGET=cpu all
@@ -113,7 +124,7 @@ LINK = $(CXX) -fopenmp $(SANITIZE)
 endif
 
 train: $(BUILD)/train.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
+	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS) $(MPI_LIBS)
 
 sample: $(BUILD)/sample.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
@@ -151,6 +162,12 @@ build/exercise/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h 
 build/exercise/test_kernels: build/cpu/test_kernels.o build/exercise/sparse_transformer.o
 	$(CXX) -fopenmp $^ -o $@ $(CPU_LIBS)
 exercise: build/exercise/test_kernels
+
+# train.c without MPI, for tools/test_mpi.sh: started by mpirun with several processes, it must refuse.
+build/nompi/train: train.c build/cpu/sparse_transformer.o sparse_transformer.h
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -c train.c -o build/nompi/train.o
+	$(CXX) -fopenmp build/nompi/train.o build/cpu/sparse_transformer.o -o $@ $(CPU_LIBS)
 
 test: announce $(BINARIES) build/test_emulator build/warps4/test_kernels build/replay_checkpoint build/replay_data
 	build/test_emulator

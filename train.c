@@ -13,6 +13,7 @@ interrupted.
 */
 #define _XOPEN_SOURCE 700 // clock_gettime, sigaction, M_PI
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -23,6 +24,9 @@ interrupted.
 #include <unistd.h>
 
 #include "sparse_transformer.h"
+#ifdef ST_MPI
+#include <mpi.h> // several ranks (section Ranks)
+#endif
 
 // ----------------------------------------------------------------------------
 // Flags
@@ -133,6 +137,12 @@ static void usage(void) {
         print_value(&flags[i]);
         printf(")\n");
     }
+#ifdef ST_MPI
+    printf("several processes: mpirun -np N ./train ... trains one model; -batch is each rank's, so N x -batch windows "
+           "a step; give each rank its threads with OMP_NUM_THREADS (rank 0 prints and saves)\n");
+#else
+    printf("several processes: this build has no MPI (apt-get install openmpi-bin libopenmpi-dev; make clean && make)\n");
+#endif
 }
 
 
@@ -282,11 +292,12 @@ static void copy_window(const Split *s, size_t start, unsigned char *inputs, uns
     memset(targets + have, 0, T - have);
 }
 
-// B random windows; the random state is the trainer's (saved in checkpoints).
-static void random_batch(const Split *s, unsigned long long *rng, unsigned char *inputs, unsigned char *targets) {
+// `count` random windows; the random state is the trainer's (saved in checkpoints).
+static void random_batch(const Split *s, unsigned long long *rng, int count, unsigned char *inputs,
+                         unsigned char *targets) {
     const int T = opt.model.ctx;
     const size_t unit = window_unit(s), starts = (s->info.n_bytes - T - 1) / unit + 1;
-    for (int b = 0; b < opt.batch; b++) {
+    for (int b = 0; b < count; b++) {
         // xorshift64*: a small generator the checkpoint can hold in one number
         *rng ^= *rng >> 12, *rng ^= *rng << 25, *rng ^= *rng >> 27;
         const size_t start = (size_t)((*rng * 2685821657736338717ull) % starts) * unit;
@@ -451,6 +462,95 @@ static void log_line(const char *kind, int step, double loss, float lr, double m
 }
 
 // ----------------------------------------------------------------------------
+// Ranks: one model trained by N processes (mpirun -np N ./train), in a build with MPI
+//
+// Every rank holds the whole model. A step draws the windows that one process with batch N x B would
+// draw, and rank r trains on windows r B .. r B + B - 1 of them; the gradients are then averaged over
+// the ranks before the update, so every rank applies the same update, and N ranks with -batch B train
+// as one process with -batch N B, up to the order of the float sums. Rank 0 alone prints, logs,
+// samples, evaluates and saves (the other ranks' standard output goes to /dev/null; their errors
+// still reach standard error). A process that no launcher started runs alone, without MPI at all:
+// ranks is 1, and each of these functions does nothing.
+static int rank = 0, ranks = 1;
+
+// The number of processes a launcher (mpirun: Open MPI, or a PMI one) started, 0 if none did.
+static int launched(void) {
+    const char *names[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"};
+    for (int i = 0; i < 2; i++)
+        if (getenv(names[i])) return atoi(getenv(names[i]));
+    return 0;
+}
+
+#ifdef ST_MPI
+static void ranks_start(int *argc, char ***argv) {
+    if (!launched()) return;
+    MPI_Init(argc, argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+    if (rank > 0 && !freopen("/dev/null", "w", stdout)) st_fail("rank %d: cannot silence its output", rank);
+}
+static void ranks_end(void) {
+    if (launched()) MPI_Finalize();
+}
+// The sum of x over the ranks, in place (MPI's count is an int: large buffers go in parts).
+static void sum_over_ranks(float *x, size_t n) {
+    if (ranks == 1) return;
+    for (size_t done = 0; done < n; done += INT_MAX / 2) {
+        const size_t part = n - done < INT_MAX / 2 ? n - done : INT_MAX / 2;
+        MPI_Allreduce(MPI_IN_PLACE, x + done, (int)part, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    }
+}
+static int any_rank(int flag) {
+    if (ranks > 1) MPI_Allreduce(MPI_IN_PLACE, &flag, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    return flag;
+}
+// Ranks started with other flags or other data would train different models in lockstep: each rank
+// hashes its settings and data sizes, and they must all agree.
+static void ranks_agree(const Split *train, const Split *val) {
+    if (ranks == 1) return;
+    unsigned long long h = 1469598103934665603ull; // FNV-1a over the settings that shape the run
+    const void *parts[] = {&opt.model, &opt.batch, &opt.steps, &opt.warmup, &opt.lr, &opt.weight_decay, &opt.clip,
+                           &opt.seed, &opt.resume, &train->info.n_bytes, &val->info.n_bytes};
+    const size_t sizes[] = {sizeof opt.model, sizeof opt.batch, sizeof opt.steps, sizeof opt.warmup, sizeof opt.lr,
+                            sizeof opt.weight_decay, sizeof opt.clip, sizeof opt.seed, sizeof opt.resume,
+                            sizeof train->info.n_bytes, sizeof val->info.n_bytes};
+    for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++)
+        for (size_t i = 0; i < sizes[p]; i++) h = (h ^ ((const unsigned char *)parts[p])[i]) * 1099511628211ull;
+    unsigned long long lo = h, hi = h;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+    if (lo != hi) {
+        if (rank == 0) fprintf(stderr, "the %d ranks were given different flags or data: start every rank with the "
+                                       "same command line and data folder\n", ranks);
+        MPI_Finalize();
+        exit(1);
+    }
+}
+#else
+// A build without MPI started by mpirun would train N separate models side by side: it refuses.
+static void ranks_start(int *argc, char ***argv) {
+    (void)argc, (void)argv;
+    if (launched() > 1)
+        st_fail("this ./train was built without MPI but runs as one of %d processes: each would train a model of its "
+                "own. Install MPI (apt-get install openmpi-bin libopenmpi-dev), then: make clean && make", launched());
+}
+static void ranks_end(void) {}
+static void sum_over_ranks(float *x, size_t n) { (void)x, (void)n; }
+static int any_rank(int flag) { return flag; }
+static void ranks_agree(const Split *train, const Split *val) { (void)train, (void)val; }
+#endif
+
+// The gradients averaged over the ranks (through the host: the MPI here knows no device memory).
+static void average_gradients(StModel *m, float *host) {
+    if (ranks == 1) return;
+    const size_t n = st_model_num_params(m);
+    st_model_get(m, ST_GRADS, host);
+    sum_over_ranks(host, n);
+    for (size_t i = 0; i < n; i++) host[i] /= ranks;
+    st_model_set(m, ST_GRADS, host);
+}
+
+// ----------------------------------------------------------------------------
 // Learning rate: linear warmup, then cosine decay to 0
 
 static float learning_rate(int step) {
@@ -571,6 +671,7 @@ static void print_sample(StModel *m, const Split *val, long long step) {
 // ----------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
+    ranks_start(&argc, &argv);
     const char *device = st_device_init();
     set_defaults(st_device_is_gpu());
     parse_args(argc, argv);
@@ -609,7 +710,9 @@ int main(int argc, char **argv) {
     }
     check_fills_context(&train, "train.bin");
     check_fills_context(&val, "val.bin");
+    ranks_agree(&train, &val);
     printf("device: %s\n", device);
+    if (ranks > 1) printf("ranks: %d, each with -batch %d: %d windows a step\n", ranks, opt.batch, ranks * opt.batch);
     printf("data: %s, %s, train %zu bytes, val %zu bytes\n", opt.data_dir, st_data_kind_name(train.info.kind),
            train.info.n_bytes, val.info.n_bytes);
     printf("model: %s/%s stride %d, ctx %d, dim %d, heads %d, layers %d: %.2fM parameters; %s products\n",
@@ -617,8 +720,9 @@ int main(int argc, char **argv) {
            c->dim, c->heads, c->layers, st_model_num_params(m) / 1e6, st_precision_name(opt.precision));
     install_interrupt();
     if (opt.eval_only) {
-        const double loss = eval_final(m, &val);
+        const double loss = rank == 0 ? eval_final(m, &val) : 0.0;
         st_model_free(m);
+        ranks_end();
         return isnan(loss) ? 128 + interrupted : 0;
     }
     struct stat out_dir;
@@ -627,9 +731,11 @@ int main(int argc, char **argv) {
     state.seed = (unsigned long long)opt.seed, state.steps = opt.steps, state.warmup = opt.warmup;
     state.batch = opt.batch, state.lr = opt.lr, state.weight_decay = opt.weight_decay, state.clip = opt.clip;
 
-    log_open(opt.resume, state.step);
+    if (rank == 0) log_open(opt.resume, state.step);
     const int T = c->ctx, B = opt.batch;
-    unsigned char *inputs = st_host_alloc((size_t)B * T), *targets = st_host_alloc((size_t)B * T);
+    // the step's windows, all ranks' (this rank trains on its slice), and the gradients' host copy
+    unsigned char *inputs = st_host_alloc((size_t)ranks * B * T), *targets = st_host_alloc((size_t)ranks * B * T);
+    float *grads = ranks > 1 ? st_host_alloc(st_model_num_params(m) * sizeof(float)) : NULL;
     printf("activations: %.1f MiB for batch %d%s; %.1f MiB with -recompute %d\n",
            st_model_activation_bytes(m, B, c->recompute) / 1048576.0, B, c->recompute ? " with recompute" : "",
            st_model_activation_bytes(m, B, !c->recompute) / 1048576.0, !c->recompute);
@@ -637,24 +743,28 @@ int main(int argc, char **argv) {
     for (int step = (int)state.step; step < opt.steps; step++) {
         const float lr = learning_rate(step);
         const double start = now_ms();
-        random_batch(&train, &state.rng, inputs, targets);
+        random_batch(&train, &state.rng, ranks * B, inputs, targets);
         // the step's kernels are queued on the device back to back; reading its loss waits for all of them
-        st_model_forward(m, inputs, targets, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
+        const size_t mine = (size_t)rank * B * T;
+        st_model_forward(m, inputs + mine, targets + mine, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
         st_model_backward(m);
+        average_gradients(m, grads);
         st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
-        const float loss = st_model_loss(m);
+        float loss = st_model_loss(m);
+        sum_over_ranks(&loss, 1), loss /= ranks; // the mean over every rank's windows
         if (!isfinite(loss)) {
             st_fail("the loss became %s at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
                     "lower -lr or a longer -warmup", isnan(loss) ? "NaN" : "infinite", step + 1, opt.out_dir);
         }
         const double ms = now_ms() - start;
         state.step = step + 1;
+        const double tok_per_s = (double)ranks * B * T / (ms / 1e3);
         printf("step %d/%d | loss %.4f | %.2f bpb | lr %.1e | %.0f ms | %.0f tok/s\n", step + 1, opt.steps, loss,
-               loss / M_LN2, lr, ms, B * T / (ms / 1e3));
+               loss / M_LN2, lr, ms, tok_per_s);
         fflush(stdout);
-        log_line("train", step + 1, loss, lr, ms, B * T / (ms / 1e3));
-        const int last = step + 1 == opt.steps;
-        if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
+        log_line("train", step + 1, loss, lr, ms, tok_per_s);
+        const int last = step + 1 == opt.steps, stop = any_rank(interrupted); // every rank stops at the same step
+        if (rank == 0 && opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
             const double val_loss = eval_spread(m, &val);
             if (isnan(val_loss)) { // interrupted: a part of the windows is not the validation, so nothing is reported
                 printf("val (step %d) interrupted: not reported\n", step + 1);
@@ -663,15 +773,18 @@ int main(int argc, char **argv) {
                 log_line("val", step + 1, val_loss, 0, 0, 0);
             }
         }
-        if (opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT) print_sample(m, &val, step + 1);
-        if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || interrupted) save(m, &state);
-        if (interrupted) {
+        if (rank == 0 && opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT)
+            print_sample(m, &val, step + 1);
+        if (rank == 0 && ((opt.save_every && (step + 1) % opt.save_every == 0) || last || stop)) save(m, &state);
+        if (stop) {
             printf("interrupted: resume with ./train -i %s -o %s -resume 1\n", opt.data_dir, opt.out_dir);
-            return 128 + interrupted;
+            ranks_end();
+            return 128 + (interrupted ? interrupted : SIGTERM);
         }
     }
-    free(inputs), free(targets);
-    const double final_loss = eval_final(m, &val);
+    free(inputs), free(targets), free(grads);
+    const double final_loss = rank == 0 ? eval_final(m, &val) : 0.0;
+    ranks_end();
     if (isnan(final_loss)) {
         printf("interrupted during the final evaluation; the checkpoint is saved\n");
         return 128 + interrupted;
