@@ -231,7 +231,7 @@ typedef struct {
     long long step;         // optimizer steps done
     unsigned long long rng; // the trainer's random state: which batches come next
     unsigned long long seed;
-    int steps, warmup, batch;
+    int steps, warmup, batch; // batch: the windows of a step, every rank's (./train under mpirun)
     float lr, weight_decay, clip;
 } StTrainState;
 

@@ -637,7 +637,12 @@ static StModel *load(StTrainState *state) {
     st_model_set_recompute(m, recompute);
     if (!given(&opt.steps)) opt.steps = state->steps;
     if (!given(&opt.warmup)) opt.warmup = state->warmup;
-    if (!given(&opt.batch)) opt.batch = state->batch;
+    if (!given(&opt.batch)) { // the checkpoint holds the windows of a step, all ranks': split them again
+        if (state->batch % ranks)
+            st_fail("cannot resume %s: its steps had %d windows, which %d ranks cannot share evenly: run a number of "
+                    "ranks that divides %d, or give -batch", path, state->batch, ranks, state->batch);
+        opt.batch = state->batch / ranks;
+    }
     if (!given(&opt.lr)) opt.lr = state->lr;
     if (!given(&opt.weight_decay)) opt.weight_decay = state->weight_decay;
     if (!given(&opt.clip)) opt.clip = state->clip;
@@ -729,7 +734,8 @@ int main(int argc, char **argv) {
     if ((mkdir(opt.out_dir, 0755) != 0 && errno != EEXIST) || stat(opt.out_dir, &out_dir) != 0 || !S_ISDIR(out_dir.st_mode))
         st_fail("cannot use %s as the output folder: %s", opt.out_dir, errno == EEXIST ? "a file has that name" : strerror(errno));
     state.seed = (unsigned long long)opt.seed, state.steps = opt.steps, state.warmup = opt.warmup;
-    state.batch = opt.batch, state.lr = opt.lr, state.weight_decay = opt.weight_decay, state.clip = opt.clip;
+    state.batch = ranks * opt.batch; // a step's windows, all ranks': another number of ranks can resume the stream
+    state.lr = opt.lr, state.weight_decay = opt.weight_decay, state.clip = opt.clip;
 
     if (rank == 0) log_open(opt.resume, state.step);
     const int T = c->ctx, B = opt.batch;

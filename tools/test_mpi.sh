@@ -4,7 +4,9 @@
 #   1. 2 ranks with -batch 4 train as 1 process with -batch 8: every step's loss and the final validation
 #      agree within 1e-4 relative (the same windows and the averaged gradients; only the order of the
 #      float sums differs, about 1e-7); and only rank 0 writes: the -log file has one line per step;
-#   2. 6 steps, then -resume 1 to step 12, under 2 ranks: the same losses as 12 steps at once;
+#   2. 6 steps, then -resume 1 to step 12, under 2 ranks: the same losses as 12 steps at once; and
+#      resumed by 1 process instead, the same stream (it takes -batch 8 from the checkpoint), while 3
+#      ranks, which cannot share 8 windows, refuse;
 #   3. ranks given different flags: a one-line error, exit 1, no hang;
 #   4. a rank killed mid-run: the job ends with an error, and the checkpoint it leaves loads;
 #   5. a ./train built without MPI, started by mpirun with 2 processes, refuses.
@@ -51,6 +53,18 @@ $mpi -np 2 ./train $model -batch 4 -steps 6 -o "$dir/resumed" -log "$dir/resumed
 result $? "2 ranks: 6 steps, then resumed to 12 ($dir/resumed.log)"
 same "$dir/two.tsv" "$dir/resumed.tsv" 0 steps
 result $? "the resumed 2-rank run has the losses of the uninterrupted one, to the last digit"
+
+# 2b. the windows of a step are in the checkpoint: 1 process resumes what 2 ranks began, as one stream
+$mpi -np 2 ./train $model -batch 4 -steps 6 -o "$dir/handover" -log "$dir/handover.tsv" > "$dir/handover.log" 2>&1 &&
+    ./train $model -steps 12 -o "$dir/handover" -resume 1 -log "$dir/handover.tsv" >> "$dir/handover.log" 2>&1 &&
+    grep -q 'ranks: 2, each with -batch 4' "$dir/handover.log"
+result $? "2 ranks for 6 steps, then 1 process resumes to step 12 ($dir/handover.log)"
+same "$dir/two.tsv" "$dir/handover.tsv" 1e-4 steps
+result $? "the handed-over run has the 2-rank run's losses within 1e-4: 1 process took -batch 8 from the checkpoint"
+$mpi -np 3 ./train $model -steps 14 -o "$dir/handover" -resume 1 > "$dir/three.log" 2>&1
+code=$?
+[ $code != 0 ] && [ $code != 124 ] && grep -q 'its steps had 8 windows, which 3 ranks cannot share evenly' "$dir/three.log"
+result $? "3 ranks cannot share a step of 8 windows: they say so (exit $code, $dir/three.log)"
 
 # 3.
 $mpi -np 1 ./train $model -batch 4 -steps 3 -lr 1e-3 -o "$dir/mixed" : -np 1 ./train $model -batch 4 -steps 3 -lr 2e-3 \
