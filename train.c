@@ -2,9 +2,10 @@
 train.c: trains the byte-level Sparse Transformer on a data set made by data/prepare.sh.
 
 Read it in this order: the flags (one table: parsing, defaults and -h all come from it), the data
-(random windows for training, fixed ones for validation), the learning-rate schedule, then main(),
-which is the training loop: forward, backward, AdamW, a line per step, validation, samples and
-checkpoints. `./train -show_pattern` only prints the attention patterns and exits.
+(random windows for training, fixed ones for validation), the ranks (several processes under mpirun,
+in a build with MPI), the evaluation, the learning-rate schedule, then main(), which is the training
+loop: forward, backward, AdamW, a line per step, validation, samples and checkpoints.
+`./train -show_pattern` only prints the attention patterns and exits.
 
 Every run can be resumed: checkpoints hold the model, Adam's moments, the step and the random state,
 and are written to a temporary file then renamed. Ctrl-C (or kill, SIGTERM) saves one before exiting.
@@ -312,6 +313,99 @@ static double now_ms(void) {
 }
 
 // ----------------------------------------------------------------------------
+// Ranks: one model trained by N processes (mpirun -np N ./train), in a build with MPI
+//
+// Every rank holds the whole model. A step draws the windows that one process with batch N x B would
+// draw, and rank r trains on windows r B .. r B + B - 1 of them; the gradients are then averaged over
+// the ranks before the update, so every rank applies the same update, and N ranks with -batch B train
+// as one process with -batch N B, up to the order of the float sums. The evaluations are shared: each
+// rank scores a part of the windows. Rank 0 alone prints, logs, samples and saves (the other ranks'
+// standard output goes to /dev/null; their errors still reach standard error). A process that no
+// launcher started runs alone, without MPI at all: ranks is 1, and each of these functions does nothing.
+static int rank = 0, ranks = 1;
+
+// The number of processes a launcher (mpirun: Open MPI, or a PMI one) started, 0 if none did.
+static int launched(void) {
+    const char *names[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"};
+    for (int i = 0; i < 2; i++)
+        if (getenv(names[i])) return atoi(getenv(names[i]));
+    return 0;
+}
+
+#ifdef ST_MPI
+static void ranks_start(int *argc, char ***argv) {
+    if (!launched()) return;
+    MPI_Init(argc, argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+    if (rank > 0 && !freopen("/dev/null", "w", stdout)) st_fail("rank %d: cannot silence its output", rank);
+}
+static void ranks_end(void) {
+    if (launched()) MPI_Finalize();
+}
+// The sum of x over the ranks, in place (MPI's count is an int: large buffers go in parts).
+static void sum_over_ranks(float *x, size_t n) {
+    if (ranks == 1) return;
+    for (size_t done = 0; done < n; done += INT_MAX / 2) {
+        const size_t part = n - done < INT_MAX / 2 ? n - done : INT_MAX / 2;
+        MPI_Allreduce(MPI_IN_PLACE, x + done, (int)part, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    }
+}
+static void sum_doubles_over_ranks(double *x, int n) {
+    if (ranks > 1) MPI_Allreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+}
+static int any_rank(int flag) {
+    if (ranks > 1) MPI_Allreduce(MPI_IN_PLACE, &flag, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    return flag;
+}
+// Ranks started with other flags or other data would train different models in lockstep: each rank
+// hashes its settings and data sizes, and they must all agree.
+static void ranks_agree(const Split *train, const Split *val) {
+    if (ranks == 1) return;
+    unsigned long long h = 1469598103934665603ull; // FNV-1a over the settings that shape the run
+    const void *parts[] = {&opt.model, &opt.batch, &opt.steps, &opt.warmup, &opt.lr, &opt.weight_decay, &opt.clip,
+                           &opt.seed, &opt.resume, &train->info.n_bytes, &val->info.n_bytes};
+    const size_t sizes[] = {sizeof opt.model, sizeof opt.batch, sizeof opt.steps, sizeof opt.warmup, sizeof opt.lr,
+                            sizeof opt.weight_decay, sizeof opt.clip, sizeof opt.seed, sizeof opt.resume,
+                            sizeof train->info.n_bytes, sizeof val->info.n_bytes};
+    for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++)
+        for (size_t i = 0; i < sizes[p]; i++) h = (h ^ ((const unsigned char *)parts[p])[i]) * 1099511628211ull;
+    unsigned long long lo = h, hi = h;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+    if (lo != hi) {
+        if (rank == 0) fprintf(stderr, "the %d ranks were given different flags or data: start every rank with the "
+                                       "same command line and data folder\n", ranks);
+        MPI_Finalize();
+        exit(1);
+    }
+}
+#else
+// A build without MPI started by mpirun would train N separate models side by side: it refuses.
+static void ranks_start(int *argc, char ***argv) {
+    (void)argc, (void)argv;
+    if (launched() > 1)
+        st_fail("this ./train was built without MPI but runs as one of %d processes: each would train a model of its "
+                "own. Install MPI (apt-get install openmpi-bin libopenmpi-dev), then: make clean && make", launched());
+}
+static void ranks_end(void) {}
+static void sum_over_ranks(float *x, size_t n) { (void)x, (void)n; }
+static void sum_doubles_over_ranks(double *x, int n) { (void)x, (void)n; }
+static int any_rank(int flag) { return flag; }
+static void ranks_agree(const Split *train, const Split *val) { (void)train, (void)val; }
+#endif
+
+// The gradients averaged over the ranks (through the host: the MPI here knows no device memory).
+static void average_gradients(StModel *m, float *host) {
+    if (ranks == 1) return;
+    const size_t n = st_model_num_params(m);
+    st_model_get(m, ST_GRADS, host);
+    sum_over_ranks(host, n);
+    for (size_t i = 0; i < n; i++) host[i] /= ranks;
+    st_model_set(m, ST_GRADS, host);
+}
+
+// ----------------------------------------------------------------------------
 // Evaluation: the mean loss over chosen bytes of the validation split
 
 // A window of the split: inputs start .. start + T - 1; positions from .. to - 1 are scored, each
@@ -322,8 +416,9 @@ typedef struct {
 } Window;
 
 // Mean loss in nats per scored byte over `count` windows, `batch` at a time; *scored counts the bytes.
-// An evaluation that runs longer than 10 s says how far it is every 10 s (in place on a terminal).
-// An interrupt (Ctrl-C, kill) stops it early: then NaN, never the mean of the part done.
+// Under several ranks each scores its share of the windows, and the sums are added up. An evaluation
+// that runs longer than 10 s says how far it is every 10 s (in place on a terminal). An interrupt
+// (Ctrl-C, kill) stops it early: then NaN, never the mean of the part done.
 static double score(StModel *m, const Split *s, const Window *w, long count, int batch, size_t *scored) {
     const int T = opt.model.ctx;
     unsigned char *inputs = st_host_alloc((size_t)batch * T), *targets = st_host_alloc((size_t)batch * T);
@@ -332,15 +427,16 @@ static double score(StModel *m, const Split *s, const Window *w, long count, int
     double sum = 0, next_report = now_ms() + 10e3;
     int reported = 0;
     *scored = 0;
-    for (long done = 0; done < count && !interrupted;) {
-        const int B = count - done < batch ? (int)(count - done) : batch;
+    const long first = count * rank / ranks, end = count * (rank + 1) / ranks; // this rank's windows
+    for (long done = first; done < end && !interrupted;) {
+        const int B = end - done < batch ? (int)(end - done) : batch;
         for (int b = 0; b < B; b++) copy_window(s, w[done + b].start, inputs + (size_t)b * T, targets + (size_t)b * T, T);
         st_model_forward(m, inputs, targets, B, 0, 0);
         st_model_losses(m, losses);
         for (int b = 0; b < B; b++, done++)
             for (int t = w[done].from; t < w[done].to; t++) sum += losses[(size_t)b * T + t], ++*scored;
-        if (now_ms() >= next_report && done < count) {
-            printf("%seval: %ld/%ld windows, %.4f bpb so far%s", tty ? "\r" : "", done, count,
+        if (now_ms() >= next_report && done < end) {
+            printf("%seval: %ld/%ld windows, %.4f bpb so far%s", tty ? "\r" : "", (done - first) * ranks, count,
                    sum / *scored / M_LN2, tty ? "" : "\n");
             fflush(stdout);
             next_report = now_ms() + 10e3, reported = 1;
@@ -348,8 +444,11 @@ static double score(StModel *m, const Split *s, const Window *w, long count, int
     }
     if (reported && tty) printf("\n");
     free(inputs), free(targets), free(losses);
-    if (interrupted) return NAN;
-    return *scored ? sum / *scored : 0.0;
+    if (any_rank(interrupted)) return NAN;
+    double parts[2] = {sum, (double)*scored};
+    sum_doubles_over_ranks(parts, 2);
+    *scored = (size_t)parts[1];
+    return *scored ? parts[0] / *scored : 0.0;
 }
 
 // Validation during training: eval_batches batches of windows spread evenly over the split, the same
@@ -459,95 +558,6 @@ static void log_line(const char *kind, int step, double loss, float lr, double m
     if (ms > 0) fprintf(log_file, "%.3e\t%.1f\t%.1f\n", lr, ms, tok_per_s);
     else fprintf(log_file, "-\t-\t-\n");
     fflush(log_file);
-}
-
-// ----------------------------------------------------------------------------
-// Ranks: one model trained by N processes (mpirun -np N ./train), in a build with MPI
-//
-// Every rank holds the whole model. A step draws the windows that one process with batch N x B would
-// draw, and rank r trains on windows r B .. r B + B - 1 of them; the gradients are then averaged over
-// the ranks before the update, so every rank applies the same update, and N ranks with -batch B train
-// as one process with -batch N B, up to the order of the float sums. Rank 0 alone prints, logs,
-// samples, evaluates and saves (the other ranks' standard output goes to /dev/null; their errors
-// still reach standard error). A process that no launcher started runs alone, without MPI at all:
-// ranks is 1, and each of these functions does nothing.
-static int rank = 0, ranks = 1;
-
-// The number of processes a launcher (mpirun: Open MPI, or a PMI one) started, 0 if none did.
-static int launched(void) {
-    const char *names[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"};
-    for (int i = 0; i < 2; i++)
-        if (getenv(names[i])) return atoi(getenv(names[i]));
-    return 0;
-}
-
-#ifdef ST_MPI
-static void ranks_start(int *argc, char ***argv) {
-    if (!launched()) return;
-    MPI_Init(argc, argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &ranks);
-    if (rank > 0 && !freopen("/dev/null", "w", stdout)) st_fail("rank %d: cannot silence its output", rank);
-}
-static void ranks_end(void) {
-    if (launched()) MPI_Finalize();
-}
-// The sum of x over the ranks, in place (MPI's count is an int: large buffers go in parts).
-static void sum_over_ranks(float *x, size_t n) {
-    if (ranks == 1) return;
-    for (size_t done = 0; done < n; done += INT_MAX / 2) {
-        const size_t part = n - done < INT_MAX / 2 ? n - done : INT_MAX / 2;
-        MPI_Allreduce(MPI_IN_PLACE, x + done, (int)part, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-    }
-}
-static int any_rank(int flag) {
-    if (ranks > 1) MPI_Allreduce(MPI_IN_PLACE, &flag, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    return flag;
-}
-// Ranks started with other flags or other data would train different models in lockstep: each rank
-// hashes its settings and data sizes, and they must all agree.
-static void ranks_agree(const Split *train, const Split *val) {
-    if (ranks == 1) return;
-    unsigned long long h = 1469598103934665603ull; // FNV-1a over the settings that shape the run
-    const void *parts[] = {&opt.model, &opt.batch, &opt.steps, &opt.warmup, &opt.lr, &opt.weight_decay, &opt.clip,
-                           &opt.seed, &opt.resume, &train->info.n_bytes, &val->info.n_bytes};
-    const size_t sizes[] = {sizeof opt.model, sizeof opt.batch, sizeof opt.steps, sizeof opt.warmup, sizeof opt.lr,
-                            sizeof opt.weight_decay, sizeof opt.clip, sizeof opt.seed, sizeof opt.resume,
-                            sizeof train->info.n_bytes, sizeof val->info.n_bytes};
-    for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++)
-        for (size_t i = 0; i < sizes[p]; i++) h = (h ^ ((const unsigned char *)parts[p])[i]) * 1099511628211ull;
-    unsigned long long lo = h, hi = h;
-    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);
-    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
-    if (lo != hi) {
-        if (rank == 0) fprintf(stderr, "the %d ranks were given different flags or data: start every rank with the "
-                                       "same command line and data folder\n", ranks);
-        MPI_Finalize();
-        exit(1);
-    }
-}
-#else
-// A build without MPI started by mpirun would train N separate models side by side: it refuses.
-static void ranks_start(int *argc, char ***argv) {
-    (void)argc, (void)argv;
-    if (launched() > 1)
-        st_fail("this ./train was built without MPI but runs as one of %d processes: each would train a model of its "
-                "own. Install MPI (apt-get install openmpi-bin libopenmpi-dev), then: make clean && make", launched());
-}
-static void ranks_end(void) {}
-static void sum_over_ranks(float *x, size_t n) { (void)x, (void)n; }
-static int any_rank(int flag) { return flag; }
-static void ranks_agree(const Split *train, const Split *val) { (void)train, (void)val; }
-#endif
-
-// The gradients averaged over the ranks (through the host: the MPI here knows no device memory).
-static void average_gradients(StModel *m, float *host) {
-    if (ranks == 1) return;
-    const size_t n = st_model_num_params(m);
-    st_model_get(m, ST_GRADS, host);
-    sum_over_ranks(host, n);
-    for (size_t i = 0; i < n; i++) host[i] /= ranks;
-    st_model_set(m, ST_GRADS, host);
 }
 
 // ----------------------------------------------------------------------------
@@ -725,7 +735,7 @@ int main(int argc, char **argv) {
            c->dim, c->heads, c->layers, st_model_num_params(m) / 1e6, st_precision_name(opt.precision));
     install_interrupt();
     if (opt.eval_only) {
-        const double loss = rank == 0 ? eval_final(m, &val) : 0.0;
+        const double loss = eval_final(m, &val);
         st_model_free(m);
         ranks_end();
         return isnan(loss) ? 128 + interrupted : 0;
@@ -770,7 +780,7 @@ int main(int argc, char **argv) {
         fflush(stdout);
         log_line("train", step + 1, loss, lr, ms, tok_per_s);
         const int last = step + 1 == opt.steps, stop = any_rank(interrupted); // every rank stops at the same step
-        if (rank == 0 && opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
+        if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
             const double val_loss = eval_spread(m, &val);
             if (isnan(val_loss)) { // interrupted: a part of the windows is not the validation, so nothing is reported
                 printf("val (step %d) interrupted: not reported\n", step + 1);
@@ -789,7 +799,7 @@ int main(int argc, char **argv) {
         }
     }
     free(inputs), free(targets), free(grads);
-    const double final_loss = rank == 0 ? eval_final(m, &val) : 0.0;
+    const double final_loss = eval_final(m, &val);
     ranks_end();
     if (isnan(final_loss)) {
         printf("interrupted during the final evaluation; the checkpoint is saved\n");
