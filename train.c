@@ -358,27 +358,47 @@ static int any_rank(int flag) {
     if (ranks > 1) MPI_Allreduce(MPI_IN_PLACE, &flag, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     return flag;
 }
+// FNV-1a: a checksum of bytes, continued from h (start: FNV_START).
+#define FNV_START 1469598103934665603ull
+static unsigned long long fnv1a(unsigned long long h, const void *bytes, size_t n) {
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char *)bytes)[i]) * 1099511628211ull;
+    return h;
+}
+// Whether every rank has the same checksum; if not, rank 0 says `why` and every rank exits 1.
+static void ranks_same(unsigned long long h, const char *why) {
+    unsigned long long lo = h, hi = h;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+    if (lo == hi) return;
+    if (rank == 0) fprintf(stderr, "%s\n", why);
+    MPI_Finalize();
+    exit(1);
+}
 // Ranks started with other flags or other data would train different models in lockstep: each rank
 // hashes its settings and data sizes, and they must all agree.
 static void ranks_agree(const Split *train, const Split *val) {
     if (ranks == 1) return;
-    unsigned long long h = 1469598103934665603ull; // FNV-1a over the settings that shape the run
     const void *parts[] = {&opt.model, &opt.batch, &opt.steps, &opt.warmup, &opt.lr, &opt.weight_decay, &opt.clip,
                            &opt.seed, &opt.resume, &train->info.n_bytes, &val->info.n_bytes};
     const size_t sizes[] = {sizeof opt.model, sizeof opt.batch, sizeof opt.steps, sizeof opt.warmup, sizeof opt.lr,
                             sizeof opt.weight_decay, sizeof opt.clip, sizeof opt.seed, sizeof opt.resume,
                             sizeof train->info.n_bytes, sizeof val->info.n_bytes};
-    for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++)
-        for (size_t i = 0; i < sizes[p]; i++) h = (h ^ ((const unsigned char *)parts[p])[i]) * 1099511628211ull;
-    unsigned long long lo = h, hi = h;
-    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UNSIGNED_LONG_LONG, MPI_MIN, MPI_COMM_WORLD);
-    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
-    if (lo != hi) {
-        if (rank == 0) fprintf(stderr, "the %d ranks were given different flags or data: start every rank with the "
-                                       "same command line and data folder\n", ranks);
-        MPI_Finalize();
-        exit(1);
-    }
+    unsigned long long h = FNV_START;
+    for (size_t p = 0; p < sizeof parts / sizeof parts[0]; p++) h = fnv1a(h, parts[p], sizes[p]);
+    char why[160];
+    snprintf(why, sizeof why, "the %d ranks were given different flags or data: start every rank with the same "
+             "command line and data folder", ranks);
+    ranks_same(h, why);
+}
+// Before each save the ranks compare a checksum of their parameters: ranks whose models drifted apart
+// (the averaged gradients should make that impossible) stop rather than save one rank's model.
+static void ranks_same_model(const StModel *m, float *host, long long step) {
+    if (ranks == 1) return;
+    st_model_get(m, ST_PARAMS, host);
+    char why[200];
+    snprintf(why, sizeof why, "the %d ranks' parameters differ at step %lld: stopped without saving; the last "
+             "checkpoint is %s/model.bin", ranks, step, opt.out_dir);
+    ranks_same(fnv1a(FNV_START, host, st_model_num_params(m) * sizeof(float)), why);
 }
 #else
 // A build without MPI started by mpirun would train N separate models side by side: it refuses.
@@ -393,6 +413,7 @@ static void sum_over_ranks(float *x, size_t n) { (void)x, (void)n; }
 static void sum_doubles_over_ranks(double *x, int n) { (void)x, (void)n; }
 static int any_rank(int flag) { return flag; }
 static void ranks_agree(const Split *train, const Split *val) { (void)train, (void)val; }
+static void ranks_same_model(const StModel *m, float *host, long long step) { (void)m, (void)host, (void)step; }
 #endif
 
 // The gradients averaged over the ranks (through the host: the MPI here knows no device memory).
@@ -791,7 +812,10 @@ int main(int argc, char **argv) {
         }
         if (rank == 0 && opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT)
             print_sample(m, &val, step + 1);
-        if (rank == 0 && ((opt.save_every && (step + 1) % opt.save_every == 0) || last || stop)) save(m, &state);
+        if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || stop) {
+            ranks_same_model(m, grads, step + 1); // (the gradients' host copy, free between steps)
+            if (rank == 0) save(m, &state);
+        }
         if (stop) {
             printf("interrupted: resume with ./train -i %s -o %s -resume 1\n", opt.data_dir, opt.out_dir);
             ranks_end();
