@@ -2,6 +2,7 @@
 #
 #   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise;
 #                   also prepares the default data set once (data/prepare.sh default)
+#                   (the CPU build trains on several processes, mpirun -np N ./train, where mpicc is found)
 #   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h; needs
 #                   OpenBLAS, Debian's libopenblas-openmp-dev, for its matrix products)
 #   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)

@@ -800,7 +800,7 @@ int main(int argc, char **argv) {
                loss / M_LN2, lr, ms, tok_per_s);
         fflush(stdout);
         log_line("train", step + 1, loss, lr, ms, tok_per_s);
-        const int last = step + 1 == opt.steps, stop = any_rank(interrupted); // every rank stops at the same step
+        const int last = step + 1 == opt.steps;
         if (opt.eval_every && (step + 1) % opt.eval_every == 0 && !last) {
             const double val_loss = eval_spread(m, &val);
             if (isnan(val_loss)) { // interrupted: a part of the windows is not the validation, so nothing is reported
@@ -812,6 +812,7 @@ int main(int argc, char **argv) {
         }
         if (rank == 0 && opt.sample_every && (step + 1) % opt.sample_every == 0 && train.info.kind == ST_TEXT)
             print_sample(m, &val, step + 1);
+        const int stop = any_rank(interrupted); // after the validation, which an interrupt may have cut; every rank agrees
         if ((opt.save_every && (step + 1) % opt.save_every == 0) || last || stop) {
             ranks_same_model(m, grads, step + 1); // (the gradients' host copy, free between steps)
             if (rank == 0) save(m, &state);
