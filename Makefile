@@ -2,7 +2,7 @@
 #
 #   make            GPU build when nvcc is found and `nvidia-smi -L` lists a GPU, CPU build otherwise;
 #                   also prepares the default data set once (data/prepare.sh default)
-#                   (the CPU build trains on several processes, mpirun -np N ./train, where mpicc is found)
+#                   (either trains on several processes, mpirun -np N ./train, where mpicc is found)
 #   make cpu        force the CPU build (g++ compiles sparse_transformer.cu through cuda_on_cpu.h; needs
 #                   OpenBLAS, Debian's libopenblas-openmp-dev, for its matrix products)
 #   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)
@@ -44,9 +44,6 @@ else
 endif
 CPU_LIBS = $(LIBS) $(BLAS)
 
-# Data-parallel training (mpirun -np N ./train) in the CPU build, where MPI's compiler wrapper is found
-# (Debian's openmpi-bin libopenmpi-dev): train.c is compiled with -DST_MPI and linked with MPI.
-HAVE_MPI := $(shell command -v mpicc 2>/dev/null)
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 HAVE_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 ifeq ($(TARGET),)
@@ -65,17 +62,35 @@ else
 endif
 
 BUILD = build/$(TARGET)
+# Data-parallel training (mpirun -np N ./train) where MPI's compiler wrapper is found (Debian's
+# openmpi-bin libopenmpi-dev): train.c is compiled with -DST_MPI and linked with MPI. The GPU build also
+# looks for NCCL (nccl.h: CUDA's toolkit may ship it; NCCL_HOME=folder names another), which averages
+# the gradients in GPU memory (-DST_NCCL); without NCCL they travel through the host. HAVE_MPI= (empty)
+# builds without MPI.
+HAVE_MPI := $(shell command -v mpicc 2>/dev/null)
+CUDA_HOME ?= $(patsubst %/bin/,%,$(dir $(HAVE_NVCC)))
 ifneq ($(HAVE_MPI),)
-ifneq ($(TARGET),gpu)
 $(BUILD)/train.o: CFLAGS += -DST_MPI $(shell mpicc --showme:compile)
 MPI_LIBS = $(shell mpicc --showme:link)
-MPI_WHY = MPI (mpicc found): mpirun -np N ./train trains one model on N processes
+ifeq ($(TARGET),gpu)
+NCCL_H := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
+ifneq ($(NCCL_H),)
+NCCL_DIR = $(patsubst %/include/,%,$(dir $(NCCL_H)))
+$(BUILD)/train.o: CFLAGS += -DST_NCCL -I$(NCCL_DIR)/include -I$(CUDA_HOME)/include
+MPI_LIBS += -L$(NCCL_DIR)/lib -l:libnccl.so.2 -Xlinker -rpath=$(NCCL_DIR)/lib
+NCCL_WHY = ; NCCL ($(NCCL_H)) averages the gradients in GPU memory
+else
+NCCL_WHY = ; no NCCL (no nccl.h in NCCL_HOME, $(CUDA_HOME) or /usr): the gradients go through the host
 endif
+endif
+MPI_WHY = MPI (mpicc found): mpirun -np N ./train trains one model on N processes$(NCCL_WHY)
 endif
 MPI_WHY ?= no MPI: ./train runs as one process (for several: apt-get install openmpi-bin libopenmpi-dev, make clean && make)
 BINARIES = train sample test_kernels
-# The binaries are relinked whenever the target changes (build/target holds the last one).
-$(shell mkdir -p build && (echo $(TARGET) | cmp -s - build/target || echo $(TARGET) > build/target))
+# The binaries are relinked whenever the target changes, and train.c recompiled whenever its MPI or NCCL
+# does (build/target holds the last of each).
+$(shell mkdir -p build && (echo $(TARGET) $(HAVE_MPI) $(NCCL_H) | cmp -s - build/target || echo $(TARGET) $(HAVE_MPI) $(NCCL_H) > build/target))
+$(BUILD)/train.o: build/target
 
 .PHONY: all cpu gpu test bench asan fuzz clean announce exercise
 .SECONDARY: # keep intermediate objects (the fuzz harness objects), so that nothing is rebuilt twice
@@ -87,7 +102,8 @@ data/default:
 
 announce:
 	@echo "building for the $(TARGET) ($(WHY))"
-	@if [ "$(TARGET)" != gpu ]; then echo "matrix products: $(BLAS_WHY)"; echo "ranks: $(MPI_WHY)"; fi
+	@if [ "$(TARGET)" != gpu ]; then echo "matrix products: $(BLAS_WHY)"; fi
+	@echo "ranks: $(MPI_WHY)"
 
 cpu:
 	@$(MAKE) --no-print-directory TARGET=cpu all

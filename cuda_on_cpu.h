@@ -122,7 +122,9 @@ inline const char *cudaGetErrorString(cudaError_t e) {
 }
 inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
-inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; } // the host
+inline cudaError_t cudaGetDevice(int *device) { *device = 0; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
 // Which OpenBLAS the loader gave (openblas_get_parallel: 0 serial, 1 pthreads, 2 OpenMP). The OpenMP
 // variant runs its threads in the kernels' OpenMP pool. The pthreads one brings a pool of its own, whose
 // threads and the OpenMP ones, spinning between launches, fight for the cores: a training step at half

@@ -107,8 +107,8 @@ static uint64_t splitmix64(uint64_t *state) {
         cudaCheck(cudaGetLastError());                                                             \
     } while (0)
 
-const char *st_device_init(void) {
-    static cudaDeviceProp prop;
+// The number of GPUs; none usable: one line saying how to build for the CPU, and exit 1.
+static int device_count(void) {
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess || count == 0) {
@@ -117,8 +117,23 @@ const char *st_device_init(void) {
                 err != cudaSuccess ? cudaGetErrorString(err) : "no device found");
         exit(1);
     }
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    return count;
+}
+const char *st_device_init(void) {
+    static cudaDeviceProp prop;
+    int device = 0;
+    device_count();
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaGetDeviceProperties(&prop, device));
     return prop.name;
+}
+// Processes sharing a machine's GPUs (./train under mpirun) each take one, by their rank on the machine.
+void st_device_select(int index) {
+    const int count = device_count();
+    if (index >= count)
+        st_fail("process %d on this machine has no GPU of its own (%d found): start at most %d processes per machine",
+                index, count, count);
+    cudaCheck(cudaSetDevice(index));
 }
 
 int st_device_is_gpu(void) { return BUILT_FOR_GPU; }
@@ -1976,15 +1991,15 @@ const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *siz
     return name;
 }
 
-// Copies between the model's buffers (parameters, gradients, Adam moments) and the host.
-static float *model_buffer(const StModel *m, StBuffer which) {
+// The model's buffers (parameters, gradients, Adam moments), and copies between them and the host.
+float *st_model_buffer(const StModel *m, StBuffer which) {
     return which == ST_PARAMS ? m->params : which == ST_GRADS ? m->grads : which == ST_ADAM_M ? m->adam_m : m->adam_v;
 }
 void st_model_get(const StModel *m, StBuffer which, float *host) {
-    st_to_host(host, model_buffer(m, which), m->n_params * sizeof(float));
+    st_to_host(host, st_model_buffer(m, which), m->n_params * sizeof(float));
 }
 void st_model_set(StModel *m, StBuffer which, const float *host) {
-    st_to_device(model_buffer(m, which), host, m->n_params * sizeof(float));
+    st_to_device(st_model_buffer(m, which), host, m->n_params * sizeof(float));
 }
 void st_model_logits(const StModel *m, float *host) {
     st_to_host(host, m->logits, (size_t)m->B * m->T * VOCAB * sizeof(float));

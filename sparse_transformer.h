@@ -19,6 +19,9 @@ extern "C" {
 // Checks that the device can run the kernels and returns its name. A GPU build started where no
 // GPU is usable prints one line saying so and how to build for the CPU, and exits 1.
 const char *st_device_init(void);
+// The GPU this process uses (index from 0), before st_device_init: several processes on one machine
+// take one each. Exits 1 if there is no such GPU. (The CPU build has one device: index 0.)
+void st_device_select(int index);
 int st_device_is_gpu(void);        // 1 in the GPU build, 0 in the CPU build
 // Bad input ends a program with one line on stderr that says what was wrong and what to do, exit code 1.
 void st_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
@@ -211,6 +214,9 @@ int st_model_num_tensors(const StModel *m);
 const char *st_model_tensor(const StModel *m, int i, size_t *offset, size_t *size); // its name
 void st_model_get(const StModel *m, StBuffer which, float *host); // n_params floats
 void st_model_set(StModel *m, StBuffer which, const float *host);
+// The buffer itself, in device memory (n_params floats): for libraries that work on device memory in
+// place, such as NCCL's all-reduce of the gradients between GPUs (train.c, section Ranks).
+float *st_model_buffer(const StModel *m, StBuffer which);
 void st_model_logits(const StModel *m, float *host); // (B, T, 256) of the last forward
 void st_model_losses(const StModel *m, float *host); // (B, T) cross-entropies of the last forward with targets
 // Incremental decoding (one sequence): st_model_prefill runs window[0 .. len) through the model,

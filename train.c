@@ -28,6 +28,9 @@ interrupted.
 #ifdef ST_MPI
 #include <mpi.h> // several ranks (section Ranks)
 #endif
+#ifdef ST_NCCL
+#include <nccl.h> // the GPU build's all-reduce between GPUs (section Ranks)
+#endif
 
 // ----------------------------------------------------------------------------
 // Flags
@@ -140,7 +143,11 @@ static void usage(void) {
     }
 #ifdef ST_MPI
     printf("several processes: mpirun -np N ./train ... trains one model; -batch is each rank's, so N x -batch windows "
-           "a step; give each rank its threads with OMP_NUM_THREADS (rank 0 prints and saves)\n");
+           "a step; %s (rank 0 prints and saves)\n", st_device_is_gpu() ? "each rank takes one GPU of its machine"
+           : "give each rank its threads with OMP_NUM_THREADS");
+#ifndef ST_NCCL
+    if (st_device_is_gpu()) printf("  (this GPU build has no NCCL: the gradients are averaged through the host, slowly)\n");
+#endif
 #else
     printf("several processes: this build has no MPI (apt-get install openmpi-bin libopenmpi-dev; make clean && make)\n");
 #endif
@@ -320,7 +327,8 @@ static double now_ms(void) {
 // the ranks before the update, so every rank applies the same update, and N ranks with -batch B train
 // as one process with -batch N B, up to the order of the float sums. The evaluations are shared: each
 // rank scores a part of the windows. Rank 0 alone prints, logs, samples and saves (the other ranks'
-// standard output goes to /dev/null; their errors still reach standard error). A process that no
+// standard output goes to /dev/null; their errors still reach standard error). In the GPU build each
+// rank takes one GPU of its machine, and NCCL averages the gradients in GPU memory. A process that no
 // launcher started runs alone, without MPI at all: ranks is 1, and each of these functions does nothing.
 static int rank = 0, ranks = 1;
 
@@ -333,15 +341,67 @@ static int launched(void) {
 }
 
 #ifdef ST_MPI
+#ifdef ST_NCCL
+// The GPU build averages the gradients where they are, in GPU memory, with NCCL: an all-reduce over
+// NVLink or PCIe, queued on the device after the backward. Its communicator is made once: rank 0 draws
+// an id and MPI sends it to the others. Under a launcher this path runs even alone (mpirun -np 1), so
+// that one GPU can check it (tools/gpu_check.sh).
+static ncclComm_t nccl;
+static void nccl_check(ncclResult_t result, const char *file, int line) {
+    if (result == ncclSuccess) return;
+    fprintf(stderr, "[NCCL error] %s:%d: rank %d: %s (NCCL_DEBUG=WARN says more)\n", file, line, rank,
+            ncclGetErrorString(result));
+    MPI_Abort(MPI_COMM_WORLD, 1); // the other ranks would wait for this one forever
+}
+#define ncclCheck(call) nccl_check((call), __FILE__, __LINE__)
+static void nccl_start(void) {
+    ncclUniqueId id;
+    if (rank == 0) ncclCheck(ncclGetUniqueId(&id));
+    MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+    ncclCheck(ncclCommInitRank(&nccl, ranks, id, rank));
+}
+// Waits for the all-reduce. A rank that died, or a broken link, leaves the others inside it for ever;
+// NCCL reports that as an asynchronous error, which this polls: then the communicator is aborted, the
+// error printed, and the job ended.
+static void nccl_wait(void) {
+    cudaError_t done;
+    while ((done = cudaStreamQuery(0)) == cudaErrorNotReady) {
+        ncclResult_t async;
+        ncclCheck(ncclCommGetAsyncError(nccl, &async));
+        if (async != ncclSuccess) ncclCommAbort(nccl), nccl_check(async, __FILE__, __LINE__);
+    }
+    if (done != cudaSuccess) st_fail("rank %d: the all-reduce failed: %s", rank, cudaGetErrorString(done));
+}
+// One all-reduce: x (n floats in GPU memory) becomes the mean of every rank's x.
+static void nccl_average(float *x, size_t n) {
+    ncclCheck(ncclAllReduce(x, x, n, ncclFloat, ncclAvg, nccl, 0));
+    nccl_wait();
+}
+#endif
 static void ranks_start(int *argc, char ***argv) {
     if (!launched()) return;
     MPI_Init(argc, argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &ranks);
     if (rank > 0 && !freopen("/dev/null", "w", stdout)) st_fail("rank %d: cannot silence its output", rank);
+    if (st_device_is_gpu()) { // one GPU per rank, by the rank's place among those of its machine
+        MPI_Comm machine;
+        int local;
+        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &machine);
+        MPI_Comm_rank(machine, &local);
+        MPI_Comm_free(&machine);
+        st_device_select(local);
+#ifdef ST_NCCL
+        nccl_start();
+#endif
+    }
 }
 static void ranks_end(void) {
-    if (launched()) MPI_Finalize();
+    if (!launched()) return;
+#ifdef ST_NCCL
+    ncclCheck(ncclCommDestroy(nccl));
+#endif
+    MPI_Finalize();
 }
 // The sum of x over the ranks, in place (MPI's count is an int: large buffers go in parts).
 static void sum_over_ranks(float *x, size_t n) {
@@ -416,14 +476,20 @@ static void ranks_agree(const Split *train, const Split *val) { (void)train, (vo
 static void ranks_same_model(const StModel *m, float *host, long long step) { (void)m, (void)host, (void)step; }
 #endif
 
-// The gradients averaged over the ranks (through the host: the MPI here knows no device memory).
+// The gradients averaged over the ranks: where they are, in GPU memory, by NCCL in a GPU build that
+// has it; else through the host (the MPI here knows no device memory).
 static void average_gradients(StModel *m, float *host) {
+#ifdef ST_NCCL
+    (void)host;
+    if (launched()) nccl_average(st_model_buffer(m, ST_GRADS), st_model_num_params(m));
+#else
     if (ranks == 1) return;
     const size_t n = st_model_num_params(m);
     st_model_get(m, ST_GRADS, host);
     sum_over_ranks(host, n);
     for (size_t i = 0; i < n; i++) host[i] /= ranks;
     st_model_set(m, ST_GRADS, host);
+#endif
 }
 
 // ----------------------------------------------------------------------------

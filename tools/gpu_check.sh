@@ -3,7 +3,9 @@
 #   1. builds the GPU version for this GPU's architecture (binaries only: no data set from the network),
 #      or, where that fails, takes the binaries that `prepare` (below) built and carried
 #   2. ./test_kernels on the GPU: every kernel in both precisions (fp32 and TF32 tensor cores), the model
-#   3. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32
+#   3. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32; then the same under
+#      mpirun -np 1 (nccl): the data-parallel path, its gradients averaged by NCCL, on one GPU, where the
+#      machine has mpirun and the build found MPI and NCCL (NCCL_HOME: the toolkit's, else PyTorch's)
 #   4. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
 #   5. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s
 #   6. the PyTorch peers, when gpu_peer.py and torch_peer.py are found (PEERS, else build/gpu_carry/peers,
@@ -21,7 +23,7 @@
 # A GPU machine lent for minutes may lack what the build needs (libpng's headers, OpenBLAS for the data
 # tool) and cannot install it. So, first, on the machine you work on (with nvcc, no GPU needed):
 #   bash tools/gpu_check.sh prepare
-# builds the GPU binaries for sm_90 with libpng linked in, writes the check's data files and copies the
+# builds the GPU binaries for sm_90 with libpng linked in and no MPI, writes the check's data files and copies the
 # PyTorch peers, all into build/gpu_carry/ (about 16 MB) for the GPU machine to receive. There the
 # check builds if it can, and otherwise runs the carried binaries (the table says which).
 # Usage: bash tools/gpu_check.sh [LOG_DIR]   (BUDGET=seconds, STEPS="names"; see above)
@@ -47,7 +49,7 @@ if [ "${1:-}" = prepare ]; then
     make_data build/datatool "$carry" || exit 1
     src=$(mktemp -d) && git archive HEAD | tar -x -C "$src" || exit 1 # the committed code, built apart
     png="-lm /usr/lib/x86_64-linux-gnu/libpng16.a /usr/lib/x86_64-linux-gnu/libz.a"
-    make -C "$src" -s TARGET=gpu GPU_ARCHS="-gencode arch=compute_90,code=sm_90" LIBS="$png" -j 2 \
+    make -C "$src" -s TARGET=gpu HAVE_MPI= GPU_ARCHS="-gencode arch=compute_90,code=sm_90" LIBS="$png" -j 2 \
         train sample test_kernels build/gpu/bench > /dev/null || exit 1
     cp "$src"/train "$src"/sample "$src"/test_kernels "$src"/build/gpu/bench "$carry/bin/" && rm -rf "$src"
     git rev-parse --short HEAD > "$carry/COMMIT"
@@ -66,9 +68,11 @@ for p in "$peers" build/peers ../shared/tools; do [ -f "$p/gpu_peer.py" ] && { p
 # cuBLAS for carried binaries: the toolkit's, or the one PyTorch's Python packages bring
 cublas=$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cublas}"
+# NCCL for the build (make looks in NCCL_HOME, then the toolkit): PyTorch's, where the toolkit has none
+[ -f /usr/local/cuda/include/nccl.h ] || export NCCL_HOME="${NCCL_HOME:-$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null)}"
 start=$(date +%s)
 deadline=$(( start + ${BUDGET:-480} ))
-wanted=" build ${STEPS:-tests train_tf32 ctx1m bench peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
+wanted=" build ${STEPS:-tests train_tf32 nccl ctx1m bench peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
 
 # step NAME SECONDS COMMAND...: runs the command with a time limit (cut to what is left of BUDGET), its
 # output in $logs/NAME.log; records "NAME exit-code seconds" in $logs/steps.txt (exit 124: the time
@@ -108,9 +112,9 @@ table() {
         grep -E '^ *[0-9]+ +(dense|strided)' "$logs/bench.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s %8s us/tile\n", $1, $2, $(NF-5), $(NF-3), $(NF-2), $NF}'
         grep '^bench:' "$logs/bench.log"
     fi
-    for t in train_tf32 train_fp32 ctx1m; do
+    for t in train_tf32 nccl train_fp32 ctx1m; do
         [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" \
-            "$(grep -E '^(step [0-9]+/|val .* on |activations)' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
+            "$(grep -E '^(step [0-9]+/|val .* on |activations|not run)' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
     done
     for t in peer_attention peer_train; do
         [ -f "$logs/$t.log" ] && { printf '%-10s %s\n' "$t" "$(status $t)"; grep -E '^peer' "$logs/$t.log" | sed 's/^/  /'; }
@@ -146,6 +150,14 @@ if [ "$have_binaries" = 1 ]; then
     step tests 180 env CUDA_LAUNCH_BLOCKING=1 ./test_kernels -v # a fault reported where it happens
     quick=(-steps 30 -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 100000)
     step train_tf32 120 ./train -i "$data/data" -o "$run/tf32" -precision tf32 "${quick[@]}"
+    if ! ldd ./train 2>/dev/null | grep -q libnccl; then
+        echo "not run: this ./train has no NCCL (make found no mpicc or no nccl.h here: see build.log's ranks line)" > "$logs/nccl.log"
+    elif ! command -v mpirun > /dev/null; then
+        echo "not run: no mpirun on this machine" > "$logs/nccl.log"
+    else
+        step nccl 120 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun -np 1 \
+            ./train -i "$data/data" -o "$run/nccl" -precision tf32 "${quick[@]}"
+    fi
     step ctx1m 180 ./train -i "$data/long" -o "$run/ctx1m" -ctx 1048576 -dim 256 -heads 4 -layers 4 -stride 1024 \
         -recompute 1 -batch 1 -steps 1 -warmup 1 -eval_every 0 -sample_every 0 -eval_bytes 1
     step bench 240 build/gpu/bench
