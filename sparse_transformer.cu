@@ -1270,11 +1270,11 @@ __global__ void layernorm_backward_params_kernel(float *partial_w, float *partia
     }
 }
 
-// y[r, o] += b[o] (the bias of a matrix product): a thread per element (grid: rows x blocks of columns).
-// And its backward db[o] += sum_r dy[r, o].
-__global__ void add_bias_kernel(float *y, const float *b, int cols) {
+// y[r, o] = b[o]: every row starts as the bias of a matrix product, which then adds itself to it
+// (grid: rows x blocks of columns). And its backward db[o] += sum_r dy[r, o].
+__global__ void bias_rows_kernel(float *y, const float *b, int cols) {
     const size_t o = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
-    if (o < (size_t)cols) y[(size_t)blockIdx.x * cols + o] += b[o];
+    if (o < (size_t)cols) y[(size_t)blockIdx.x * cols + o] = b[o];
 }
 // Pass 1 of its column sums: partial[k, o] sums chunk k's rows, for the RUN columns from o0.
 // Grid: (chunks, column blocks of RUN columns per thread).
@@ -1756,13 +1756,14 @@ static cublasHandle_t blas(StModel *m) {
 }
 
 // out (N, OC) = inp (N, IC) W^T + b, W (OC, IC) row-major. cuBLAS is column-major: there W is an (IC, OC)
-// matrix, so this is out^T = op_T(W) inp^T.
+// matrix, so this is out^T = op_T(W) inp^T. The bias goes in first, and the product adds itself to it
+// (beta = 1): no second pass over out to add it, and none to clear out for a product with beta = 0.
 static void matmul_forward(StModel *m, float *out, const float *inp, const float *w, const float *b, int N, int IC,
                            int OC) {
     const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, &zero, out, OC));
     const unsigned threads = threads_for(OC);
-    if (b) LAUNCH(add_bias_kernel, dim3(N, (OC + threads - 1) / threads), threads, 0, out, b, OC);
+    if (b) LAUNCH(bias_rows_kernel, dim3(N, (OC + threads - 1) / threads), threads, 0, out, b, OC);
+    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, b ? &one : &zero, out, OC));
 }
 
 // Backward of out = inp W^T + b:  dinp = dout W (overwritten);  dW += dout^T inp;  db += sum of dout's rows.
@@ -1802,6 +1803,14 @@ __global__ void add_kernel(float *out, const float *x, const float *y, size_t n)
 static void dropout(StModel *m, float *x, size_t n, int layer, int branch) {
     if (!m->training || m->cfg.dropout == 0.0f) return;
     LAUNCH(dropout_kernel, blocks_for(n), BLOCK, 0, x, n, m->cfg.dropout, m->dropout_seed + 2 * (uint64_t)layer + branch);
+}
+// The gradient of a branch's output, from dres, that of the stream after it: dres itself without dropout;
+// with it, dres masked, in `scratch` (dres stays whole: the stream's other path needs it too).
+static const float *branch_gradient(StModel *m, float *scratch, const float *dres, size_t n, int layer, int branch) {
+    if (m->cfg.dropout == 0.0f) return dres;
+    cudaCheck(cudaMemcpy(scratch, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
+    dropout(m, scratch, n, layer, branch);
+    return scratch;
 }
 
 // The second half of a block, for `rows` rows: b = dropout(ff(LN2(xa))), ff(y) = W2 gelu(W1 y + b1) + b2,
@@ -1844,9 +1853,8 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     float *dres = m->dres, *d = m->dscratch, *dbig = m->dbig;
     float *datt = m->dheads, *dq = datt + n, *dk = dq + n, *dv = dk + n;
     // out = xa + bb: both get dres. bb = dropout(fc_gelu W2^T + b2)
-    cudaCheck(cudaMemcpy(d, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
-    dropout(m, d, n, layer, 1);
-    matmul_backward(m, dbig, G(m, layer, FC2W), G(m, layer, FC2B), d, a->fc_gelu, P(m, layer, FC2W), BT, F, C);
+    const float *dbb = branch_gradient(m, d, dres, n, layer, 1);
+    matmul_backward(m, dbig, G(m, layer, FC2W), G(m, layer, FC2B), dbb, a->fc_gelu, P(m, layer, FC2W), BT, F, C);
     // fc_gelu = gelu(fc)
     LAUNCH(gelu_backward_kernel, blocks_for((size_t)BT * F), BLOCK, 0, dbig, dbig, a->fc, (size_t)BT * F);
     // fc = ln2 W1^T + b1
@@ -1855,9 +1863,8 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     layernorm_backward(m, dres, G(m, layer, LN2W), G(m, layer, LN2B), d, a->xa, P(m, layer, LN2W), a->ln2_mean,
                        a->ln2_rstd, BT, C);
     // xa = x + a: both get dL/dxa. a = dropout(att_rows Wproj^T + bproj)
-    cudaCheck(cudaMemcpy(d, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
-    dropout(m, d, n, layer, 0);
-    matmul_backward(m, dbig, G(m, layer, PROJW), G(m, layer, PROJB), d, a->att_rows, P(m, layer, PROJW), BT, C, C);
+    const float *da = branch_gradient(m, d, dres, n, layer, 0);
+    matmul_backward(m, dbig, G(m, layer, PROJW), G(m, layer, PROJB), da, a->att_rows, P(m, layer, PROJW), BT, C, C);
     // att_rows = the heads side by side; att = attention(q, k, v)
     LAUNCH(merge_heads_kernel, BT, threads_for(C), 0, dbig, datt, m->T, m->H, m->D, 0);
     st_attention_backward(m->attention[layer], dq, dk, dv, datt, a->att, a->lse, a->q, a->k, a->v, B);
