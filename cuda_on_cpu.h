@@ -105,6 +105,30 @@ inline float cuda_emu_expf(float x) {
 }
 #define expf cuda_emu_expf
 
+// exp2f, the softmax's exponential (its scores are in base 2), for the same reason: CUDA's own is at
+// most 2 units in the last place off; this one, plain arithmetic, is at most 1.5 off (the emulator's test).
+// x = n + r, |r| <= 1/2 (exact in float), 2^r by Cephes' polynomial, times 2^n from exponent bits.
+inline float cuda_emu_exp2f(float x) {
+    const float hi = 128.0f, lo = -150.0f;       // beyond them: inf and 0
+    const float c = x < hi ? (x >= lo ? x : lo) : hi; // a NaN becomes hi here (and NaN below)
+    const float n = (c + 12582912.0f) - 12582912.0f; // round(c), by adding 1.5 2^23
+    const float r = c - n;
+    float p = 1.535336188319500e-4f;
+    p = p * r + 1.339887440266574e-3f;
+    p = p * r + 9.618437357674640e-3f;
+    p = p * r + 5.550332471162809e-2f;
+    p = p * r + 2.402264791363012e-1f;
+    p = p * r + 6.931472028550421e-1f;
+    p = p * r + 1.0f; // 2^r
+    const int n1 = (int)n / 2, n2 = (int)n - n1;
+    const uint32_t bits1 = (uint32_t)(n1 + 127) << 23, bits2 = (uint32_t)(n2 + 127) << 23;
+    float two_n1, two_n2;
+    memcpy(&two_n1, &bits1, 4), memcpy(&two_n2, &bits2, 4);
+    const float y = p * two_n1 * two_n2;
+    return x != x ? x : x >= hi ? INFINITY : x < lo ? 0.0f : y;
+}
+#define exp2f cuda_emu_exp2f
+
 // ----------------------------------------------------------------------------
 // Runtime API: errors, memory, synchronisation
 
