@@ -170,8 +170,8 @@ inline void blas_check(void) {
 }
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     blas_check();
-    snprintf(p->name, sizeof p->name, "CPU (CUDA emulated by cuda_on_cpu.h, %d OpenMP threads, OpenBLAS %s)",
-             omp_get_max_threads(), blas_variant());
+    snprintf(p->name, sizeof p->name, "CPU (CUDA emulated by cuda_on_cpu.h, %d OpenMP threads, OpenBLAS %s %s)",
+             omp_get_max_threads(), blas_variant(), openblas_get_corename()); // variant, kernels
     p->totalGlobalMem = 0;
     p->multiProcessorCount = omp_get_max_threads();
     return cudaSuccess;
