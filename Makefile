@@ -71,13 +71,16 @@ HAVE_MPI := $(shell command -v mpicc 2>/dev/null)
 CUDA_HOME ?= $(patsubst %/bin/,%,$(dir $(HAVE_NVCC)))
 ifneq ($(HAVE_MPI),)
 $(BUILD)/train.o: CFLAGS += -DST_MPI $(shell mpicc --showme:compile)
-MPI_LIBS = $(shell mpicc --showme:link)
+# (MPI's libraries by name and folder, with a run path: nvcc, the GPU build's linker, takes no -pthread)
+MPI_DIRS := $(shell mpicc --showme:libdirs)
+MPI_LIBS = $(addprefix -L,$(MPI_DIRS)) $(addprefix -l,$(shell mpicc --showme:libs)) $(addprefix -Xlinker -rpath -Xlinker ,$(MPI_DIRS))
 ifeq ($(TARGET),gpu)
-NCCL_H := $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
+NCCL_H := $(firstword $(wildcard $(if $(NCCL_HOME),$(abspath $(NCCL_HOME))/include/nccl.h) $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h))
 ifneq ($(NCCL_H),)
 NCCL_DIR = $(patsubst %/include/,%,$(dir $(NCCL_H)))
+NCCL_LIB = $(patsubst %/,%,$(dir $(firstword $(wildcard $(NCCL_DIR)/lib/libnccl.so.2 $(NCCL_DIR)/lib64/libnccl.so.2 $(NCCL_DIR)/lib/x86_64-linux-gnu/libnccl.so.2))))
 $(BUILD)/train.o: CFLAGS += -DST_NCCL -I$(NCCL_DIR)/include -I$(CUDA_HOME)/include
-MPI_LIBS += -L$(NCCL_DIR)/lib -l:libnccl.so.2 -Xlinker -rpath=$(NCCL_DIR)/lib
+MPI_LIBS += $(if $(NCCL_LIB),-L$(NCCL_LIB) -Xlinker -rpath -Xlinker $(NCCL_LIB)) -l:libnccl.so.2
 NCCL_WHY = ; NCCL ($(NCCL_H)) averages the gradients in GPU memory
 else
 NCCL_WHY = ; no NCCL (no nccl.h in NCCL_HOME, $(CUDA_HOME) or /usr): the gradients go through the host
@@ -89,7 +92,10 @@ MPI_WHY ?= no MPI: ./train runs as one process (for several: apt-get install ope
 BINARIES = train sample test_kernels
 # The binaries are relinked whenever the target changes, and train.c recompiled whenever its MPI or NCCL
 # does (build/target holds the last of each).
+# (`make cpu` and `make gpu` only call make again with TARGET set: they leave it to that one.)
+ifeq ($(filter cpu gpu,$(MAKECMDGOALS)),)
 $(shell mkdir -p build && (echo $(TARGET) $(HAVE_MPI) $(NCCL_H) | cmp -s - build/target || echo $(TARGET) $(HAVE_MPI) $(NCCL_H) > build/target))
+endif
 $(BUILD)/train.o: build/target
 
 .PHONY: all cpu gpu test bench asan fuzz clean announce exercise

@@ -127,9 +127,11 @@ const char *st_device_init(void) {
     cudaCheck(cudaGetDeviceProperties(&prop, device));
     return prop.name;
 }
-// Processes sharing a machine's GPUs (./train under mpirun) each take one, by their rank on the machine.
+// Processes sharing a machine's GPUs (./train under mpirun) each take one, by their rank on the machine;
+// a process that sees a single GPU takes it (launchers such as srun --gpus-per-task=1 show each its own).
 void st_device_select(int index) {
     const int count = device_count();
+    if (count == 1) index = 0;
     if (index >= count)
         st_fail("process %d on this machine has no GPU of its own (%d found): start at most %d processes per machine",
                 index, count, count);

@@ -20,7 +20,8 @@ extern "C" {
 // GPU is usable prints one line saying so and how to build for the CPU, and exits 1.
 const char *st_device_init(void);
 // The GPU this process uses (index from 0), before st_device_init: several processes on one machine
-// take one each. Exits 1 if there is no such GPU. (The CPU build has one device: index 0.)
+// take one each. A process that sees one GPU takes it whatever the index; exits 1 if there is no such
+// GPU. (The CPU build has one device: the host.)
 void st_device_select(int index);
 int st_device_is_gpu(void);        // 1 in the GPU build, 0 in the CPU build
 // Bad input ends a program with one line on stderr that says what was wrong and what to do, exit code 1.

@@ -31,6 +31,7 @@ interrupted.
 #ifdef ST_NCCL
 #include <nccl.h> // the GPU build's all-reduce between GPUs (section Ranks)
 #endif
+static void ranks_end(void); // section Ranks
 
 // ----------------------------------------------------------------------------
 // Flags
@@ -184,7 +185,7 @@ static void parse_flag(Flag *f, const char *text) {
 
 static void parse_args(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) { usage(); exit(0); }
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) { usage(); ranks_end(); exit(0); }
         Flag *f = NULL;
         for (int k = 0; k < N_FLAGS; k++)
             if (strcmp(argv[i], flags[k].name) == 0) f = &flags[k];
@@ -360,15 +361,23 @@ static void nccl_start(void) {
     MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
     ncclCheck(ncclCommInitRank(&nccl, ranks, id, rank));
 }
-// Waits for the all-reduce. A rank that died, or a broken link, leaves the others inside it for ever;
-// NCCL reports that as an asynchronous error, which this polls: then the communicator is aborted, the
-// error printed, and the job ended.
+// Waits for the all-reduce (and the step's kernels before it). A rank that died, or a broken link,
+// would leave the others inside it for ever: NCCL reports a broken connection as an asynchronous error,
+// which this polls, and a peer that simply stopped shows as no end in NCCL_WAIT_S seconds. Either
+// prints a line and ends the job.
+#define NCCL_WAIT_S 600
 static void nccl_wait(void) {
+    const double deadline = now_ms() + NCCL_WAIT_S * 1e3;
     cudaError_t done;
     while ((done = cudaStreamQuery(0)) == cudaErrorNotReady) {
         ncclResult_t async;
         ncclCheck(ncclCommGetAsyncError(nccl, &async));
-        if (async != ncclSuccess) ncclCommAbort(nccl), nccl_check(async, __FILE__, __LINE__);
+        ncclCheck(async);
+        if (now_ms() > deadline) {
+            fprintf(stderr, "rank %d: the gradients' all-reduce has not ended in %d s: a rank is gone or stuck; "
+                    "the job stops (the last checkpoint is %s/model.bin)\n", rank, NCCL_WAIT_S, opt.out_dir);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
     }
     if (done != cudaSuccess) st_fail("rank %d: the all-reduce failed: %s", rank, cudaGetErrorString(done));
 }
@@ -378,9 +387,18 @@ static void nccl_average(float *x, size_t n) {
     nccl_wait();
 }
 #endif
+// A rank that exits without finishing MPI (an error: st_fail, a CUDA check, memory) ends the job: the
+// other ranks would otherwise wait for it for ever inside a collective, under launchers that do not
+// stop them themselves.
+static void abort_unfinished(void) {
+    int started = 0, finished = 0;
+    MPI_Initialized(&started), MPI_Finalized(&finished);
+    if (started && !finished) MPI_Abort(MPI_COMM_WORLD, 1);
+}
 static void ranks_start(int *argc, char ***argv) {
     if (!launched()) return;
     MPI_Init(argc, argv);
+    atexit(abort_unfinished);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &ranks);
     if (rank > 0 && !freopen("/dev/null", "w", stdout)) st_fail("rank %d: cannot silence its output", rank);
@@ -785,10 +803,12 @@ int main(int argc, char **argv) {
         const size_t len = strlen(opt.out_dir);
         if (len > 4 && strcmp(opt.out_dir + len - 4, ".png") == 0) {
             draw_pattern(opt.out_dir);
+            ranks_end();
             return 0;
         }
         if (opt.model.ctx > 2048) st_fail("-show_pattern draws ctx x ctx characters per head: use -ctx 2048 or less, or a picture: -o FILE.png");
         show_pattern();
+        ranks_end();
         return 0;
     }
     Split train = load_split("train.bin"), val = load_split("val.bin");
