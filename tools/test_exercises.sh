@@ -70,7 +70,7 @@ for spec in tools/exercises/[0-9]*-*.txt; do
         result $? "exercise $n: the code to plant a mistake in is not in the original ($from)"
         fill "$n" "$file" build/exercises/planted
         tools/exercise.sh "$n" check > "$log" 2>&1
-        [ $? != 0 ] && grep "exercise $n: NOT YET" "$log" | head -n 1 | grep -qF "$expect"
+        [ $? != 0 ] && grep -m 1 "exercise $n: NOT YET" "$log" | grep -F "$expect" > /dev/null
         result $? "exercise $n: with '$to' planted, check's first line does not say '$expect' ($log)"
         echo "exercise $n, planted '$to': $(grep "exercise $n: NOT YET" "$log" | head -n 1 | cut -c1-160)..."
     done
