@@ -80,7 +80,7 @@ ifneq ($(NCCL_H),)
 NCCL_DIR = $(patsubst %/include/,%,$(dir $(NCCL_H)))
 NCCL_LIB = $(patsubst %/,%,$(dir $(firstword $(wildcard $(NCCL_DIR)/lib/libnccl.so.2 $(NCCL_DIR)/lib64/libnccl.so.2 $(NCCL_DIR)/lib/x86_64-linux-gnu/libnccl.so.2))))
 $(BUILD)/train.o: CFLAGS += -DST_NCCL -I$(NCCL_DIR)/include -I$(CUDA_HOME)/include
-MPI_LIBS += $(if $(NCCL_LIB),-L$(NCCL_LIB) -Xlinker -rpath -Xlinker $(NCCL_LIB)) -l:libnccl.so.2
+NCCL_LIBS = $(if $(NCCL_LIB),-L$(NCCL_LIB) -Xlinker -rpath -Xlinker $(NCCL_LIB)) -l:libnccl.so.2
 NCCL_WHY = ; NCCL ($(NCCL_H)) averages the gradients in GPU memory
 else
 NCCL_WHY = ; no NCCL (no nccl.h in NCCL_HOME, $(CUDA_HOME) or /usr): the gradients go through the host
@@ -147,7 +147,7 @@ LINK = $(CXX) -fopenmp $(SANITIZE)
 endif
 
 train: $(BUILD)/train.o $(BUILD)/sparse_transformer.o build/target
-	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS) $(MPI_LIBS)
+	$(LINK) $(BUILD)/train.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS) $(MPI_LIBS) $(NCCL_LIBS)
 
 sample: $(BUILD)/sample.o $(BUILD)/sparse_transformer.o build/target
 	$(LINK) $(BUILD)/sample.o $(BUILD)/sparse_transformer.o -o $@ $(LINK_LIBS)
@@ -191,6 +191,13 @@ build/nompi/train: train.c build/cpu/sparse_transformer.o sparse_transformer.h
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -c train.c -o build/nompi/train.o
 	$(CXX) -fopenmp build/nompi/train.o build/cpu/sparse_transformer.o -o $@ $(CPU_LIBS)
+
+# train.c's NCCL path on the CPU build, against tools/fake_nccl/nccl.h (MPI on host memory), for
+# tools/test_mpi.sh: CI runs the GPU build's data-parallel code without a GPU.
+build/fakenccl/train: train.c tools/fake_nccl/nccl.h build/cpu/sparse_transformer.o sparse_transformer.h
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -DST_MPI -DST_NCCL -Itools/fake_nccl $(shell mpicc --showme:compile) -c train.c -o build/fakenccl/train.o
+	$(CXX) -fopenmp build/fakenccl/train.o build/cpu/sparse_transformer.o -o $@ $(CPU_LIBS) $(MPI_LIBS)
 
 test: announce $(BINARIES) build/test_emulator build/warps4/test_kernels build/replay_checkpoint build/replay_data
 	build/test_emulator

@@ -409,10 +409,10 @@ static void ranks_start(int *argc, char ***argv) {
         MPI_Comm_rank(machine, &local);
         MPI_Comm_free(&machine);
         st_device_select(local);
-#ifdef ST_NCCL
-        nccl_start();
-#endif
     }
+#ifdef ST_NCCL
+    nccl_start();
+#endif
 }
 static void ranks_end(void) {
     if (!launched()) return;

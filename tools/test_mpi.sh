@@ -9,14 +9,16 @@
 #      ranks, which cannot share 8 windows, refuse;
 #   3. ranks given different flags: a one-line error, exit 1, no hang;
 #   4. a rank killed mid-run: the job ends with an error, and the checkpoint it leaves loads;
-#   5. a ./train built without MPI, started by mpirun with 2 processes, refuses.
+#   5. a ./train built without MPI, started by mpirun with 2 processes, refuses;
+#   6. the GPU build's NCCL path of train.c, built with the CPU build against tools/fake_nccl/nccl.h (NCCL's
+#      calls done with MPI on host memory): 2 ranks x -batch 4 as 1 process x -batch 8, as in 1.
 # Everything runs under `timeout`: a hang fails. The last line is "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 passed=0 failed=0
 result() { if [ "$1" = 0 ]; then passed=$((passed + 1)); echo "ok   $2"; else failed=$((failed + 1)); echo "FAIL $2"; fi; }
 command -v mpirun > /dev/null || { echo "test_mpi.sh: no mpirun (apt-get install openmpi-bin libopenmpi-dev)"; exit 1; }
-make -s build/datatool build/nompi/train train > /dev/null || exit 1
+make -s build/datatool build/nompi/train build/fakenccl/train train > /dev/null || exit 1
 dir=build/mpi_test
 rm -rf "$dir" && mkdir -p "$dir/data"
 build/datatool synthetic -bytes 200000 -period 32 -seed 3 2> /dev/null | build/datatool pack "$dir/data/train.bin" -kind text
@@ -88,6 +90,13 @@ $mpi -np 2 build/nompi/train $model -batch 4 -steps 3 -o "$dir/nompi" > "$dir/no
 code=$?
 [ $code != 0 ] && [ $code != 124 ] && grep -q 'built without MPI but runs as one of 2 processes' "$dir/nompi.log"
 result $? "a ./train without MPI started by mpirun refuses (exit $code, $dir/nompi.log)"
+
+# 6.
+$mpi -np 2 build/fakenccl/train $model -batch 4 -steps 12 -o "$dir/nccl" -log "$dir/nccl.tsv" > "$dir/nccl.log" 2>&1 &&
+    [ "$(grep -c '^fake NCCL: communicator of rank [01] of 2$' "$dir/nccl.log")" = 2 ]
+result $? "the GPU build's NCCL path, against a stand-in NCCL: 2 ranks run, each with a communicator ($dir/nccl.log)"
+same "$dir/one.tsv" "$dir/nccl.tsv" 1e-4
+result $? "the NCCL path: 2 ranks x batch 4 = 1 process x batch 8, 12 losses and the final validation within 1e-4"
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
