@@ -13,12 +13,8 @@
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
 //     calls the kernel directly (a template argument of launch, inlined into that loop: run_plain).
-//     The choice is made once per launch and OS thread: the first thread of the first block an OS
-//     thread runs is run as a fiber; if it finishes without meeting a barrier, the rest of that block and
-//     every later block of the launch on that OS thread run as plain calls (no fiber switch per block,
-//     which the many small blocks of the element-wise kernels would feel), and a barrier met by one of
-//     them aborts with a clear message. CUDA lets a block skip a barrier that another block meets; the
-//     kernels here use barriers in every block or in none.
+//     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
+//     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
 //     Built for the machine at hand (-march=native), the compiler runs that loop's element-wise
 //     kernels several threads at a time in the vector lanes, which is why expf is defined here.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
@@ -336,7 +332,6 @@ struct BlockState {
     Context scheduler;
     Fiber *fibers[MAX_THREADS]; // created on first use
     Fiber *current;             // the fiber running now, NULL in plain mode
-    uint3 probed;               // the block whose first thread showed that this launch has no barrier
     const char *kernel;         // for error messages
     void (*body)(void *);       // runs the kernel for the current threadIdx
     void (*body_plain)(void *, unsigned, unsigned, bool); // runs it for threads first.. in a plain loop
@@ -397,12 +392,10 @@ inline void wait_at(const char *file, int line, const char *what, WarpOp op) {
     if (!bs.current) {
         char msg[512];
         snprintf(msg, sizeof msg,
-                 "thread (%u,%u,%u) reached %s at %s:%d, but thread %u of block (%u,%u,%u), run first, finished "
-                 "without reaching it: a barrier must be reached by every live thread of the block (and a "
-                 "warp-collective operation by every lane of the warp), and the emulator asks of a launch "
-                 "that every block or none uses barriers",
-                 threadIdx.x, threadIdx.y, threadIdx.z, what, file, line, bs.fibers[0]->thread.x, bs.probed.x,
-                 bs.probed.y, bs.probed.z);
+                 "thread (%u,%u,%u) reached %s at %s:%d, but thread %u, run first, finished without reaching it: "
+                 "a barrier must be reached by every live thread of the block (and a warp-collective "
+                 "operation by every lane of the warp)",
+                 threadIdx.x, threadIdx.y, threadIdx.z, what, file, line, bs.fibers[0]->thread.x);
         fail(msg);
     }
     Fiber *self = bs.current;
@@ -500,18 +493,11 @@ inline bool run_warp_ops(unsigned n, bool reverse) {
     return any;
 }
 
-// Runs every thread of the current block (blockIdx, blockDim already set). With `probe`, the first thread
-// runs as a fiber, to learn whether the kernel uses barriers; without, every thread is a plain call.
-// Returns whether the next block of this launch must probe: only if this one met a barrier.
-inline bool run_block(bool probe) {
+// Runs every thread of the current block (blockIdx, blockDim already set).
+inline void run_block(void) {
     BlockState &bs = block_state;
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     const bool reverse = reverse_order();
-    if (!probe) {
-        bs.current = NULL;
-        bs.body_plain(bs.body_arg, 0, n, reverse);
-        return false;
-    }
     bs.warp_waiters = bs.at_barrier = bs.finished = 0;
     bs.split = false;
     bs.round_next = bs.round_end = 0;
@@ -526,9 +512,8 @@ inline bool run_block(bool probe) {
     run_round(0, 1);
     if (bs.fibers[0]->finished) {
         bs.current = NULL;
-        bs.probed = blockIdx;
         bs.body_plain(bs.body_arg, 1, n, reverse);
-        return false;
+        return;
     }
     for (unsigned k = 1; k < n; k++) assign(k);
     if (n > 1) run_round(1, n);
@@ -536,7 +521,7 @@ inline bool run_block(bool probe) {
         // Every thread now waits at a barrier or has finished. Warps waiting at a collective go first;
         // when none is left, all live threads must be at the same __syncthreads().
         if (run_warp_ops(n, reverse)) continue;
-        if (bs.at_barrier == 0) return true; // all have finished
+        if (bs.at_barrier == 0) return; // all have finished
         if (bs.split || bs.finished > 0) {
             const Fiber *other = NULL;
             for (unsigned k = 0; k < n && !other; k++) {
@@ -622,23 +607,19 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
     // Blocks are handed out to the OS threads in chunks, about 32 per thread: one at a time costs an
     // atomic operation per block, which the many small blocks of the elementwise kernels would feel.
     const long chunk = blocks / (32L * omp_get_max_threads()) + 1;
-#pragma omp parallel
-    {
-        bool probe = true; // until a block run by this OS thread shows that the kernel has no barrier
-#pragma omp for schedule(dynamic, chunk)
-        for (long b = 0; b < blocks; b++) {
-            const long id = reverse ? blocks - 1 - b : b;
-            BlockState &bs = block_state;
-            bs.kernel = name;
-            bs.body = body;
-            bs.body_plain = body_plain;
-            bs.body_arg = &params;
-            gridDim = grid;
-            blockDim = block;
-            blockIdx = uint3{unsigned(id % grid.x), unsigned(id / grid.x % grid.y),
-                             unsigned(id / ((long)grid.x * grid.y))};
-            probe = run_block(probe);
-        }
+#pragma omp parallel for schedule(dynamic, chunk)
+    for (long b = 0; b < blocks; b++) {
+        const long id = reverse ? blocks - 1 - b : b;
+        BlockState &bs = block_state;
+        bs.kernel = name;
+        bs.body = body;
+        bs.body_plain = body_plain;
+        bs.body_arg = &params;
+        gridDim = grid;
+        blockDim = block;
+        blockIdx = uint3{unsigned(id % grid.x), unsigned(id / grid.x % grid.y),
+                         unsigned(id / ((long)grid.x * grid.y))};
+        run_block();
     }
 }
 

@@ -65,12 +65,6 @@ __global__ void thread5_skips_barrier(int *out) {
     __syncthreads();
     out[threadIdx.x] = 1;
 }
-// Legal CUDA that the emulator refuses: odd blocks meet a barrier, even ones do not (a launch runs its
-// blocks as plain calls once a block has finished its first thread without a barrier).
-__global__ void odd_blocks_barrier(int *out) {
-    if (blockIdx.x % 2 == 1) __syncthreads();
-    out[threadIdx.x] = 1;
-}
 
 // Tensor cores: each warp of the block computes its own D = A B + C (16 x 8 by 8 x 16, TF32 operands,
 // float accumulators); warp w reads tile w and repeats the product w + 1 times (warps meet at their
@@ -200,10 +194,6 @@ int main() {
     check(aborts_with([&] { KERNEL_LAUNCH(thread5_skips_barrier, 1, 64, 0, scratch); },
                       "thread 5 finished while thread"),
           "a thread that finishes while the others wait at a barrier aborts, naming both");
-    // 1024 blocks: chunks of at least 2 blocks per OS thread, so an even block runs before an odd one
-    check(aborts_with([&] { KERNEL_LAUNCH(odd_blocks_barrier, 1024, 64, 0, scratch); },
-                      "every block or none uses barriers"),
-          "a launch whose blocks differ in using barriers aborts with a clear message");
     {
         // More than 48 KB of dynamic shared memory: only after the kernel opted in, as on a GPU
         const int threads = 128;
