@@ -13,8 +13,11 @@
 //     is a bug on the GPU (undefined behaviour): it aborts here with the file and line.
 //   - Kernels without barriers are run as plain function calls, thread after thread, in a loop that
 //     calls the kernel directly (a template argument of launch, inlined into that loop: run_plain).
-//     The choice is made per block: the first thread runs as a fiber; if it finishes without meeting a
-//     barrier, the others run as plain calls, and a barrier met by one of them aborts with a clear message.
+//     The choice is made per block, at no cost: each OS thread's fiber 0 runs its blocks one after
+//     another, the first thread of each as a plain call on that fiber's stack; if it finishes without
+//     meeting a barrier, fiber 0 runs the others as plain calls too (no switch at all, which the many
+//     small blocks of the element-wise kernels would feel), and a barrier met by one of them aborts
+//     with a clear message. If it waits at a barrier, the block's other threads become fibers.
 //     Built for the machine at hand (-march=native), the compiler runs that loop's element-wise
 //     kernels several threads at a time in the vector lanes, which is why expf is defined here.
 //   - __shared__ variables become thread_local: per OS thread, so per running block, and shared by
@@ -37,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
+#include <atomic>
 #include <map>
 #include <tuple>
 #include <type_traits>
@@ -327,9 +331,18 @@ struct Fiber {
     WarpOp warp_op;           // what it waits for, if it waits at a warp-collective operation (run != NULL)
 };
 
+// The blocks of a launch, claimed by the OS threads' fiber 0 in chunks (see run_blocks).
+struct Grid {
+    std::atomic<long> next; // the first block not yet claimed
+    long blocks, chunk;
+    bool reverse;           // CUDA_EMU_REVERSE: blocks and threads in reverse order
+};
+
 // Scheduler state of the block running on this OS thread.
 struct BlockState {
     Context scheduler;
+    Grid *grid;                 // the launch fiber 0 works on; NULL once its blocks are all claimed
+    bool in_fibers;             // the current block's first thread waited: its threads run as fibers
     Fiber *fibers[MAX_THREADS]; // created on first use
     Fiber *current;             // the fiber running now, NULL in plain mode
     const char *kernel;         // for error messages
@@ -422,6 +435,7 @@ inline void fiber_main(void) {
     }
 }
 
+inline void run_blocks(void);
 inline Fiber *fiber(unsigned k) {
     BlockState &bs = block_state;
     if (!bs.fibers[k]) {
@@ -432,9 +446,9 @@ inline Fiber *fiber(unsigned k) {
         start.uc_stack.ss_sp = f->stack.data();
         start.uc_stack.ss_size = f->stack.size();
         start.uc_link = NULL;
-        makecontext(&start, fiber_main, 0);
+        makecontext(&start, k == 0 ? run_blocks : fiber_main, 0);
         bs.current = f;
-        enter_new_stack(&bs.scheduler, &start); // returns when fiber_main first waits
+        enter_new_stack(&bs.scheduler, &start); // returns when the fiber first waits
     }
     return bs.fibers[k];
 }
@@ -493,29 +507,18 @@ inline bool run_warp_ops(unsigned n, bool reverse) {
     return any;
 }
 
-// Runs every thread of the current block (blockIdx, blockDim already set).
-inline void run_block(void) {
+// Runs the current block's threads 1 .. n - 1 as fibers, once its first thread (fiber 0) waits at a
+// barrier or a warp-collective operation, until every thread has finished. Runs on the OS thread's own
+// stack (the scheduler); fiber k runs thread k (n - 1 - k in reverse).
+inline void finish_block(void) {
     BlockState &bs = block_state;
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
-    const bool reverse = reverse_order();
-    bs.warp_waiters = bs.at_barrier = bs.finished = 0;
-    bs.split = false;
-    bs.round_next = bs.round_end = 0;
-    // Fiber k runs thread k (n - 1 - k in reverse). The first one, run alone, tells whether this kernel
-    // uses barriers.
-    auto assign = [&](unsigned k) {
+    const bool reverse = bs.grid->reverse;
+    for (unsigned k = 1; k < n; k++) {
         Fiber *f = fiber(k);
         f->thread = thread_of(reverse ? n - 1 - k : k, blockDim);
         f->finished = false;
-    };
-    assign(0);
-    run_round(0, 1);
-    if (bs.fibers[0]->finished) {
-        bs.current = NULL;
-        bs.body_plain(bs.body_arg, 1, n, reverse);
-        return;
     }
-    for (unsigned k = 1; k < n; k++) assign(k);
     if (n > 1) run_round(1, n);
     for (;;) {
         // Every thread now waits at a barrier or has finished. Warps waiting at a collective go first;
@@ -543,6 +546,45 @@ inline void run_block(void) {
         }
         bs.at_barrier = 0;
         run_round(0, n);
+    }
+}
+
+// The life of fiber 0: it runs the blocks of each launch its OS thread takes part in, claiming them in
+// chunks of about 1/32 of a thread's share (one at a time would cost an atomic operation per block,
+// which the many small blocks of the element-wise kernels would feel). It runs a block's first thread
+// itself; if that thread finishes without meeting a barrier, so do the others, run as plain calls on this
+// stack. If it waits, it hands control to the scheduler (pass_on), which runs the block to its end with
+// fibers (finish_block) and then resumes fiber 0 for the next block.
+inline void run_blocks(void) {
+    BlockState &bs = block_state;
+    Fiber *self = bs.current;
+    for (;;) {
+        bs.grid = NULL;
+        switch_context(&self->context, &bs.scheduler); // wait for a launch (launch sets bs.grid)
+        Grid &g = *bs.grid;
+        for (long start; (start = g.next.fetch_add(g.chunk)) < g.blocks;) {
+            for (long b = start; b < start + g.chunk && b < g.blocks; b++) {
+                const long id = g.reverse ? g.blocks - 1 - b : b;
+                blockIdx = uint3{unsigned(id % gridDim.x), unsigned(id / gridDim.x % gridDim.y),
+                                 unsigned(id / ((long)gridDim.x * gridDim.y))};
+                const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+                bs.warp_waiters = bs.at_barrier = bs.finished = 0;
+                bs.split = bs.in_fibers = false;
+                bs.round_next = bs.round_end = 0;
+                self->thread = thread_of(g.reverse ? n - 1 : 0, blockDim);
+                self->finished = false;
+                prepare(self);
+                bs.body(bs.body_arg); // a wait in here goes to the scheduler: in_fibers
+                self->finished = true;
+                if (bs.in_fibers) {
+                    bs.finished++;
+                    pass_on(self); // resumed when the block has finished
+                } else {
+                    bs.current = NULL;
+                    bs.body_plain(bs.body_arg, 1, n, g.reverse);
+                }
+            }
+        }
     }
 }
 
@@ -602,14 +644,13 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
     Params params(args...);
     auto body = [](void *p) { std::apply(kernel, *static_cast<Params *>(p)); };
     auto body_plain = run_plain<kernel, Params>;
-    const long blocks = (long)grid.x * grid.y * grid.z;
-    const bool reverse = reverse_order();
-    // Blocks are handed out to the OS threads in chunks, about 32 per thread: one at a time costs an
-    // atomic operation per block, which the many small blocks of the elementwise kernels would feel.
-    const long chunk = blocks / (32L * omp_get_max_threads()) + 1;
-#pragma omp parallel for schedule(dynamic, chunk)
-    for (long b = 0; b < blocks; b++) {
-        const long id = reverse ? blocks - 1 - b : b;
+    Grid g;
+    g.next = 0;
+    g.blocks = (long)grid.x * grid.y * grid.z;
+    g.chunk = g.blocks / (32L * omp_get_max_threads()) + 1;
+    g.reverse = reverse_order();
+#pragma omp parallel
+    {
         BlockState &bs = block_state;
         bs.kernel = name;
         bs.body = body;
@@ -617,9 +658,15 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
         bs.body_arg = &params;
         gridDim = grid;
         blockDim = block;
-        blockIdx = uint3{unsigned(id % grid.x), unsigned(id / grid.x % grid.y),
-                         unsigned(id / ((long)grid.x * grid.y))};
-        run_block();
+        Fiber *blocks = fiber(0); // runs the blocks: run_blocks
+        bs.grid = &g;
+        for (;;) {
+            prepare(blocks);
+            switch_context(&bs.scheduler, &blocks->context); // back when a block's first thread waits...
+            if (!bs.grid) break;                              // ...or when no block is left
+            bs.in_fibers = true;
+            finish_block();
+        }
     }
 }
 

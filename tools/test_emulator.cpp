@@ -39,6 +39,20 @@ __global__ void block_sum(float *out, const float *x) {
     if (threadIdx.x == 0) out[blockIdx.x] = smem[0];
 }
 
+// Blocks that differ: even blocks copy with no barrier, odd ones through shared memory, as a kernel whose
+// blocks with no work return early (legal CUDA: every thread of a block takes the same branch).
+__global__ void odd_blocks_reverse(int *out) {
+    __shared__ int slots[256];
+    const int at = blockIdx.x * blockDim.x + threadIdx.x;
+    if (blockIdx.x % 2 == 0) {
+        out[at] = at;
+        return;
+    }
+    slots[threadIdx.x] = at;
+    __syncthreads();
+    out[at] = slots[blockDim.x - 1 - threadIdx.x];
+}
+
 // No barrier: runs as plain calls. 2D blocks and grids, out-of-range threads return early.
 __global__ void scale_2d(float *y, const float *x, int width, int height) {
     const int col = blockIdx.x * blockDim.x + threadIdx.x, row = blockIdx.y * blockDim.y + threadIdx.y;
@@ -175,6 +189,16 @@ int main() {
             ok = ok && out[b] == want;
         }
         check(ok, "barriers inside a loop, dynamic shared memory: block sums are exact");
+    }
+    {
+        const int blocks = 300, threads = 64; // enough blocks that each OS thread meets both kinds
+        std::vector<int> out(blocks * threads, -1);
+        KERNEL_LAUNCH(odd_blocks_reverse, blocks, threads, 0, out.data());
+        bool ok = true;
+        for (int b = 0; b < blocks; b++)
+            for (int t = 0; t < threads; t++)
+                ok = ok && out[b * threads + t] == b * threads + (b % 2 ? threads - 1 - t : t);
+        check(ok, "blocks of one launch that differ in meeting a barrier each run right");
     }
     {
         const int width = 37, height = 19;
