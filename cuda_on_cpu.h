@@ -562,16 +562,17 @@ inline void run_blocks(void) {
         bs.grid = NULL;
         switch_context(&self->context, &bs.scheduler); // wait for a launch (launch sets bs.grid)
         Grid &g = *bs.grid;
+        const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+        const uint3 first = thread_of(g.reverse ? n - 1 : 0, blockDim); // the thread fiber 0 runs
         for (long start; (start = g.next.fetch_add(g.chunk)) < g.blocks;) {
             for (long b = start; b < start + g.chunk && b < g.blocks; b++) {
                 const long id = g.reverse ? g.blocks - 1 - b : b;
                 blockIdx = uint3{unsigned(id % gridDim.x), unsigned(id / gridDim.x % gridDim.y),
                                  unsigned(id / ((long)gridDim.x * gridDim.y))};
-                const unsigned n = blockDim.x * blockDim.y * blockDim.z;
                 bs.warp_waiters = bs.at_barrier = bs.finished = 0;
                 bs.split = bs.in_fibers = false;
                 bs.round_next = bs.round_end = 0;
-                self->thread = thread_of(g.reverse ? n - 1 : 0, blockDim);
+                self->thread = first;
                 self->finished = false;
                 prepare(self);
                 bs.body(bs.body_arg); // a wait in here goes to the scheduler: in_fibers
