@@ -23,7 +23,9 @@ NVCC ?= nvcc
 CFLAGS = -O2 -std=c11 -Wall -Wextra -Werror
 # -march=native: this CPU's vector width and FMA (nvcc fuses a * b + c too), with which the element-wise
 # kernels run several threads at a time (cuda_on_cpu.h); the binaries are for the machine that builds them.
-CPU_FLAGS = -O3 -march=native -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
+# -ftls-model=local-exec: the emulator's thread-locals (shared memory) live in executables only; GCC 12
+# under register pressure otherwise emits a GOT access to them that GNU ld 2.40 cannot link.
+CPU_FLAGS = -O3 -march=native -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
 GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
             -gencode arch=compute_90,code=compute_90  # PTX too, for GPUs newer than sm_90
 GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
@@ -164,7 +166,7 @@ build/datatool: build/cpu/datatool.o build/cpu/sparse_transformer.o
 
 build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
-	$(CXX) -O3 -march=native -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
+	$(CXX) -O3 -march=native -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
 
 # The kernel tests once more with the GPU's block shape: the CPU build's tile kernels have 1 warp, a
 # GPU's 4 (WARPS in sparse_transformer.cu), so this checks, on the CPU, the layout a GPU runs.

@@ -524,6 +524,10 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 //   attention_forward_kernel      a query tile per block, looping over its key tiles: out and lse
 //   attention_backward_kv_kernel  a key tile per block, looping over its query tiles: dK and dV
 //   attention_backward_q_kernel   a query tile per block, looping over its key tiles: dQ
+// Both backward kernels need each tile pair's dS (the softmax's gradient). The dK/dV kernel computes it
+// and, where a step's dS takes no more memory than its q, k and v (short contexts, sparse patterns),
+// keeps it in global memory (SavedDS); the dQ kernel then reads it back instead of computing it again.
+// Elsewhere the dQ kernel computes it again: memory stays linear in n.
 // A block owns its output tile: no two blocks write the same row, so there are no atomics, and every
 // sum is taken in the same order on every run. Its TILE_THREADS threads split every tile the same way:
 // thread t owns row t % TILE (a warp's 32 lanes are a tile's 32 rows) and the (t / TILE)-th of WARPS
@@ -566,11 +570,27 @@ __device__ static inline int own_row(void) { return threadIdx.x % TILE; }
 template <int COLS> __device__ static inline int own_col(void) { return threadIdx.x / TILE * (COLS / WARPS); }
 template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN]; // a thread's part of a (TILE, D) tile
 
+// Where the dK/dV kernel keeps each tile pair's dS for the dQ kernel: (TILE, TILE) tiles, rows of TILE.
+// The tile pair (query tile qt, key tile kt) of the launch's head y and batch element b is tile number
+// (b * heads + y) * pairs + pair0[qt] + kt: a query tile's tile pairs are consecutive (section 6).
+struct SavedDS {
+    float *ds;        // NULL: none kept, the dQ kernel computes dS again
+    const int *pair0; // (query tiles) the number of tile pair (qt, 0), were key tile 0 in qt's range
+    int pairs;        // tile pairs of one head
+};
+__device__ static inline float *saved_tile(const SavedDS &saved, int qt, int kt) {
+    const size_t head = (size_t)blockIdx.z * gridDim.y + blockIdx.y;
+    return saved.ds + (head * saved.pairs + saved.pair0[qt] + kt) * TILE * TILE;
+}
+
 // The helpers, defined after the kernels:
 // Rows first .. first + TILE - 1 of a step's query order (or key order) into a (TILE, D) tile, or into a
 // (D, TILE) one if TRANSPOSED, times `scale`; padding slots load as zeros.
 template <int D, bool TF32, bool TRANSPOSED = false>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys, float scale);
+// This thread's part of a (TILE, TILE) score tile, to or from a tile of global memory (rows of TILE).
+template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s);
+template <int D, bool TF32> __device__ static void load_scores(float *S_s, const float *src);
 // One float per row of a query tile (lse or delta), times `scale`; `missing` for padding slots.
 __device__ static void load_row_values(float *dst, const float *x, const Step &st, int first, float scale,
                                        float missing);
@@ -744,7 +764,7 @@ template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                              const float *q, const float *k, const float *v, Step st, const TileRange *tiles,
-                             const int *heads, int H) {
+                             const int *heads, int H, SavedDS saved) {
     typedef TileShape<D, TF32> S;
     float *Kt_s = smem;                 // (D, TILE) keys, transposed
     float *Vt_s = Kt_s + S::TMATRIX;    // (D, TILE) values, transposed
@@ -773,6 +793,7 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, qt * TILE);
         __syncthreads();
         probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, qt * TILE, s0, full);
+        if (saved.ds) save_scores<D, TF32>(saved_tile(saved, qt, kt), dS_s); // for the dQ kernel
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the part of the key tile this thread owns
         accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s, scratch_s);
@@ -791,12 +812,14 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 
 // Backward for queries, one query tile per block, looping over its key tiles:
 //   dQ_i = sum_j dS_ij k_j / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
+// dS is the dK/dV kernel's, read back, or (none kept) computed again as that kernel computed it: the
+// same bits either way.
 // Grid: (query tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
                             const float *q, const float *k, const float *v, Step st, const TileRange *tiles,
-                            const int *heads, int H) {
+                            const int *heads, int H, SavedDS saved) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
@@ -816,17 +839,21 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     const TileRange keys = tiles[qt];   // the key tiles of this query tile
     const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>();
 
-    load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, p0);
+    if (!saved.ds) load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, p0);
     float dq_acc[S::OWN] = {};
 
     for (int kt = keys.first; kt <= keys.last; kt++) {
-        const bool full = keys.first_full <= kt && kt <= keys.last_full;
         __syncthreads();
         load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
-        load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
-        load_tile<D, TF32, true>(Vt_s, v, st, kt * TILE, true, 1.0f);
-        __syncthreads();
-        probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, p0, kt * TILE, full);
+        if (saved.ds) {
+            load_scores<D, TF32>(dS_s, saved_tile(saved, qt, kt));
+        } else {
+            const bool full = keys.first_full <= kt && kt <= keys.last_full;
+            load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
+            load_tile<D, TF32, true>(Vt_s, v, st, kt * TILE, true, 1.0f);
+            __syncthreads();
+            probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, p0, kt * TILE, full);
+        }
         __syncthreads();
         // dQ += dS K, for the part of the query tile this thread owns
         accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s, scratch_s);
@@ -849,6 +876,15 @@ __device__ static void load_tile(float *tile, const float *x, const Step &st, in
     const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
     for (int c = c0; c < c0 + S::OWN; c++)
         tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
+}
+
+template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s) {
+    const int r = own_row(), c0 = own_col<TILE>();
+    for (int c = c0; c < c0 + TILE / WARPS; c++) dst[r * TILE + c] = S_s[r * TileShape<D, TF32>::SROW + c];
+}
+template <int D, bool TF32> __device__ static void load_scores(float *S_s, const float *src) {
+    const int r = own_row(), c0 = own_col<TILE>();
+    for (int c = c0; c < c0 + TILE / WARPS; c++) S_s[r * TileShape<D, TF32>::SROW + c] = src[r * TILE + c];
 }
 
 __device__ static void load_row_values(float *dst, const float *x, const Step &st, int first, float scale,
@@ -989,6 +1025,8 @@ struct StepPlan {
     TileRange *q_tiles; // (query tiles) the key tiles of each query tile, on the device
     TileRange *k_tiles; // (key tiles) the query tiles of each key tile, on the device
     int n_qtiles, n_ktiles;
+    int *pair0;         // (query tiles) where each query tile's tile pairs start (SavedDS), on the device
+    int n_pairs;        // tile pairs of one head
 };
 
 struct StAttention {
@@ -1000,7 +1038,13 @@ struct StAttention {
     size_t layout_bytes;
     float *delta;      // (B, H, T) workspace of the backward, grown on demand
     size_t delta_rows;
+    float *ds;         // the tile pairs' dS kept by the backward (SavedDS), grown on demand
+    size_t ds_floats;
 };
+
+// Whether the backward keeps dS between its kernels: 0 never, 1 where it may, 2 always (st_set_keep_ds).
+static int keep_ds = 1;
+void st_set_keep_ds(int keep) { keep_ds = keep; }
 
 static bool same_step(const Step &a, const Step &b) { return memcmp(&a, &b, sizeof(Step)) == 0; }
 
@@ -1013,13 +1057,17 @@ static void *upload(const void *src, size_t bytes, size_t *counter) {
 
 // Builds the plan for one distinct step used by `n_heads` heads (heads listed on the host).
 static StepPlan make_plan(StAttention *a, const Step &st, int slot, const int *heads, int n_heads) {
-    StepPlan plan = {st, slot, n_heads, NULL, NULL, NULL, ceil_div(st.nq, TILE), ceil_div(st.nk, TILE)};
+    StepPlan plan = {st, slot, n_heads, NULL, NULL, NULL, ceil_div(st.nq, TILE), ceil_div(st.nk, TILE), NULL, 0};
     TileRange *q_tiles = (TileRange *)st_host_alloc(plan.n_qtiles * sizeof(TileRange));
     TileRange *k_tiles = (TileRange *)st_host_alloc(plan.n_ktiles * sizeof(TileRange));
+    int *pair0 = (int *)st_host_alloc(plan.n_qtiles * sizeof(int));
     double allowed = 0.0, computed = 0.0;
     for (int qt = 0; qt < plan.n_qtiles; qt++) {
         q_tiles[qt] = query_tile_range(st, qt, &allowed);
-        computed += (double)(q_tiles[qt].last - q_tiles[qt].first + 1) * TILE * TILE;
+        const int pairs = q_tiles[qt].last - q_tiles[qt].first + 1; // 0 for a tile with no key
+        pair0[qt] = plan.n_pairs - q_tiles[qt].first;               // tile pair (qt, kt) is pair0[qt] + kt
+        plan.n_pairs += pairs;
+        computed += (double)pairs * TILE * TILE;
     }
     key_tile_ranges(q_tiles, plan.n_qtiles, k_tiles, plan.n_ktiles);
     a->pairs_allowed += allowed * n_heads;
@@ -1027,8 +1075,10 @@ static StepPlan make_plan(StAttention *a, const Step &st, int slot, const int *h
     plan.q_tiles = (TileRange *)upload(q_tiles, plan.n_qtiles * sizeof(TileRange), &a->layout_bytes);
     plan.k_tiles = (TileRange *)upload(k_tiles, plan.n_ktiles * sizeof(TileRange), &a->layout_bytes);
     plan.heads = (int *)upload(heads, n_heads * sizeof(int), &a->layout_bytes);
+    plan.pair0 = (int *)upload(pair0, plan.n_qtiles * sizeof(int), &a->layout_bytes);
     free(q_tiles);
     free(k_tiles);
+    free(pair0);
     return plan;
 }
 
@@ -1071,14 +1121,17 @@ void st_attention_free(StAttention *a) {
         st_free(a->plans[i].heads);
         st_free(a->plans[i].q_tiles);
         st_free(a->plans[i].k_tiles);
+        st_free(a->plans[i].pair0);
     }
     if (a->delta) st_free(a->delta);
+    if (a->ds) st_free(a->ds);
     free(a->plans);
     free(a);
 }
 
 StAttentionStats st_attention_stats(const StAttention *a) {
-    StAttentionStats s = {a->pairs_allowed, a->pairs_computed, a->layout_bytes + a->delta_rows * sizeof(float)};
+    StAttentionStats s = {a->pairs_allowed, a->pairs_computed,
+                          a->layout_bytes + (a->delta_rows + a->ds_floats) * sizeof(float)};
     return s;
 }
 
@@ -1120,15 +1173,19 @@ void st_attention_forward(StAttention *a, float *out, float *lse, const float *q
     }
 }
 
+// A workspace of at least `need` floats (its contents are not kept when it grows).
+static void grow(float **buf, size_t *have, size_t need) {
+    if (need <= *have) return;
+    if (*buf) st_free(*buf);
+    *buf = (float *)st_malloc(need * sizeof(float));
+    *have = need;
+}
+
 void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, const float *dout,
                            const float *out, const float *lse, const float *q, const float *k,
                            const float *v, int B) {
     const size_t rows = (size_t)B * a->H * a->n, bytes = rows * a->D * sizeof(float);
-    if (rows > a->delta_rows) {
-        if (a->delta) st_free(a->delta);
-        a->delta = (float *)st_malloc(rows * sizeof(float));
-        a->delta_rows = rows;
-    }
+    grow(&a->delta, &a->delta_rows, rows);
     DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, dim3((unsigned)((rows + 255) / 256)), 256, 0,
                                     a->delta, dout, out, rows));
     cudaCheck(cudaMemset(dq, 0, bytes));
@@ -1136,13 +1193,19 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     cudaCheck(cudaMemset(dv, 0, bytes));
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
+        SavedDS saved = {NULL, pl.pair0, pl.n_pairs};
+        const size_t per_head = (size_t)pl.n_pairs * TILE * TILE; // dS kept: no more than q, k and v
+        if (keep_ds == 2 || (keep_ds == 1 && per_head <= 3 * (size_t)a->n * a->D)) {
+            grow(&a->ds, &a->ds_floats, (size_t)B * pl.n_heads * per_head);
+            saved.ds = a->ds;
+        }
         DISPATCH_KERNEL(a->D, {
             LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), TILE_THREADS,
                    (backward_kv_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
-                   pl.heads, a->H);
+                   pl.heads, a->H, saved);
             LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), TILE_THREADS,
                    (backward_q_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
-                   pl.heads, a->H);
+                   pl.heads, a->H, saved);
         });
     }
 }

@@ -98,6 +98,10 @@ void st_attention_forward(StAttention *a, float *out, float *lse, const float *q
 void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, const float *dout,
                            const float *out, const float *lse, const float *q, const float *k,
                            const float *v, int B);
+// The backward's dK/dV kernel keeps each tile pair's dS (the softmax's gradient) for its dQ kernel,
+// which otherwise computes it again: keep = 1 (the default) where a step's dS takes no more memory than
+// its q, k and v (memory stays linear in n), 0 never, 2 always (the tests). The same bits either way.
+void st_set_keep_ds(int keep);
 
 // ----------------------------------------------------------------------------
 // Data files: a 64-byte header, then the bytes (text, images or audio: the model sees bytes 0..255).

@@ -364,10 +364,14 @@ static int is_poison(float x) {
     memcpy(&bits, &x, sizeof bits);
     return bits == POISON_BITS;
 }
-static float *device_poisoned(size_t count) {
+static float *host_poisoned(size_t count) {
     const uint32_t bits = POISON_BITS;
     float *h = malloc(count * sizeof(float));
     for (size_t e = 0; e < count; e++) memcpy(&h[e], &bits, sizeof bits);
+    return h;
+}
+static float *device_poisoned(size_t count) {
+    float *h = host_poisoned(count);
     float *d = st_malloc(count * sizeof(float));
     st_to_device(d, h, count * sizeof(float));
     free(h);
@@ -455,9 +459,24 @@ static void run_case(const Case *c) {
 
     StAttention *att = st_attention_create(&c->p, c->layer, n, H, D);
     st_attention_forward(att, out, lse, q, k, v, B);
+    st_set_keep_ds(2); // every step's dS kept for the dQ kernel, whatever its size
     st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
     float *g_out = to_host(out, count), *g_lse = to_host(lse, rows);
     float *g_dq = to_host(dq, count), *g_dk = to_host(dk, count), *g_dv = to_host(dv, count);
+    // Again with no dS kept between the backward's kernels (the dQ kernel computes it again): the same bits
+    float *poison = host_poisoned(count);
+    float *gradients[3] = {dq, dk, dv}, *kept[3] = {g_dq, g_dk, g_dv};
+    for (int g = 0; g < 3; g++) st_to_device(gradients[g], poison, count * sizeof(float));
+    st_set_keep_ds(0);
+    st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
+    st_set_keep_ds(1); // the default
+    int recomputed_differs = 0;
+    for (int g = 0; g < 3; g++) {
+        float *again = to_host(gradients[g], count);
+        recomputed_differs |= memcmp(again, kept[g], count * sizeof(float)) != 0;
+        free(again);
+    }
+    free(poison);
 
     // reference, head by head, in double
     double *t = malloc(9 * (size_t)n * D * sizeof(double) + n * sizeof(double));
@@ -512,7 +531,7 @@ static void run_case(const Case *c) {
         if (diff_not_numbers(grads[g]) > diff_not_numbers(grads[worst_grad]) ||
             (!diff_not_numbers(grads[worst_grad]) && rel_value(grads[g]->rel) > rel_value(grads[worst_grad]->rel)))
             worst_grad = g;
-    const int bwd_bad = diff_bad(&e_dq, tol_b) || diff_bad(&e_dk, tol_b) || diff_bad(&e_dv, tol_b);
+    const int bwd_bad = diff_bad(&e_dq, tol_b) || diff_bad(&e_dk, tol_b) || diff_bad(&e_dv, tol_b) || recomputed_differs;
     char phrase[512];
     if (out_bad) {
         diff_phrase(phrase, sizeof phrase, &e_out, "out", c, 1, tol_f);
@@ -526,6 +545,9 @@ static void run_case(const Case *c) {
                      "(a row with no allowed key has lse -inf)", lse_inf_mismatch, where);
         }
         set_verdict("forward log-sum-exp wrong, its output right (%s): %s", name, phrase);
+    } else if (bwd_bad && recomputed_differs && !diff_bad(&e_dq, tol_b) && !diff_bad(&e_dk, tol_b) && !diff_bad(&e_dv, tol_b)) {
+        set_verdict("the backward's gradients differ when the dQ kernel computes dS again instead of reading what "
+                    "the dK/dV kernel kept (%s): both must compute it alike (probability_gradients)", name);
     } else if (bwd_bad) {
         diff_phrase(phrase, sizeof phrase, grads[worst_grad], grad_names[worst_grad], c, 1, tol_b);
         set_verdict("only the backward is wrong, the forward is right (%s): %s", name, phrase);
@@ -540,9 +562,10 @@ static void run_case(const Case *c) {
     check(!out_bad && !lse_bad, "forward  %-52s rel err out %.1e, lse %.1e; not numbers: out %ld, lse %ld; "
           "empty-row mismatches %ld", name, rel_value(e_out.rel), rel_value(e_lse.rel), diff_not_numbers(&e_out),
           diff_not_numbers(&e_lse), lse_inf_mismatch);
-    check(!bwd_bad, "backward %-52s rel err dq %.1e dk %.1e dv %.1e; not numbers %ld", name, rel_value(e_dq.rel),
-          rel_value(e_dk.rel), rel_value(e_dv.rel),
-          diff_not_numbers(&e_dq) + diff_not_numbers(&e_dk) + diff_not_numbers(&e_dv));
+    check(!bwd_bad, "backward %-52s rel err dq %.1e dk %.1e dv %.1e; not numbers %ld; dS kept = recomputed: %s",
+          name, rel_value(e_dq.rel), rel_value(e_dk.rel), rel_value(e_dv.rel),
+          diff_not_numbers(&e_dq) + diff_not_numbers(&e_dk) + diff_not_numbers(&e_dv),
+          recomputed_differs ? "NO" : "yes");
     check(stats.pairs_allowed == (double)allowed && stats.pairs_computed <= work_bound(c, allowed),
           "work     %-52s allowed %ld (layout %.0f), computed %.0f = %.2fx, bound %.0f", name, allowed,
           stats.pairs_allowed, stats.pairs_computed, stats.pairs_computed / allowed, work_bound(c, allowed));
