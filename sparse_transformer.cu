@@ -570,7 +570,8 @@ __device__ static inline int own_row(void) { return threadIdx.x % TILE; }
 template <int COLS> __device__ static inline int own_col(void) { return threadIdx.x / TILE * (COLS / WARPS); }
 template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN]; // a thread's part of a (TILE, D) tile
 
-// Where the dK/dV kernel keeps each tile pair's dS for the dQ kernel: (TILE, TILE) tiles, rows of TILE.
+// Where the dK/dV kernel keeps each tile pair's dS for the dQ kernel: (TILE, TILE) tiles stored column
+// by column, so that a GPU warp, whose 32 lanes own the tile's 32 rows, writes and reads 32 neighbours.
 // The tile pair (query tile qt, key tile kt) of the launch's head y and batch element b is tile number
 // (b * heads + y) * pairs + pair0[qt] + kt: a query tile's tile pairs are consecutive (section 6).
 struct SavedDS {
@@ -588,7 +589,7 @@ __device__ static inline float *saved_tile(const SavedDS &saved, int qt, int kt)
 // (D, TILE) one if TRANSPOSED, times `scale`; padding slots load as zeros.
 template <int D, bool TF32, bool TRANSPOSED = false>
 __device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys, float scale);
-// This thread's part of a (TILE, TILE) score tile, to or from a tile of global memory (rows of TILE).
+// This thread's part of a (TILE, TILE) score tile, to or from a tile of global memory (column by column).
 template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s);
 template <int D, bool TF32> __device__ static void load_scores(float *S_s, const float *src);
 // One float per row of a query tile (lse or delta), times `scale`; `missing` for padding slots.
@@ -880,11 +881,11 @@ __device__ static void load_tile(float *tile, const float *x, const Step &st, in
 
 template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s) {
     const int r = own_row(), c0 = own_col<TILE>();
-    for (int c = c0; c < c0 + TILE / WARPS; c++) dst[r * TILE + c] = S_s[r * TileShape<D, TF32>::SROW + c];
+    for (int c = c0; c < c0 + TILE / WARPS; c++) dst[c * TILE + r] = S_s[r * TileShape<D, TF32>::SROW + c];
 }
 template <int D, bool TF32> __device__ static void load_scores(float *S_s, const float *src) {
     const int r = own_row(), c0 = own_col<TILE>();
-    for (int c = c0; c < c0 + TILE / WARPS; c++) S_s[r * TileShape<D, TF32>::SROW + c] = src[r * TILE + c];
+    for (int c = c0; c < c0 + TILE / WARPS; c++) S_s[r * TileShape<D, TF32>::SROW + c] = src[c * TILE + r];
 }
 
 __device__ static void load_row_values(float *dst, const float *x, const Step &st, int first, float scale,
