@@ -846,9 +846,9 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     for (int kt = keys.first; kt <= keys.last; kt++) {
         __syncthreads();
         load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
-        if (saved.ds) {
+        if (saved.ds) { // dS as the dK/dV kernel kept it
             load_scores<D, TF32>(dS_s, saved_tile(saved, qt, kt));
-        } else {
+        } else {        // or computed again, as that kernel computed it
             const bool full = keys.first_full <= kt && kt <= keys.last_full;
             load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
             load_tile<D, TF32, true>(Vt_s, v, st, kt * TILE, true, 1.0f);
