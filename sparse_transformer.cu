@@ -913,17 +913,19 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // columns [first, last] (section 3); the others get `masked`. The float32 body computes the thread's
 // whole row part, one sum per column, all advancing together: independent sums over contiguous
 // columns, which a CPU does several at once in its vector unit and a GPU warp reads at one address per
-// column. Each sum is taken in four parts (every fourth x), added at the end: a multiply-add that
-// depends on the one before waits for it (4 cycles on a CPU), so one chain per column would leave the
-// vector unit idle three cycles in four; four parts keep it busy (a training step 7-8% faster on the
-// CPU build) and give a GPU thread independent work too. The tensor cores compute the whole tile (each warp one or more of its 16 x 16
-// quarters, then a barrier). Each thread then masks the entries it owns, which later passes rely on.
+// column. On the CPU each sum is taken in four parts (every fourth x), added at the end: a CPU thread
+// advances its 32 sums 16 at a time in vector registers, two chains of multiply-adds, each waiting for
+// the one before (4 cycles), which would leave the vector unit idle three cycles in four; four parts
+// keep it busy (a training step 7-8% faster). A GPU thread's 8 sums are 8 chains already and other
+// warps hide the wait; registers are what it lacks (four parts made the dK/dV kernel spill at D = 128).
+// The tensor cores compute the whole tile (each warp one or more of its 16 x 16 quarters, then a
+// barrier). Each thread then masks the entries it owns, which later passes rely on.
 template <int D, bool TF32>
 __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
                                    int p0, int s0, bool full) {
     typedef TileShape<D, TF32> S;
-    const int r = own_row(), c0 = own_col<TILE>(), OWN = TILE / WARPS, PARTS = 4;
-    static_assert(D % PARTS == 0, "a sum's parts take every PARTS-th term");
+    const int r = own_row(), c0 = own_col<TILE>(), OWN = TILE / WARPS, PARTS = BUILT_FOR_GPU ? 1 : 4;
+    static_assert(D % 4 == 0 && (PARTS == 1 || PARTS == 4), "a sum's parts take every PARTS-th term");
     if constexpr (TF32) {
         for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
             const int row0 = quarter % 2 * 16, col0 = quarter / 2 * 16;
@@ -959,7 +961,10 @@ __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s,
             }
         }
         #pragma unroll
-        for (int u = 0; u < OWN; u++) row[c0 + u] = (dot[0][u] + dot[1][u]) + (dot[2][u] + dot[3][u]);
+        for (int u = 0; u < OWN; u++) {
+            if constexpr (PARTS == 1) row[c0 + u] = dot[0][u];
+            else row[c0 + u] = (dot[0][u] + dot[1][u]) + (dot[2][u] + dot[3][u]);
+        }
     }
     #pragma unroll
     for (int c = c0; c < c0 + OWN; c++)
