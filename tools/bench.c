@@ -25,7 +25,8 @@ the CPU, 262144 on a GPU), -max_dense N (largest n for dense, whose time grows a
 runs per size and pattern after one warm-up run each, the best one counts; the patterns' runs
 alternate, so that a slow phase of a busy machine reaches both; default 3 on the CPU, 5 on a GPU),
 -precision fp32|tf32|both (default: both on a GPU; the CPU build's fp32 on the CPU, where TF32 is only
-emulated and its speed means nothing).
+emulated and its speed means nothing), -keep_ds 0|1|2 (whether the backward keeps dS for its dQ kernel:
+never, where it takes no more memory than q, k and v (the default), always; st_set_keep_ds).
 `make bench BENCH_FLAGS="..."` passes flags.
 */
 #define _POSIX_C_SOURCE 199309L // clock_gettime
@@ -141,7 +142,7 @@ static const char *exponent_text(char *text, size_t size, const Result *r, int c
     return text;
 }
 
-#define FLAGS "(flags: -min_ctx -max_ctx -max_dense -batch -heads -head_size -reps -precision fp32|tf32|both)"
+#define FLAGS "(flags: -min_ctx -max_ctx -max_dense -batch -heads -head_size -reps -precision fp32|tf32|both -keep_ds 0|1|2)"
 static int flag_value(int argc, char **argv, int i) {
     char *end;
     long value = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
@@ -187,13 +188,23 @@ int main(int argc, char **argv) {
     const char *device = st_device_init();
     const int on_gpu = st_device_is_gpu();
     int min_ctx = 1024, max_ctx = on_gpu ? 262144 : 8192, max_dense = 65536, B = on_gpu ? 4 : 1, H = on_gpu ? 4 : 1, D = 64;
-    int reps = on_gpu ? 5 : 3, first = st_get_precision(), last = on_gpu ? ST_TF32 : first;
+    int reps = on_gpu ? 5 : 3, first = st_get_precision(), last = on_gpu ? ST_TF32 : first, keep_ds = 1;
     if (on_gpu) first = ST_FP32;
     for (int i = 1; i < argc; i += 2) {
         if (strcmp(argv[i], "-precision") == 0 && i + 1 < argc) {
             const int p = st_precision_from_name(argv[i + 1]);
             if (p < 0 && strcmp(argv[i + 1], "both") != 0) { fprintf(stderr, "-precision takes fp32, tf32 or both\n"); return 1; }
             first = p < 0 ? ST_FP32 : p, last = p < 0 ? ST_TF32 : p;
+            continue;
+        }
+        if (strcmp(argv[i], "-keep_ds") == 0 && i + 1 < argc) {
+            const char *k = argv[i + 1];
+            if (strlen(k) != 1 || k[0] < '0' || k[0] > '2') {
+                fprintf(stderr, "-keep_ds takes 0 (never), 1 (where it is small, the default) or 2 (always)\n");
+                return 1;
+            }
+            keep_ds = k[0] - '0';
+            st_set_keep_ds(keep_ds);
             continue;
         }
         int value = flag_value(argc, argv, i);
@@ -207,7 +218,8 @@ int main(int argc, char **argv) {
         else { fprintf(stderr, "unknown flag %s " FLAGS "\n", argv[i]); return 1; }
     }
     printf("device: %s\nbatch %d, heads %d, head size %d, forward + backward, best of %d; TFLOP/s on the allowed "
-           "pairs (14 D flops each)\n", device, B, H, D, reps);
+           "pairs (14 D flops each); dS kept for the dQ kernel: %s\n", device, B, H, D, reps,
+           keep_ds == 0 ? "never" : keep_ds == 1 ? "where small" : "always");
     printf("%7s  %-16s %-5s %14s %11s %9s %12s %9s\n", "n", "pattern", "prec", "allowed pairs", "ms", "TFLOP/s", "bytes",
            "us/tile");
     for (int p = first; p <= last; p++) {

@@ -7,7 +7,8 @@
 #      mpirun -np 1 (nccl): the data-parallel path, its gradients averaged by NCCL, on one GPU, where the
 #      machine has mpirun and the build found MPI and NCCL (NCCL_HOME: the toolkit's, else PyTorch's)
 #   4. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
-#   5. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s
+#   5. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s; then
+#      strided to 65536 in tf32 with the backward's dS never kept (bench_recompute): does keeping it pay?
 #   6. the PyTorch peers, when gpu_peer.py and torch_peer.py are found (PEERS, else build/gpu_carry/peers,
 #      build/peers or ../shared/tools): FlexAttention and SDPA forward + backward, and the same model trained with
 #      FlexAttention, float32 with TF32 allowed, as ours runs
@@ -72,7 +73,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cu
 [ -f /usr/local/cuda/include/nccl.h ] || export NCCL_HOME="${NCCL_HOME:-$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null)}"
 start=$(date +%s)
 deadline=$(( start + ${BUDGET:-480} ))
-wanted=" build ${STEPS:-tests train_tf32 nccl ctx1m bench peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
+wanted=" build ${STEPS:-tests train_tf32 nccl ctx1m bench bench_recompute peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
 
 # step NAME SECONDS COMMAND...: runs the command with a time limit (cut to what is left of BUDGET), its
 # output in $logs/NAME.log; records "NAME exit-code seconds" in $logs/steps.txt (exit 124: the time
@@ -111,6 +112,10 @@ table() {
         printf '%-10s %s\n' "bench" "$(status bench)"
         grep -E '^ *[0-9]+ +(dense|strided)' "$logs/bench.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s %8s us/tile\n", $1, $2, $(NF-5), $(NF-3), $(NF-2), $NF}'
         grep '^bench:' "$logs/bench.log"
+    fi
+    if [ -f "$logs/bench_recompute.log" ]; then
+        printf '%-10s %s (dS never kept)\n' "bench_recompute" "$(status bench_recompute)"
+        grep -E '^ *[0-9]+ +strided' "$logs/bench_recompute.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s %8s us/tile\n", $1, $2, $(NF-5), $(NF-3), $(NF-2), $NF}'
     fi
     for t in train_tf32 nccl train_fp32 ctx1m; do
         [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" \
@@ -163,6 +168,7 @@ if [ "$have_binaries" = 1 ]; then
     step ctx1m 180 ./train -i "$data/long" -o "$run/ctx1m" -ctx 1048576 -dim 256 -heads 4 -layers 4 -stride 1024 \
         -recompute 1 -batch 1 -steps 1 -warmup 1 -eval_every 0 -sample_every 0 -eval_bytes 1
     step bench 240 build/gpu/bench
+    step bench_recompute 60 build/gpu/bench -keep_ds 0 -precision tf32 -max_ctx 65536 -max_dense 1024
     if [ -f "$peers/gpu_peer.py" ]; then
         step peer_attention 240 python3 "$peers/gpu_peer.py" attention --sizes 8192,32768 --dtypes float32,bfloat16 --tf32 1
         step peer_train 180 python3 "$peers/gpu_peer.py" train --tf32 1
