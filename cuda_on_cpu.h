@@ -196,6 +196,26 @@ inline cudaError_t cudaMemset(void *dst, int value, size_t bytes) {
     memset(dst, value, bytes);
     return cudaSuccess;
 }
+// Events (the profiler's clock, sparse_transformer.cu section 1): a launch here returns when its kernel has
+// finished, so an event records the wall clock when it is recorded, and the time between two is the time
+// of what ran between them, as on a GPU.
+struct CUevent_st { double ms; };
+typedef CUevent_st *cudaEvent_t;
+typedef void *cudaStream_t;
+inline cudaError_t cudaEventCreate(cudaEvent_t *event) {
+    *event = new CUevent_st{0.0};
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t event) { delete event; return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t = 0) {
+    event->ms = omp_get_wtime() * 1e3;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+    *ms = (float)(end->ms - start->ms);
+    return cudaSuccess;
+}
 // A launch may give a kernel more than 48 KB of dynamic shared memory only after the kernel opted in
 // (cudaFuncSetAttribute), as on a GPU, which refuses the launch otherwise: the sizes allowed, by kernel.
 inline std::map<const void *, size_t> &cuda_emu_shared_opt_ins() {

@@ -96,6 +96,109 @@ static uint64_t splitmix64(uint64_t *state) {
     return z ^ (z >> 31);
 }
 
+// The profiler (st_profile_*, ./train -profile N): where a step's time goes. While it is on, each kernel
+// launch, matrix product and copy is bracketed by two CUDA events and booked under its name. Events are
+// recorded in the GPU's queue, so the host keeps launching ahead and the GPU runs as it would without
+// them; the times are read back only when the table is made, or when all the pairs are in use. On the
+// CPU, cuda_on_cpu.h's events read the wall clock, and a launch returns when its kernel has finished:
+// the same code times the same things.
+#define PROFILE_PAIRS 4096 // events in flight (a training step of the GPU default makes about 600 pairs)
+#define PROFILE_ROWS 128   // distinct names
+static struct {
+    int on, pending;                        // pairs recorded and not yet read back
+    cudaEvent_t start[PROFILE_PAIRS], stop[PROFILE_PAIRS];
+    int row_of[PROFILE_PAIRS];              // which row each pending pair books into
+    int n_rows;
+    struct { char name[64]; long calls; double ms; } rows[PROFILE_ROWS];
+} profile;
+
+// Reads back the pending pairs (waiting for the last) and adds their times to their rows.
+static void profile_collect(void) {
+    if (profile.pending == 0) return;
+    cudaCheck(cudaEventSynchronize(profile.stop[profile.pending - 1]));
+    for (int i = 0; i < profile.pending; i++) {
+        float ms = 0.0f;
+        cudaCheck(cudaEventElapsedTime(&ms, profile.start[i], profile.stop[i]));
+        profile.rows[profile.row_of[i]].ms += ms;
+    }
+    profile.pending = 0;
+}
+// Before a timed call: its pair's index, or -1 while the profiler is off.
+static int profile_begin(void) {
+    if (!profile.on) return -1;
+    if (profile.pending == PROFILE_PAIRS) profile_collect();
+    cudaCheck(cudaEventRecord(profile.start[profile.pending]));
+    return profile.pending++;
+}
+// After it: books the pair under the name (printf-style; "(kernel<HS, TF>)" loses its brackets).
+__attribute__((format(printf, 2, 3))) static void profile_end(int pair, const char *fmt, ...) {
+    if (pair < 0) return;
+    cudaCheck(cudaEventRecord(profile.stop[pair]));
+    char name[64];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt[0] == '(' ? fmt + 1 : fmt, ap);
+    va_end(ap);
+    if (fmt[0] == '(') name[strcspn(name, ")")] = 0;
+    int r = 0;
+    while (r < profile.n_rows && strcmp(profile.rows[r].name, name) != 0) r++;
+    if (r == profile.n_rows) {
+        if (r == PROFILE_ROWS) r = PROFILE_ROWS - 1, snprintf(name, sizeof name, "(others)");
+        else profile.n_rows++;
+        snprintf(profile.rows[r].name, sizeof profile.rows[r].name, "%s", name);
+        profile.rows[r].calls = 0, profile.rows[r].ms = 0.0;
+    }
+    profile.rows[r].calls++;
+    profile.row_of[pair] = r;
+}
+// Runs `call` (a statement) timed under the name, e.g. PROFILED(("copy to device"), cudaMemcpy(...)).
+#define PROFILED(name_and_args, call)            \
+    do {                                         \
+        const int pair_ = profile_begin();       \
+        call;                                    \
+        profile_end(pair_, PROFILE_NAME name_and_args); \
+    } while (0)
+#define PROFILE_NAME(...) __VA_ARGS__
+
+void st_profile(int on) {
+    static int created = 0;
+    if (on && !created) {
+        for (int i = 0; i < PROFILE_PAIRS; i++)
+            cudaCheck(cudaEventCreate(&profile.start[i])), cudaCheck(cudaEventCreate(&profile.stop[i]));
+        created = 1;
+    }
+    if (!on) profile_collect();
+    profile.on = on;
+}
+void st_profile_reset(void) {
+    profile_collect();
+    profile.n_rows = 0;
+}
+// The table, most time first: per step (of `steps`, which took `step_ms` each on the host's clock), the
+// calls, the milliseconds and the share of the step; then what no row holds (the host's own work,
+// launch gaps, waits).
+void st_profile_print(FILE *f, int steps, double step_ms) {
+    profile_collect();
+    int order[PROFILE_ROWS];
+    double total = 0.0;
+    for (int r = 0; r < profile.n_rows; r++) {
+        int at = r; // insertion sort by time, most first
+        while (at > 0 && profile.rows[order[at - 1]].ms < profile.rows[r].ms) order[at] = order[at - 1], at--;
+        order[at] = r;
+        total += profile.rows[r].ms;
+    }
+    fprintf(f, "profile: a step of %.3f ms (the mean of %d timed), per step:\n%10s %7s %8s  %s\n", step_ms, steps,
+            "ms", "share", "calls", "kernel, matrix product or copy");
+    for (int i = 0; i < profile.n_rows; i++) {
+        const double ms = profile.rows[order[i]].ms / steps;
+        fprintf(f, "%10.3f %6.1f%% %8.1f  %s\n", ms, 100.0 * ms / step_ms, (double)profile.rows[order[i]].calls / steps,
+                profile.rows[order[i]].name);
+    }
+    const double rest = step_ms - total / steps;
+    fprintf(f, "%10.3f %6.1f%% %8s  (outside them: the host's work, launch gaps, waits)\n", rest, 100.0 * rest / step_ms, "");
+    fprintf(f, "profile: timed %.3f ms of %.3f per step (%.1f%%)\n", total / steps, step_ms, 100.0 * total / steps / step_ms);
+}
+
 // Launches a kernel, and checks it. One that uses more than the default 48 KB of dynamic shared memory
 // must opt in first (the attention kernels; the attribute is a host call, so the small kernels skip it).
 #define LAUNCH(kernel, grid, block, shared_bytes, ...)                                              \
@@ -103,7 +206,7 @@ static uint64_t splitmix64(uint64_t *state) {
         if ((shared_bytes) > 48 * 1024)                                                            \
             cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,    \
                                            (int)(shared_bytes)));                                  \
-        KERNEL_LAUNCH(kernel, grid, block, shared_bytes, __VA_ARGS__);                             \
+        PROFILED((#kernel), KERNEL_LAUNCH(kernel, grid, block, shared_bytes, __VA_ARGS__));        \
         cudaCheck(cudaGetLastError());                                                             \
     } while (0)
 
@@ -170,10 +273,10 @@ void *st_host_alloc(size_t bytes) {
 }
 static void *host_zeroed(size_t bytes) { return memset(st_host_alloc(bytes), 0, bytes); }
 void st_to_device(void *dst, const void *src, size_t bytes) {
-    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    PROFILED(("copy to device"), cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice)));
 }
 void st_to_host(void *dst, const void *src, size_t bytes) {
-    cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    PROFILED(("copy to host"), cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost)));
 }
 void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 
@@ -1194,9 +1297,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     grow(&a->delta, &a->delta_rows, rows);
     DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, dim3((unsigned)((rows + 255) / 256)), 256, 0,
                                     a->delta, dout, out, rows));
-    cudaCheck(cudaMemset(dq, 0, bytes));
-    cudaCheck(cudaMemset(dk, 0, bytes));
-    cudaCheck(cudaMemset(dv, 0, bytes));
+    PROFILED(("cudaMemset dq, dk, dv"),
+             cudaCheck(cudaMemset(dq, 0, bytes)); cudaCheck(cudaMemset(dk, 0, bytes)); cudaCheck(cudaMemset(dv, 0, bytes)));
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         SavedDS saved = {NULL, pl.pair0, pl.n_pairs};
@@ -1841,15 +1943,18 @@ static void matmul_forward(StModel *m, float *out, const float *inp, const float
     const float one = 1.0f, zero = 0.0f;
     const unsigned threads = threads_for(OC);
     if (b) LAUNCH(bias_rows_kernel, dim3(N, (OC + threads - 1) / threads), threads, 0, out, b, OC);
-    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, b ? &one : &zero, out, OC));
+    PROFILED(("cublasSgemm forward, W %d x %d", OC, IC),
+             cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, b ? &one : &zero, out, OC)));
 }
 
 // Backward of out = inp W^T + b:  dinp = dout W (overwritten);  dW += dout^T inp;  db += sum of dout's rows.
 static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                             const float *w, int N, int IC, int OC) {
     const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC));
-    cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC));
+    PROFILED(("cublasSgemm backward dinp, W %d x %d", OC, IC),
+             cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout, OC, &zero, dinp, IC)));
+    PROFILED(("cublasSgemm backward dW, W %d x %d", OC, IC),
+             cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC, &one, dw, IC)));
     if (!db) return;
     const unsigned chunks = (unsigned)chunks_of(m, N);
     LAUNCH(bias_backward_kernel, dim3(chunks, run_columns_grid(OC)), COLUMNS_BLOCK, 0, m->chunk_sums, dout, N, OC, m->chunk_rows);
@@ -1886,7 +1991,7 @@ static void dropout(StModel *m, float *x, size_t n, int layer, int branch) {
 // with it, dres masked, in `scratch` (dres stays whole: the stream's other path needs it too).
 static const float *branch_gradient(StModel *m, float *scratch, const float *dres, size_t n, int layer, int branch) {
     if (m->cfg.dropout == 0.0f) return dres;
-    cudaCheck(cudaMemcpy(scratch, dres, n * sizeof(float), cudaMemcpyDeviceToDevice));
+    PROFILED(("copy on the device"), cudaCheck(cudaMemcpy(scratch, dres, n * sizeof(float), cudaMemcpyDeviceToDevice)));
     dropout(m, scratch, n, layer, branch);
     return scratch;
 }

@@ -32,6 +32,12 @@ void *st_host_alloc(size_t bytes); // malloc that exits 1 with the size asked fo
 void st_to_device(void *dst, const void *src, size_t bytes);
 void st_to_host(void *dst, const void *src, size_t bytes);
 void st_synchronize(void);
+// The profiler: while on, every kernel launch, matrix product and copy is timed (CUDA events on the GPU,
+// the wall clock on the CPU) and booked under its name. st_profile_print prints the table, most time
+// first, per step of `steps` that took `step_ms` each: calls, ms and share of the step.
+void st_profile(int on);
+void st_profile_reset(void); // forget what was booked
+void st_profile_print(FILE *f, int steps, double step_ms);
 
 // The precision of every matrix product: the attention's tile products and the model's cuBLAS calls.
 //   ST_FP32: float32 on the CUDA cores, exact float32 arithmetic (the CPU build's default);

@@ -29,6 +29,7 @@ CUDA_EMU_REVERSE=1 runs the emulated GPU threads in reverse order (CPU build).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "sparse_transformer.h"
@@ -1363,6 +1364,96 @@ static void test_decode_matches_forward(void) {
     }
 }
 
+// The profiler books each launch, matrix product and copy under its name: after `steps` training steps
+// of the tiny model (2 layers) with the profiler on, the table shows, per step, the calls that the
+// model's code makes: layer norm forward 2 per layer + the final one = 5, the QKV product (W 192 x 64)
+// 1 per layer = 2, the products by a W of 256 x 64 (the logits' and the MLP's first, 1 per layer) 3, the batch's upload 3 (tokens, their lists by byte, targets). A step
+// run with the profiler off adds nothing; the times are >= 0 and add up to no more than the steps'
+// wall clock (on the CPU the launches run one after another; on a GPU the events are in its queue).
+// st_profile_reset forgets them: a forward after it books its own 5 layer norms, not 5 more.
+static double profile_row(const char *table, const char *name, double *ms) {
+    char line[256];
+    const char *at = table;
+    while (sscanf(at, "%255[^\n]", line) == 1) {
+        double t, share, calls;
+        int end = 0;
+        if (sscanf(line, "%lf %lf%% %lf %n", &t, &share, &calls, &end) == 3 && strcmp(line + end, name) == 0) {
+            *ms = t;
+            return calls;
+        }
+        at = strchr(at, '\n');
+        if (!at) break;
+        at++;
+    }
+    *ms = -1.0;
+    return 0.0;
+}
+static char *profile_table(int steps, double step_ms) {
+    char path[128];
+    snprintf(path, sizeof path, "%s/profile.txt", temp_dir);
+    FILE *f = fopen(path, "w");
+    st_profile_print(f, steps, step_ms);
+    fclose(f);
+    size_t n = 0;
+    unsigned char *text = read_raw(path, &n);
+    text = realloc(text, n + 1);
+    text[n] = 0;
+    return (char *)text;
+}
+static void test_profile(void) {
+    const StPattern strided = {ST_STRIDED, ST_MERGED, 8, 0, 0};
+    StModelConfig cfg = tiny_config(strided, 0, 0.0f);
+    StModel *m = st_model_create(&cfg, 3);
+    const int B = 2, T = 64, steps = 3;
+    unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
+    random_batch(inputs, targets, B, T);
+    st_profile_reset();
+    st_profile(1);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int s = 0; s < steps; s++) {
+        st_model_forward(m, inputs, targets, B, 1, 5);
+        st_model_backward(m);
+        st_model_update(m, 1e-3f, 0.01f, 1.0f, s + 1);
+        st_model_loss(m);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    st_profile(0);
+    st_model_forward(m, inputs, targets, B, 1, 5); // not booked
+    st_model_backward(m);
+    const double wall = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) * 1e-6;
+    char *table = profile_table(steps, wall / steps);
+    double ms[4];
+    const double ln = profile_row(table, "layernorm_forward_kernel", &ms[0]);
+    const double qkv = profile_row(table, "cublasSgemm forward, W 192 x 64", &ms[1]);
+    const double w256 = profile_row(table, "cublasSgemm forward, W 256 x 64", &ms[2]);
+    const double up = profile_row(table, "copy to device", &ms[3]);
+    check(ln == 5 && qkv == 2 && w256 == 3 && up == 3,
+          "profile: calls per step: layer norm forward %g (5), QKV product %g (2), W 256 x 64 products %g (3), uploads %g (3)",
+          ln, qkv, w256, up);
+    double timed = -1.0;
+    const char *total = strstr(table, "profile: timed ");
+    if (total) sscanf(total, "profile: timed %lf", &timed);
+    check(timed >= 0 && ms[0] >= 0 && ms[1] >= 0 && ms[2] >= 0 &&
+              ms[3] >= 0 && timed <= wall / steps * 1.001 + 1e-3,
+          "profile: times >= 0 (%.4f %.4f %.4f %.4f ms), %.3f ms timed of a %.3f ms step", ms[0], ms[1], ms[2], ms[3],
+          timed, wall / steps);
+    free(table);
+    st_profile_reset();
+    table = profile_table(1, 1.0);
+    const int forgotten = profile_row(table, "layernorm_forward_kernel", &ms[0]) == 0 && ms[0] < 0;
+    free(table);
+    st_profile(1);
+    st_model_forward(m, inputs, targets, B, 1, 5);
+    st_profile(0);
+    table = profile_table(1, 1.0);
+    const double again = profile_row(table, "layernorm_forward_kernel", &ms[0]);
+    check(forgotten && again == 5, "profile: reset forgets every row (%s); a forward after it books %g layer norms (5)",
+          forgotten ? "yes" : "no", again);
+    free(table), free(inputs), free(targets);
+    st_model_free(m);
+}
+
 // The groups of checks, in order; -only NAME runs those whose name contains NAME.
 static const struct {
     const char *name;
@@ -1373,7 +1464,7 @@ static const struct {
     {"model_gradients", test_model_gradients}, {"chunked_sums", test_chunked_sums}, {"model_tf32", test_model_tf32},
     {"recompute", test_recompute_equal},
     {"partial_batch", test_partial_batch}, {"grad_norm", test_grad_norm}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
-    {"checkpoint", test_checkpoint},
+    {"checkpoint", test_checkpoint}, {"profile", test_profile},
 };
 
 static void print_groups(FILE *f) {

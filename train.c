@@ -5,7 +5,8 @@ Read it in this order: the flags (one table: parsing, defaults and -h all come f
 (random windows for training, fixed ones for validation), the ranks (several processes under mpirun,
 in a build with MPI), the evaluation, the learning-rate schedule, then main(), which is the training
 loop: forward, backward, AdamW, a line per step, validation, samples and checkpoints.
-`./train -show_pattern` only prints the attention patterns and exits.
+`./train -show_pattern` only prints the attention patterns and exits; `./train -profile N` times N steps
+kernel by kernel, prints where a step's time goes and exits.
 
 Every run can be resumed: checkpoints hold the model, Adam's moments, the step and the random state,
 and are written to a temporary file then renamed. Ctrl-C (or kill, SIGTERM) saves one before exiting.
@@ -40,7 +41,7 @@ typedef struct {
     const char *data_dir, *out_dir, *log_path;
     StModelConfig model;
     int batch, steps, warmup, eval_every, eval_batches, eval_batch, save_every, sample_every, resume, eval_only,
-        show_pattern;
+        show_pattern, profile;
     float lr, weight_decay, clip;
     long long seed, eval_bytes;
     StPrecision precision;
@@ -97,6 +98,8 @@ static Flag flags[] = {
     {"-resume", INT, &opt.resume, 0, 1, "1: continue from DIR/model.bin", 0},
     {"-eval_only", INT, &opt.eval_only, 0, 1, "score DIR/model.bin on the validation split (the final evaluation) "
      "and exit", 0},
+    {"-profile", INT, &opt.profile, 0, 1 << 20, "N: time every kernel, matrix product and copy of N steps (after "
+     "one untimed), print where a step's time goes and exit; nothing is saved", 0},
     {"-show_pattern", INT, &opt.show_pattern, 0, 1, "print every layer's and head's attention mask and exit "
      "(with -o FILE.png: draw them, like the paper's Figure 3)", 0},
 };
@@ -789,6 +792,42 @@ static void print_sample(StModel *m, const Split *val, long long step) {
 }
 
 // ----------------------------------------------------------------------------
+// The training step, and the profiler (-profile N)
+
+// One step on a random batch: forward, backward, the gradients averaged over the ranks, AdamW. Returns
+// the loss, the mean over every rank's windows. inputs and targets hold all ranks' windows; grads is the
+// gradients' host copy for the ranks (NULL for one process).
+static float train_step(StModel *m, Split *train, StTrainState *state, unsigned char *inputs, unsigned char *targets,
+                        float *grads, int step) {
+    const int T = opt.model.ctx, B = opt.batch;
+    random_batch(train, &state->rng, ranks * B, inputs, targets);
+    // the step's kernels are queued on the device back to back; reading its loss waits for all of them
+    const size_t mine = (size_t)rank * B * T;
+    st_model_forward(m, inputs + mine, targets + mine, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
+    st_model_backward(m);
+    average_gradients(m, grads);
+    st_model_update(m, learning_rate(step), opt.weight_decay, opt.clip, step + 1);
+    float loss = st_model_loss(m);
+    sum_over_ranks(&loss, 1);
+    return loss / ranks;
+}
+
+// -profile N: one step untimed (it allocates the workspaces and warms the caches), then N steps with
+// every kernel, matrix product and copy timed; prints the table (sparse_transformer.cu, section 1) and
+// returns. Nothing is saved.
+static void profile_steps(StModel *m, Split *train, StTrainState *state, unsigned char *inputs,
+                          unsigned char *targets, float *grads) {
+    const int first = (int)state->step;
+    train_step(m, train, state, inputs, targets, grads, first);
+    st_profile(1);
+    const double start = now_ms();
+    for (int i = 1; i <= opt.profile; i++) train_step(m, train, state, inputs, targets, grads, first + i);
+    const double step_ms = (now_ms() - start) / opt.profile;
+    st_profile(0);
+    if (rank == 0) st_profile_print(stdout, opt.profile, step_ms);
+}
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
     ranks_start(&argc, &argv);
@@ -863,18 +902,15 @@ int main(int argc, char **argv) {
            st_model_activation_bytes(m, B, c->recompute) / 1048576.0, B, c->recompute ? " with recompute" : "",
            st_model_activation_bytes(m, B, !c->recompute) / 1048576.0, !c->recompute);
 
+    if (opt.profile) {
+        profile_steps(m, &train, &state, inputs, targets, grads);
+        ranks_end();
+        return 0;
+    }
     for (int step = (int)state.step; step < opt.steps; step++) {
         const float lr = learning_rate(step);
         const double start = now_ms();
-        random_batch(&train, &state.rng, ranks * B, inputs, targets);
-        // the step's kernels are queued on the device back to back; reading its loss waits for all of them
-        const size_t mine = (size_t)rank * B * T;
-        st_model_forward(m, inputs + mine, targets + mine, B, 1, (unsigned long long)opt.seed * 1000003ull + step);
-        st_model_backward(m);
-        average_gradients(m, grads);
-        st_model_update(m, lr, opt.weight_decay, opt.clip, step + 1);
-        float loss = st_model_loss(m);
-        sum_over_ranks(&loss, 1), loss /= ranks; // the mean over every rank's windows
+        const float loss = train_step(m, &train, &state, inputs, targets, grads, step);
         if (!isfinite(loss)) {
             st_fail("the loss became %s at step %d: stopped; the last good checkpoint (if any) is %s/model.bin; try a "
                     "lower -lr or a longer -warmup", isnan(loss) ? "NaN" : "infinite", step + 1, opt.out_dir);

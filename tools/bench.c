@@ -7,13 +7,15 @@ counted on the allowed pairs only (FlashAttention's convention: 4 D flops per pa
 that backward, so 14 D per pair in all), the bytes the attention itself allocated (tile layout
 and backward workspace: linear in n, never n x n), and us/tile: the time divided by the tile pairs
 the kernels computed (each 32 x 32 (query, key) pairs; all heads and batch elements counted).
-Each precision ends with a summary line:
+Each precision's table ends with a summary line:
   bench: precision=<p> n=<largest n with both> speedup=<dense ms / sparse ms>
          pairs_ratio=<dense pairs / sparse pairs> tiles_ratio=<dense tiles / sparse tiles>
          sparse_exponent=<e> dense_exponent=<e> crossover=<n>
 with the exponents of time ~ n^e fitted by least squares on log-log over all sizes ("n/a" with a
 single size: a slope needs two points), and the smallest
 n from which the sparse pattern is faster at every size ("none" if dense is faster at the largest).
+Then, at that largest n, where one forward + backward's time goes, kernel by kernel, for each pattern
+(the profiler's table, as ./train -profile prints it).
 The kernels' work per allowed pair scales with pairs_ratio, their work per tile pair (loads, the
 softmax's loops, barriers) with tiles_ratio: the more per-tile work there is, the closer the speedup
 comes to tiles_ratio instead of pairs_ratio. us/tile shows which: where dense's and the sparse pattern's
@@ -109,6 +111,25 @@ static void time_patterns(const StPattern *patterns, Result *results, int count,
     tensors_free(&t);
 }
 
+// Where one forward + backward's time goes at context n, kernel by kernel (st_profile), per pattern:
+// one run after a warm-up, each kernel timed by CUDA events on a GPU, by the wall clock on the CPU.
+static void profile_patterns(const StPattern *patterns, const char *const *names, int count, int n, int B, int H,
+                             int D) {
+    Tensors t = tensors_create(n, B, H, D);
+    for (int p = 0; p < count; p++) {
+        StAttention *att = st_attention_create(&patterns[p], 0, n, H, D);
+        time_once(att, &t, B);
+        st_profile_reset();
+        st_profile(1);
+        const double ms = time_once(att, &t, B);
+        st_profile(0);
+        printf("%s, n = %d, %s, one forward + backward:\n", names[p], n, st_precision_name(st_get_precision()));
+        st_profile_print(stdout, 1, ms);
+        st_attention_free(att);
+    }
+    tensors_free(&t);
+}
+
 // Exercise 9 starts here: the cost exponent and the crossover.
 // The exponent e of time ~ n^e: the least-squares slope of log(ms) against log(n).
 static double fitted_exponent(const Result *r, int count) {
@@ -153,13 +174,16 @@ static int flag_value(int argc, char **argv, int i) {
     return (int)value;
 }
 
+// The patterns timed at context n: strided/merged with l = sqrt(n), and dense.
+#define PATTERNS_AT(n) {ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0}, {ST_DENSE, ST_INTERLEAVED, 0, 0, 0}
+
 // One precision: from min_ctx, dense up to max_dense and strided/merged up to max_ctx, then the summary line.
 static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, int reps) {
     Result dense[32], sparse[32];
     int sizes = 0, both = 0;
+    char name[32];
     for (int n = min_ctx; n <= max_ctx && sizes < 32; n *= 2, sizes++) {
-        const StPattern patterns[2] = {{ST_STRIDED, ST_MERGED, (int)lround(sqrt(n)), 0, 0},
-                                       {ST_DENSE, ST_INTERLEAVED, 0, 0, 0}};
+        const StPattern patterns[2] = {PATTERNS_AT(n)};
         Result results[2];
         const int with_dense = n <= max_dense;
         time_patterns(patterns, results, 1 + with_dense, n, B, H, D, reps);
@@ -168,7 +192,6 @@ static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, 
             dense[both++] = results[1];
             print_row("dense", &dense[both - 1], D);
         }
-        char name[32];
         snprintf(name, sizeof name, "strided l=%d", patterns[0].stride);
         print_row(name, &sparse[sizes], D);
         fflush(stdout);
@@ -182,6 +205,10 @@ static void bench(int min_ctx, int max_ctx, int max_dense, int B, int H, int D, 
            d->pairs / s->pairs, d->tiles / s->tiles,
            exponent_text(sparse_e, sizeof sparse_e, sparse, sizes), exponent_text(dense_e, sizeof dense_e, dense, both),
            where);
+    const StPattern patterns[2] = {PATTERNS_AT(d->n)};
+    snprintf(name, sizeof name, "strided l=%d", patterns[0].stride);
+    const char *names[2] = {name, "dense"};
+    profile_patterns(patterns, names, 2, d->n, B, H, D);
 }
 
 int main(int argc, char **argv) {

@@ -3,7 +3,8 @@
 #   1. builds the GPU version for this GPU's architecture (binaries only: no data set from the network),
 #      or, where that fails, takes the binaries that `prepare` (below) built and carried
 #   2. ./test_kernels on the GPU: every kernel in both precisions (fp32 and TF32 tensor cores), the model
-#   3. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32; then the same under
+#   3. ./train's GPU default for 30 steps on synthetic data (tokens/s), in tf32; where its step's time
+#      goes (profile: ./train -profile 20, CUDA events per kernel and product, and nsys where found); then the same under
 #      mpirun -np 1 (nccl): the data-parallel path, its gradients averaged by NCCL, on one GPU, where the
 #      machine has mpirun and the build found MPI and NCCL (NCCL_HOME: the toolkit's, else PyTorch's)
 #   4. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
@@ -73,7 +74,18 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cu
 [ -f /usr/local/cuda/include/nccl.h ] || export NCCL_HOME="${NCCL_HOME:-$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null)}"
 start=$(date +%s)
 deadline=$(( start + ${BUDGET:-480} ))
-wanted=" build ${STEPS:-tests train_tf32 nccl ctx1m bench bench_recompute peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
+wanted=" build ${STEPS:-tests train_tf32 profile nccl ctx1m bench bench_recompute peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
+
+# The profile step: where a training step of the GPU default goes, kernel by kernel (./train -profile:
+# CUDA events), then Nsight Systems' per-kernel summary of the same, where nsys is found.
+profile_steps() { # profile_steps DATA OUTPUT
+    ./train -i "$1" -o "$2" -precision tf32 -profile 20 || return
+    local nsys
+    nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+    if [ -z "$nsys" ]; then echo "nsys: not found here (the table above is the profiler's own)"; return 0; fi
+    "$nsys" profile -o "$2/nsys" --force-overwrite true ./train -i "$1" -o "$2" -precision tf32 -profile 10 > /dev/null &&
+        "$nsys" stats --report cuda_gpu_kern_sum "$2/nsys.nsys-rep" | head -45 || echo "nsys: no report"
+}
 
 # step NAME SECONDS COMMAND...: runs the command with a time limit (cut to what is left of BUDGET), its
 # output in $logs/NAME.log; records "NAME exit-code seconds" in $logs/steps.txt (exit 124: the time
@@ -117,6 +129,10 @@ table() {
         printf '%-10s %s (dS never kept)\n' "bench_recompute" "$(status bench_recompute)"
         grep -E '^ *[0-9]+ +strided' "$logs/bench_recompute.log" | awk '{printf "  n=%-7s %-8s %-5s %10s ms %8s TFLOP/s %8s us/tile\n", $1, $2, $(NF-5), $(NF-3), $(NF-2), $NF}'
     fi
+    if [ -f "$logs/profile.log" ]; then # the step's time and its ten largest rows
+        printf '%-10s %s: %s\n' "profile" "$(status profile)" "$(grep '^profile: a step' "$logs/profile.log")"
+        grep -A 11 '^profile: a step' "$logs/profile.log" | tail -n +3 | sed 's/^/  /'
+    fi
     for t in train_tf32 nccl train_fp32 ctx1m; do
         [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" \
             "$(grep -E '^(step [0-9]+/|val .* on |activations|not run)' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
@@ -155,6 +171,7 @@ if [ "$have_binaries" = 1 ]; then
     step tests 180 env CUDA_LAUNCH_BLOCKING=1 ./test_kernels -v # a fault reported where it happens
     quick=(-steps 30 -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 100000)
     step train_tf32 120 ./train -i "$data/data" -o "$run/tf32" -precision tf32 "${quick[@]}"
+    step profile 90 bash -c "$(declare -f profile_steps); profile_steps '$data/data' '$run/profile'"
     # (grep reads all of ldd's output: with -q it could stop early, and pipefail would see ldd's SIGPIPE)
     if [[ "$wanted" != *" nccl "* ]]; then :
     elif ! ldd ./train 2>/dev/null | grep libnccl > /dev/null; then
