@@ -23,9 +23,13 @@ NVCC ?= nvcc
 CFLAGS = -O2 -std=c11 -Wall -Wextra -Werror
 # -march=native: this CPU's vector width and FMA (nvcc fuses a * b + c too), with which the element-wise
 # kernels run several threads at a time (cuda_on_cpu.h); the binaries are for the machine that builds them.
+# -fno-trapping-math: no program here traps on floating-point exceptions, so the compiler may compute a
+# guarded element (`if (e < n) y[e] = x[e] / ...`) for the whole vector and keep the lanes in range;
+# without it, on a CPU without AVX-512's masked arithmetic, GELU and its backward stay scalar. Results
+# are the same bits.
 # -ftls-model=local-exec: the emulator's thread-locals (shared memory) live in executables only; GCC 12
 # under register pressure otherwise emits a GOT access to them that GNU ld 2.40 cannot link.
-CPU_FLAGS = -O3 -march=native -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
+CPU_FLAGS = -O3 -march=native -fno-trapping-math -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
 GPU_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
             -gencode arch=compute_90,code=compute_90  # PTX too, for GPUs newer than sm_90
 GPU_FLAGS = -O3 -std=c++17 $(GPU_ARCHS) -Werror all-warnings -Xptxas --warn-on-spills,--warning-as-error \
