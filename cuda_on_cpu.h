@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
+#include <ctime>
 #include <atomic>
 #include <map>
 #include <tuple>
@@ -49,6 +50,7 @@
 #include <cblas.h> // OpenBLAS: cublasSgemm
 #include <omp.h>
 #include <ucontext.h>
+#include <unistd.h> // sysconf
 
 // ----------------------------------------------------------------------------
 // Keywords, built-in types and variables
@@ -153,6 +155,12 @@ inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int *count) { *count = 1; return cudaSuccess; } // the host
 inline cudaError_t cudaGetDevice(int *device) { *device = 0; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+namespace cuda_emu {
+inline int cores(void) { // the threads OpenMP gives (OMP_NUM_THREADS, else the cores), read once
+    static const int n = omp_get_max_threads();
+    return n;
+}
+} // namespace cuda_emu
 // Which OpenBLAS the loader gave (openblas_get_parallel: 0 serial, 1 pthreads, 2 OpenMP). The OpenMP
 // variant runs its threads in the kernels' OpenMP pool. The pthreads one brings a pool of its own, whose
 // threads and the OpenMP ones, spinning between launches, fight for the cores: a training step at half
@@ -175,9 +183,9 @@ inline void blas_check(void) {
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     blas_check();
     snprintf(p->name, sizeof p->name, "CPU (CUDA emulated by cuda_on_cpu.h, %d OpenMP threads, OpenBLAS %s %s)",
-             omp_get_max_threads(), blas_variant(), openblas_get_corename()); // variant, kernels
+             cuda_emu::cores(), blas_variant(), openblas_get_corename()); // variant, kernels
     p->totalGlobalMem = 0;
-    p->multiProcessorCount = omp_get_max_threads();
+    p->multiProcessorCount = cuda_emu::cores();
     return cudaSuccess;
 }
 inline cudaError_t cudaMalloc(void **ptr, size_t bytes) {
@@ -635,6 +643,47 @@ __attribute__((flatten)) void run_plain(void *p, unsigned first, unsigned n, boo
     }
 }
 
+// Sharing the cores with other programs. A launch's OS threads meet at its end, so a launch runs at the
+// pace of its slowest thread: when another program (a browser, a compile) takes one of the cores, the
+// thread that loses it makes the others wait at every launch for its time slices to come round, and a
+// step can take ten times as long instead of two. So every fifth of a second the emulator looks at how
+// much of the machine others used in that time (Linux's /proc/stat: the cores' busy time, less this
+// process's own) and runs the next launches, and OpenBLAS's products (which follow
+// omp_set_num_threads), on the cores left free: one thread fewer per core that others keep busy, never
+// fewer than one, back to all of them once the others are quiet. Results do not change: blocks do not
+// depend on which OS thread runs them, and OpenBLAS splits a product's rows and columns between its
+// threads, never the sums. Elsewhere than Linux, and with one thread, the count stays as OpenMP set it.
+inline int threads_for_launch(void) {
+    static int threads = 0;
+    static double last_wall = -1.0, last_cpu = 0.0, last_busy = 0.0;
+    if (threads == 0) threads = cores();
+#ifdef __linux__
+    if (cores() == 1) return threads;
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    const double wall = t.tv_sec + t.tv_nsec * 1e-9;
+    if (last_wall >= 0.0 && wall - last_wall < 0.2) return threads;
+    FILE *f = fopen("/proc/stat", "r");
+    unsigned long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+    const int got = f ? fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &system, &idle, &iowait,
+                               &irq, &softirq, &steal) : 0;
+    if (f) fclose(f);
+    if (got != 8) return threads;
+    const double busy = (double)(user + nice + system + irq + softirq + steal) / sysconf(_SC_CLK_TCK);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    const double cpu = t.tv_sec + t.tv_nsec * 1e-9;
+    if (last_wall >= 0.0) {
+        const double others = ((busy - last_busy) - (cpu - last_cpu)) / (wall - last_wall); // in cores
+        const int free_cores = cores() - (int)(others + 0.5);
+        if (others > 0.5) threads = free_cores > 1 ? free_cores : 1;
+        else if (others < 0.25) threads = cores();
+        omp_set_num_threads(threads);
+    }
+    last_wall = wall, last_cpu = cpu, last_busy = busy;
+#endif
+    return threads;
+}
+
 template <auto kernel, typename... Args>
 void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
     typedef typename KernelParams<decltype(kernel)>::type Params;
@@ -668,9 +717,10 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
     Grid g;
     g.next = 0;
     g.blocks = (long)grid.x * grid.y * grid.z;
-    g.chunk = g.blocks / (32L * omp_get_max_threads()) + 1;
+    const int threads = threads_for_launch();
+    g.chunk = g.blocks / (32L * threads) + 1;
     g.reverse = reverse_order();
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         BlockState &bs = block_state;
         bs.kernel = name;
