@@ -29,7 +29,10 @@ CFLAGS = -O2 -std=c11 -Wall -Wextra -Werror
 # are the same bits.
 # -ftls-model=local-exec: the emulator's thread-locals (shared memory) live in executables only; GCC 12
 # under register pressure otherwise emits a GOT access to them that GNU ld 2.40 cannot link.
-CPU_FLAGS = -O3 -march=native -fno-trapping-math -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
+# MARCH= another target: MARCH=-march=x86-64-v3 (any AVX2 machine: a laptop's speed on a machine with
+# AVX-512), MARCH=-march=armv8-a (cross-compiled for arm64, tools/test_arm64.sh).
+MARCH ?= -march=native
+CPU_FLAGS = -O3 $(MARCH) -fno-trapping-math -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror -Wno-unknown-pragmas -x c++  # (#pragma unroll is for nvcc)
 # clang (macOS's compiler; CC=clang CXX=clang++ elsewhere) knows `#pragma unroll` and warns where it cannot
 # unroll a loop whose count only a template argument fixes on the GPU's path: the pragma is for nvcc.
 ifneq ($(shell $(CXX) --version 2>/dev/null | grep -c clang),0)
@@ -175,7 +178,7 @@ build/datatool: build/cpu/datatool.o build/cpu/sparse_transformer.o
 
 build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
-	$(CXX) -O3 -march=native -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
+	$(CXX) -O3 $(MARCH) -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
 
 # The kernel tests once more with the GPU's block shape: the CPU build's tile kernels have 1 warp, a
 # GPU's 4 (WARPS in sparse_transformer.cu), so this checks, on the CPU, the layout a GPU runs.

@@ -49,8 +49,18 @@
 #include <vector>
 #include <cblas.h> // OpenBLAS: cublasSgemm
 #include <omp.h>
-#include <ucontext.h>
 #include <unistd.h> // sysconf
+// (AddressSanitizer: the fibers switch with ucontext, see switch_context; g++ says so, clang answers __has_feature)
+#if defined(__SANITIZE_ADDRESS__)
+#define CUDA_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUDA_EMU_ASAN 1
+#endif
+#endif
+#if !defined(__aarch64__) || defined(CUDA_EMU_ASAN)
+#include <ucontext.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // Keywords, built-in types and variables
@@ -313,17 +323,55 @@ const unsigned MAX_THREADS = 1024;
 // compiler's __builtin_setjmp/__builtin_longjmp (what GCC's setjmp-longjmp exceptions use) keep only
 // the stack and frame pointers and the place to resume: the function that calls __builtin_setjmp saves
 // every other register itself. That is several times cheaper again than libc's _setjmp/_longjmp, which
-// also mangle the pointers and unwind cleanup handlers. A fresh stack can only be entered with
-// makecontext/swapcontext, which is used once per fiber. AddressSanitizer follows swapcontext but not
-// jumps between stacks, so the sanitizer build switches with swapcontext only.
-#if defined(__SANITIZE_ADDRESS__) // g++ says so; clang answers __has_feature
-#define CUDA_EMU_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define CUDA_EMU_ASAN 1
+// also mangle the pointers and unwind cleanup handlers. A fresh stack is entered with
+// makecontext/swapcontext, once per fiber. clang has no __builtin_setjmp on arm64 (Apple Silicon
+// Macs, arm64 Linux), and macOS deprecates ucontext, so on arm64 both compilers switch with a few
+// instructions of their own (below). AddressSanitizer follows swapcontext but not jumps between
+// stacks, so the sanitizer build switches with swapcontext only, as does any other processor that
+// clang compiles for.
+#if defined(__aarch64__) && !defined(CUDA_EMU_ASAN)
+// arm64: a switch saves the registers a called function must preserve (x19-x28, the frame pointer x29,
+// the return address x30, the low halves d8-d15 of v8-v15) on the stack it leaves, keeps that stack's
+// pointer in `from`, and restores the same from the stack it enters: 160 bytes, ten pairs.
+struct Context { void *sp; };
+// (assembly of its own, not naked functions: GCC accepts those on arm64 only from version 14; weak, in
+// case two files of one program include this header)
+#if defined(__APPLE__)
+#define CUDA_EMU_FUNCTION(name) ".pushsection __TEXT,__text\n.globl _" #name "\n.weak_definition _" #name "\n.p2align 2\n_" #name ":\n"
+#else
+#define CUDA_EMU_FUNCTION(name) ".pushsection .text\n.weak " #name "\n.type " #name ", %function\n.p2align 2\n" #name ":\n"
 #endif
-#endif
-#if defined(CUDA_EMU_ASAN)
+extern "C" void cuda_emu_switch_stacks(void **save_sp, void *load_sp); // x0, x1
+asm(CUDA_EMU_FUNCTION(cuda_emu_switch_stacks)
+    "sub sp, sp, #160\n"
+    "stp x19, x20, [sp, #0]\n"   "stp x21, x22, [sp, #16]\n"  "stp x23, x24, [sp, #32]\n"
+    "stp x25, x26, [sp, #48]\n"  "stp x27, x28, [sp, #64]\n"  "stp x29, x30, [sp, #80]\n"
+    "stp d8, d9, [sp, #96]\n"    "stp d10, d11, [sp, #112]\n" "stp d12, d13, [sp, #128]\n"
+    "stp d14, d15, [sp, #144]\n"
+    "mov x9, sp\n"
+    "str x9, [x0]\n"
+    "mov sp, x1\n"
+    "ldp x19, x20, [sp, #0]\n"   "ldp x21, x22, [sp, #16]\n"  "ldp x23, x24, [sp, #32]\n"
+    "ldp x25, x26, [sp, #48]\n"  "ldp x27, x28, [sp, #64]\n"  "ldp x29, x30, [sp, #80]\n"
+    "ldp d8, d9, [sp, #96]\n"    "ldp d10, d11, [sp, #112]\n" "ldp d12, d13, [sp, #128]\n"
+    "ldp d14, d15, [sp, #144]\n"
+    "add sp, sp, #160\n"
+    "ret\n"
+    ".popsection\n");
+// A fresh fiber's first switch "returns" here (its x30), with its function in x19, which never returns.
+extern "C" void cuda_emu_fiber_entry(void);
+asm(CUDA_EMU_FUNCTION(cuda_emu_fiber_entry) "blr x19\n" "brk #0\n" ".popsection\n");
+inline void switch_context(Context *from, Context *to) { cuda_emu_switch_stacks(&from->sp, to->sp); }
+inline void start_on_stack(Context *from, Context *to, char *stack, size_t bytes, void (*entry)(void)) {
+    void **frame = (void **)((((uintptr_t)stack + bytes) & ~(uintptr_t)15) - 160); // sp stays 16-byte aligned
+    memset(frame, 0, 160);
+    frame[0] = (void *)entry;       // x19
+    frame[11] = (void *)cuda_emu_fiber_entry; // x30
+    to->sp = frame;
+    switch_context(from, to);
+}
+#else
+#if defined(CUDA_EMU_ASAN) || (defined(__clang__) && !defined(__x86_64__))
 typedef ucontext_t Context;
 inline void switch_context(Context *from, Context *to) { swapcontext(from, to); }
 inline void enter_new_stack(Context *from, ucontext_t *start) { swapcontext(from, start); }
@@ -337,6 +385,17 @@ inline void switch_context(Context *from, Context *to) {
 inline void enter_new_stack(Context *from, ucontext_t *start) {
     ucontext_t abandoned; // the fiber comes back with a jump to `from`, never to this
     if (__builtin_setjmp(from->jump) == 0) swapcontext(&abandoned, start);
+}
+#endif
+// Runs entry() on a fresh stack; returns when the fiber first switches back to `from`.
+inline void start_on_stack(Context *from, Context *, char *stack, size_t bytes, void (*entry)(void)) {
+    ucontext_t start;
+    getcontext(&start);
+    start.uc_stack.ss_sp = stack;
+    start.uc_stack.ss_size = bytes;
+    start.uc_link = NULL;
+    makecontext(&start, entry, 0);
+    enter_new_stack(from, &start);
 }
 #endif
 
@@ -469,14 +528,9 @@ inline Fiber *fiber(unsigned k) {
     if (!bs.fibers[k]) {
         Fiber *f = bs.fibers[k] = new Fiber();
         f->stack.resize(FIBER_STACK_BYTES);
-        ucontext_t start;
-        getcontext(&start);
-        start.uc_stack.ss_sp = f->stack.data();
-        start.uc_stack.ss_size = f->stack.size();
-        start.uc_link = NULL;
-        makecontext(&start, k == 0 ? run_blocks : fiber_main, 0);
         bs.current = f;
-        enter_new_stack(&bs.scheduler, &start); // returns when the fiber first waits
+        start_on_stack(&bs.scheduler, &f->context, f->stack.data(), f->stack.size(),
+                       k == 0 ? run_blocks : fiber_main); // returns when the fiber first waits
     }
     return bs.fibers[k];
 }
