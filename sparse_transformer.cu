@@ -651,6 +651,10 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // Blocks per multiprocessor that the register budget must allow (__launch_bounds__): 4 for float32, 2
 // on the tensor cores, whose fragments take more registers.
 #define MIN_BLOCKS(TF32) ((TF32) ? 2 : 4)
+// The formulas are written with exp and the natural log; the kernels compute in base 2, as a GPU's
+// exponential unit does (exp2f): queries are scaled by log2(e) / sqrt(D) as they load, so a kernel's
+// score is s'_ij = s_ij log2(e) and exp(s_ij - m_i) = exp2(s'_ij - m'_i) with m' = m log2(e); the lse
+// is stored in natural log again (times LN2).
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -805,6 +809,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 //   P_ij     = exp(s_ij - lse_i)                   the forward's probabilities
 //   dP_ij    = dO_i . v_j                          from out_i = sum_j P_ij v_j
 //   delta_i  = sum_j P_ij dP_ij = dO_i . O_i       the same sum, from the output: one dot product per row
+//                                                  (FlashAttention 2's D_i; here D is the head size)
 //   dS_ij    = P_ij (dP_ij - delta_i)              through the softmax
 //   dV_j = sum_i P_ij dO_i,  dK_j = sum_i dS_ij q_i / sqrt(D),  dQ_i = sum_j dS_ij k_j / sqrt(D)
 // Each step's kernels add their keys' terms into dq, dk, dv.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # compare_torch.sh: ./train against the same model in PyTorch on this CPU, side by side in one run.
 #
-# The peer is torch_peer.py: the same model in PyTorch, the pattern as a boolean mask, what a PyTorch
-# user without custom kernels writes. It is a measuring instrument, not part of the project: it needs
+# The peer is tools/peers/torch_peer.py: the same model in PyTorch, the pattern as a boolean mask, what a
+# PyTorch user without custom kernels writes. It is a measuring instrument, not part of the project: it needs
 # PyTorch 2.x in a virtual environment of your own, never installed into the system:
 #   python3 -m venv /tmp/torch2 && /tmp/torch2/bin/pip install torch numpy     (about 5 GB)
 #   PYTHON=/tmp/torch2/bin/python3 bash tools/compare_torch.sh
@@ -16,7 +16,7 @@
 # other's, `paired` the median of the R rounds' own ratios (each round's two runs close in time). The
 # last two lines are summaries: paired: <ctx>=<ratio> ..., then compare: <ctx>=<ratio> ...
 #
-# Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=path/to/torch_peer.py, THREADS=2,
+# Usage: bash tools/compare_torch.sh [STEPS]    (default 8; PEER=another torch_peer.py, THREADS=2,
 #        ROUNDS=1, CONTEXTS="256 1024 4096 8192" (a subset of these), PYTHON=a python3 that has torch,
 #        ATTN=sdpa|mask, COMPILE=0|1)
 set -euo pipefail
@@ -32,7 +32,7 @@ for ctx in "${wanted[@]}"; do
 done
 contexts=" ${wanted[*]} "
 peer=${PEER:-}
-for p in "$peer" build/peers/torch_peer.py ../shared/tools/torch_peer.py; do
+for p in "$peer" tools/peers/torch_peer.py; do
     [ -n "$p" ] && [ -f "$p" ] && { peer=$p; break; }
 done
 if [ -z "$peer" ] || [ ! -f "$peer" ]; then
@@ -81,7 +81,7 @@ for config in "256 8 4" "1024 4 2" "4096 1 2" "8192 1 2"; do
             -batch "$batch" -steps "$steps" -eval_every 0 -sample_every 0 -save_every 0 -eval_bytes 1 |
             sed -n 's/^step \([0-9]*\)\/.* | \([0-9]*\) tok\/s$/\1 \2/p' | awk '$1 > 1 { print $2 }' | median)
         b=$("$python" "$peer" --ctx "$ctx" --stride "$stride" --dim 128 --heads 4 --layers "$layers" --batch "$batch" \
-            --steps "$steps" --threads "$threads" --attn "$attn" --compile "$compile" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
+            --steps "$steps" --threads "$threads" --attn "$attn" --compile "$compile" --data "$data/train.bin" | sed -n 's/^peer: tok\/s=\([0-9]*\).*/\1/p')
         a=${a:-0} b=${b:-0}
         ours=$((a > ours ? a : ours)) theirs=$((b > theirs ? b : theirs))
         round_ratios="$round_ratios $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }')"

@@ -10,9 +10,9 @@
 #   4. one training step at a context of 1,048,576 bytes (a 3.3M-parameter model, as the paper's Table 4)
 #   5. make bench: dense and strided/merged, n = 1024 .. 262144, both precisions, effective TFLOP/s; then
 #      strided to 65536 in tf32 with the backward's dS never kept (bench_recompute): does keeping it pay?
-#   6. the PyTorch peers, when gpu_peer.py and torch_peer.py are found (PEERS, else build/gpu_carry/peers,
-#      build/peers or ../shared/tools): FlexAttention and SDPA forward + backward, and the same model trained with
-#      FlexAttention, float32 with TF32 allowed, as ours runs
+#   6. the PyTorch peers (tools/peers/gpu_peer.py, or PEERS=another folder), where python3 has PyTorch:
+#      FlexAttention and SDPA forward + backward, and the same model trained with FlexAttention, float32
+#      with TF32 allowed, as ours runs
 #   7. compute-sanitizer racecheck (tf32) and memcheck on the kernel tests (a machine that refuses the tool
 #      says so in the table), then ./train in fp32, and racecheck in fp32
 # Each step has a time limit, cut to what is left of BUDGET seconds (default 480: a lent machine's call
@@ -25,12 +25,11 @@
 # A GPU machine lent for minutes may lack what the build needs (libpng's headers, OpenBLAS for the data
 # tool) and cannot install it. So, first, on the machine you work on (with nvcc, no GPU needed):
 #   bash tools/gpu_check.sh prepare
-# builds the GPU binaries for sm_90 with libpng linked in and no MPI, writes the check's data files and copies the
-# PyTorch peers, all into build/gpu_carry/ (about 16 MB) for the GPU machine to receive. There the
+# builds the GPU binaries for sm_90 with libpng linked in and no MPI and writes the check's data files,
+# all into build/gpu_carry/ (about 16 MB) for the GPU machine to receive. There the
 # check builds if it can, and otherwise runs the carried binaries (the table says which).
 # Usage: bash tools/gpu_check.sh [LOG_DIR]   (BUDGET=seconds, STEPS="names"; see above)
-#        bash tools/gpu_check.sh prepare     (PEERS=folder with gpu_peer.py and torch_peer.py,
-#                                             default ../shared/tools)
+#        bash tools/gpu_check.sh prepare
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PATH="$PATH:/usr/local/cuda/bin"
@@ -47,7 +46,7 @@ make_data() { # make_data DATATOOL FOLDER
 
 if [ "${1:-}" = prepare ]; then
     make -s TARGET=cpu build/datatool > /dev/null || exit 1
-    rm -rf "$carry" && mkdir -p "$carry/bin" "$carry/peers" || exit 1
+    rm -rf "$carry" && mkdir -p "$carry/bin" || exit 1
     make_data build/datatool "$carry" || exit 1
     src=$(mktemp -d) && git archive HEAD | tar -x -C "$src" || exit 1 # the committed code, built apart
     png="-lm /usr/lib/x86_64-linux-gnu/libpng16.a /usr/lib/x86_64-linux-gnu/libz.a"
@@ -55,9 +54,6 @@ if [ "${1:-}" = prepare ]; then
         train sample test_kernels build/gpu/bench > /dev/null || exit 1
     cp "$src"/train "$src"/sample "$src"/test_kernels "$src"/build/gpu/bench "$carry/bin/" && rm -rf "$src"
     git rev-parse --short HEAD > "$carry/COMMIT"
-    for f in gpu_peer.py torch_peer.py; do
-        cp "${PEERS:-../shared/tools}/$f" "$carry/peers/" 2>/dev/null || echo "gpu_check.sh: no $f in ${PEERS:-../shared/tools} (PEERS=folder): the check will run without it"
-    done
     echo "gpu_check.sh: $carry is ready ($(du -sh "$carry" | cut -f1), code of commit $(git rev-parse --short HEAD));"
     echo "  on the GPU machine: bash tools/gpu_check.sh, with $carry carried there"
     exit 0
@@ -65,8 +61,7 @@ fi
 
 logs="${1:-build/gpu_logs}"
 mkdir -p "$logs"
-peers="${PEERS:-$carry/peers}"
-for p in "$peers" build/peers ../shared/tools; do [ -f "$p/gpu_peer.py" ] && { peers=$p; break; }; done
+peers="${PEERS:-tools/peers}"
 # cuBLAS for carried binaries: the toolkit's, or the one PyTorch's Python packages bring
 cublas=$(python3 -c 'import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__) + "/lib")' 2>/dev/null)
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cublas}"
@@ -74,7 +69,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cu
 [ -f /usr/local/cuda/include/nccl.h ] || export NCCL_HOME="${NCCL_HOME:-$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null)}"
 start=$(date +%s)
 deadline=$(( start + ${BUDGET:-480} ))
-wanted=" build ${STEPS:-tests train_tf32 profile nccl ctx1m bench bench_recompute peer_attention peer_train racecheck memcheck train_fp32 racecheck_fp32} "
+wanted=" build ${STEPS:-tests train_tf32 profile nccl ctx1m bench bench_recompute peer_attention peer_train peer_train_bf16 racecheck memcheck train_fp32 racecheck_fp32} "
 
 # The profile step: where a training step of the GPU default goes, kernel by kernel (./train -profile:
 # CUDA events), then Nsight Systems' per-kernel summary of the same, where nsys is found.
@@ -137,7 +132,7 @@ table() {
         [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" \
             "$(grep -E '^(step [0-9]+/|val .* on |activations|not run)' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
     done
-    for t in peer_attention peer_train; do
+    for t in peer_attention peer_train peer_train_bf16; do
         [ -f "$logs/$t.log" ] && { printf '%-10s %s\n' "$t" "$(status $t)"; grep -E '^peer' "$logs/$t.log" | sed 's/^/  /'; }
     done
     for t in memcheck racecheck racecheck_fp32; do
@@ -186,11 +181,12 @@ if [ "$have_binaries" = 1 ]; then
         -recompute 1 -batch 1 -steps 1 -warmup 1 -eval_every 0 -sample_every 0 -eval_bytes 1
     step bench 240 build/gpu/bench
     step bench_recompute 60 build/gpu/bench -keep_ds 0 -precision tf32 -max_ctx 65536 -max_dense 1024
-    if [ -f "$peers/gpu_peer.py" ]; then
+    if [ -f "$peers/gpu_peer.py" ] && python3 -c 'import torch' 2> /dev/null; then
         step peer_attention 240 python3 "$peers/gpu_peer.py" attention --sizes 8192,32768 --dtypes float32,bfloat16 --tf32 1
         step peer_train 180 python3 "$peers/gpu_peer.py" train --tf32 1
+        step peer_train_bf16 120 python3 "$peers/gpu_peer.py" train --amp 1 # (the bar for our bf16, when it comes)
     else
-        echo "peers: no gpu_peer.py in $carry/peers, build/peers or ../shared/tools (tools/gpu_check.sh prepare copies them)" > "$logs/peer_attention.log"
+        echo "peers: not run (no $peers/gpu_peer.py, or no python3 with PyTorch here)" > "$logs/peer_attention.log"
     fi
     if command -v compute-sanitizer > /dev/null; then
         step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 ./test_kernels -only kernels -precision tf32
