@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 hogs=()
-trap 'kill "${hogs[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'if [ ${#hogs[@]} -gt 0 ]; then kill "${hogs[@]}" 2> /dev/null || true; fi; rm -rf "$work"' EXIT
 limit=${LIMIT:-4}
 cores=$(nproc)
 passed=0 failed=0
