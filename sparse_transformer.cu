@@ -316,6 +316,10 @@ void st_synchronize(void) { cudaCheck(cudaDeviceSynchronize()); }
 //   5. test_kernels.c: its steps in mark_step (an independent mask, written from the paper's rule), its
 //      pairs per query in count_step (a closed form), and configurations in the lists of the pattern,
 //      kernel, layout, model and decoding tests; -show_pattern then draws it (st_pattern_allows).
+// Its l (-stride) sets two things beyond the pattern, whatever the pattern: the width of the text and
+// audio position grid (position_sizes, section 8) and the unit by which sampling moves its window
+// (window_start, section 9). A new pattern whose l means something else (a window of 3 keys, say) still
+// sets them: choose the pattern's parameter so that l stays a sensible row width (about sqrt(n)).
 
 static const char *PATTERN_NAMES[] = {"dense", "strided", "fixed", "local", "dilated"};
 static_assert(sizeof PATTERN_NAMES / sizeof PATTERN_NAMES[0] == ST_PATTERN_KINDS, "a name for every pattern");
