@@ -16,12 +16,14 @@
 #                                 unfinished code are shown, not fatal
 #   tools/exercise.sh N reset     put the original code back (your lines are kept in build/exercises/N.yours)
 #   tools/exercise.sh reset       reset every started exercise
+#   tools/exercise.sh -h          this list (on stdout)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAVED=build/exercises
 
 fail() { echo "exercise.sh: $*" >&2; exit 1; }
-usage() { fail "usage: tools/exercise.sh list | N start | N task | N check | N reset | reset   (N from: $(numbers))"; }
+USAGE="usage: tools/exercise.sh list | N start | N task | N check | N reset | reset"
+usage() { fail "$USAGE   (N from: $(numbers))"; }
 numbers() { ls tools/exercises/ | sed -n 's/^\([0-9]*\)-.*\.txt$/\1/p' | sort -n | paste -sd' '; }
 spec() {
     local found=(tools/exercises/"$1"-*.txt)
@@ -117,6 +119,9 @@ reset() {
 }
 
 case "${1:-}-${2:-}" in
+-h-|--help-) # asked for: on stdout, exit 0
+    echo "$USAGE   (N from: $(numbers))"
+    sed -n '\|^#   tools/exercise.sh list|,\|^#   tools/exercise.sh -h|s/^#   //p' "$0" ;;
 list-)
     for n in $(numbers); do
         s=$(spec "$n")

@@ -9,6 +9,7 @@
 #   5. a planted mistake, for the exercises that have one below: `check` fails, and its first line
 #      names the quantity that is wrong;
 #   6. `tools/exercise.sh N reset` gives back the file byte for byte.
+# Then `-h` prints the usage on stdout with exit 0, and a usage error exits 1.
 # Its last line is "N passed, M failed"; the exit code is 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,5 +81,10 @@ for spec in tools/exercises/[0-9]*-*.txt; do
     result $? "exercise $n: reset did not restore $file byte for byte"
     echo "exercise $n: check refuses before start, task, start, check fails, the original is SOLVED, reset"
 done
+# asked for help: the usage on stdout, exit 0 (a usage error stays on stderr, exit 1)
+help=$(bash tools/exercise.sh -h 2> /dev/null); rc=$?
+[ $rc = 0 ] && [[ "$help" == usage:*"N check"* ]]; result $? "exercise.sh -h: exit $rc, stdout '${help:0:60}'"
+bash tools/exercise.sh bogus > /dev/null 2>&1; rc=$?
+[ $rc = 1 ]; result $? "exercise.sh bogus: exit $rc (1 expected)"
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
