@@ -534,10 +534,14 @@ static void run_case(const Case *c) {
             worst_grad = g;
     const int grads_bad = diff_bad(&e_dq, tol_b) || diff_bad(&e_dk, tol_b) || diff_bad(&e_dv, tol_b);
     const int bwd_bad = grads_bad || recomputed_differs;
-    char phrase[512];
+    char phrase[512], keys[256] = ""; // keys: what the layout's key ranges admit, when not what the rule allows
+    if (stats.pairs_allowed != (double)allowed)
+        snprintf(keys, sizeof keys, ". The key ranges admit %.0f (query, key) pairs where the rule allows %ld: %s",
+                 stats.pairs_allowed, allowed, stats.pairs_allowed > allowed
+                 ? "too many keys, so a range reaches keys the rule forbids" : "too few keys, so a range misses keys the rule allows");
     if (out_bad) {
         diff_phrase(phrase, sizeof phrase, &e_out, "out", c, 1, tol_f);
-        set_verdict("forward output wrong (%s): %s", name, phrase);
+        set_verdict("forward output wrong (%s): %s%s", name, phrase, keys);
     } else if (lse_bad) {
         if (diff_not_numbers(&e_lse) || !lse_inf_mismatch) diff_phrase(phrase, sizeof phrase, &e_lse, "lse", c, 0, tol_f);
         else {
@@ -962,10 +966,20 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
     unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
     random_batch(inputs, targets, B, T);
     const unsigned long long seed = 99;
-    st_model_forward(m, inputs, targets, B, 1, seed);
+    const double loss0 = forward_loss(m, inputs, targets, B, 1, seed);
     st_model_backward(m);
     st_model_get(m, ST_GRADS, g);
-    int bad = 0;
+    if (!isfinite(loss0)) { // nothing below can be measured: say so, in the terms of the forward
+        set_verdict("model forward wrong (%s): the loss is %s before any gradient is taken: the forward gives "
+                    "NaN or infinity somewhere (a 0 / 0, an exp of inf - inf, or an unwritten output)", what,
+                    isnan(loss0) ? "NaN" : "infinite");
+        check(0, "model gradients, %s: the forward's loss is %g", what, loss0);
+        st_model_free(m);
+        free(p), free(g), free(q), free(inputs), free(targets);
+        return;
+    }
+    int bad = 0, not_numbers = 0; // tensors off; of them, those whose gradient holds NaN or infinity
+    char first_nan[48] = "";
     double worst = 0;
     char worst_name[64] = "";
     const int n_tensors = st_model_num_tensors(m);
@@ -979,6 +993,12 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
         double *u = malloc(size * sizeof(double)), *r = malloc(size * sizeof(double));
         for (size_t i = 0; i < size; i++) r[i] = uniform(), rnorm += r[i] * r[i], gnorm += (double)g[offset + i] * g[offset + i];
         gnorm = sqrt(gnorm), rnorm = sqrt(rnorm);
+        if (!isfinite(gnorm)) { // NaN or infinity in the gradient: off, and named so
+            not_numbers++, snprintf(first_nan, sizeof first_nan, "%s", name); // the last: the backward's first
+            bad++, off[t] = 1;
+            free(u), free(r);
+            continue;
+        }
         double unorm = 0, gu = 0;
         for (size_t i = 0; i < size; i++) u[i] = (gnorm > 0 ? g[offset + i] / gnorm : 0) + r[i] / rnorm, unorm += u[i] * u[i];
         unorm = sqrt(unorm);
@@ -995,6 +1015,7 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
         const double of_tolerance = err / fmax(5e-3 * fabs(gu), 1e-4);
         if (of_tolerance > worst)
             worst = of_tolerance, snprintf(worst_name, sizeof worst_name, "%s (g.u %.4e, difference quotient %.4e)", name, gu, fd);
+        if (!isfinite(of_tolerance)) not_numbers++, snprintf(first_nan, sizeof first_nan, "%s (its loss)", name);
         if (!(of_tolerance <= 1.0)) {
             bad++, off[t] = 1;
             if (verbose) printf("     %s: the gradient along u, g.u = %.6e; the loss's difference quotient along u %.6e\n", name, gu, fd);
@@ -1002,9 +1023,16 @@ static void check_model_gradients(const char *what, StModelConfig cfg) {
         free(u);
         free(r);
     }
-    if (bad) gradient_verdict(what, names, off, n_tensors, bad);
-    check(bad == 0, "model gradients, %s: %d of %d tensors off; the worst %.3f times its tolerance, %s", what, bad,
-          n_tensors, worst, worst_name);
+    if (not_numbers) {
+        char nan_what[160];
+        snprintf(nan_what, sizeof nan_what, "%s; NaN or infinity in the gradient of %d of them, the first the "
+                 "backward reaches %s", what, not_numbers, first_nan);
+        gradient_verdict(nan_what, names, off, n_tensors, bad);
+    } else if (bad) {
+        gradient_verdict(what, names, off, n_tensors, bad);
+    }
+    check(bad == 0, "model gradients, %s: %d of %d tensors off (%d of them NaN or infinite); the worst finite one "
+          "%.3f times its tolerance%s%s", what, bad, n_tensors, not_numbers, worst, worst_name[0] ? ", " : "", worst_name);
     free(names), free(off);
     st_model_free(m);
     free(p), free(g), free(q), free(inputs), free(targets);
@@ -1347,6 +1375,7 @@ static void test_decode_matches_forward(void) {
         st_model_forward(m, text, NULL, 1, 0, 0);
         st_model_logits(m, full);
         double worst = 0;
+        int nan_at = -1, nan_full = 0; // the first position whose log-probabilities are not numbers; which path
         for (int i = prompt - 1; i < T - 1; i++) {
             if (i == prompt - 1) st_model_prefill(m, text, prompt, step);
             else st_model_decode(m, text[i], i, step);
@@ -1354,11 +1383,20 @@ static void test_decode_matches_forward(void) {
             for (int v = 0; v < 256; v++) lse_a += exp(step[v]), lse_b += exp(full[(size_t)i * 256 + v]);
             for (int v = 0; v < 256; v++) {
                 const double d = fabs((step[v] - log(lse_a)) - (full[(size_t)i * 256 + v] - log(lse_b)));
-                if (d > worst) worst = d;
+                if (!(d <= worst)) worst = d; // (a NaN stays)
+                if (isnan(d) && nan_at < 0) nan_at = i, nan_full = !isfinite(lse_b);
             }
         }
+        const char *kind = st_pattern_kind_name(patterns[k].kind), *combine = st_combine_name(patterns[k].combine);
+        if (nan_at >= 0)
+            set_verdict("cached decoding wrong (%s/%s): the next-byte log-probabilities of the %s are NaN, first at "
+                        "position %d%s", kind, combine, nan_full ? "full forward" : "cached decoding", nan_at,
+                        nan_at == prompt - 1 ? " (the prompt's last byte: the prefill)" : "");
+        else if (!(worst < 1e-4))
+            set_verdict("cached decoding wrong (%s/%s): its next-byte log-probabilities are %.1e from the full "
+                        "forward's (tolerance 1e-4)", kind, combine, worst);
         check(worst < 1e-4, "cached decoding, %s/%s: next-byte log-probabilities of a full forward within %.1e",
-              st_pattern_kind_name(patterns[k].kind), st_combine_name(patterns[k].combine), worst);
+              kind, combine, worst);
         st_model_free(m);
         free(p), free(full), free(text), free(targets);
     }
