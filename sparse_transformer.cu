@@ -9,6 +9,7 @@ One file, read top to bottom:
   3. Steps        each step rewritten so that it becomes a band in some order of the sequence; this is
                   what makes the kernels' work proportional to the allowed pairs.
   4. Tile layout  per step, for every tile of queries the range of key tiles it touches (and back).
+                  4b: a tile kernel's block: which thread owns what, the shared-memory tiles.
   5. Kernels      forward (online softmax, stores the log-sum-exp) and backward (dQ, dK, dV with the
                   probabilities recomputed), written as plain loops over 32 x 32 tiles. Then their
                   helpers (5b): tile loads, and the tile products in float32 loops or on the tensor
@@ -414,6 +415,13 @@ const char *st_pattern_check(const StPattern *p, int n_ctx, int n_head, int d_he
 // "Gathered" keeps only the summary cells of the head's group, in order: c cells per block of l.
 // Keys that a merged head's other step already covers are dropped (exclusive), so that no key is
 // counted twice in the shared softmax: j = i for the stride step, the query's own block for summary.
+//
+// A worked example, from section 2's rule to the band: strided, l = 3, n = 8, the stride step (the
+// README's `-show_pattern` printout, head 1). The rule, (i - j) mod 3 = 0, gives query 7 the keys 7, 4,
+// 1. Transposed, the columns are the residue classes {0, 3, 6}, {1, 4, 7}, {2, 5}, each padded to
+// column = 4 slots (3 rows, rounded up to a power of two): slot p = (i mod l) column + floor(i / l), so
+// positions 1, 4, 7 are slots 4, 5, 6, and query 7 (slot 6) sees the band from its column's first slot,
+// p - p mod column = 4, to itself, 6 (step_key_range; 5 in a merged head, whose local step has j = i).
 
 #define TILE 32       // queries and keys per tile
 
@@ -624,25 +632,11 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 }
 
 // ----------------------------------------------------------------------------
-// 5. Kernels
+// 4b. A tile kernel's block: its threads, its tiles in shared memory, the contracts of its helpers
 
-// Three kernels run the attention of one step (section 3) over its tile layout (section 4) (and one
-// small one, attention_delta_kernel, prepares the backward):
-//   attention_forward_kernel      a query tile per block, looping over its key tiles: out and lse
-//   attention_backward_kv_kernel  a key tile per block, looping over its query tiles: dK and dV
-//   attention_backward_q_kernel   a query tile per block, looping over its key tiles: dQ
-// Both backward kernels need each tile pair's dS (the softmax's gradient). The dK/dV kernel computes it
-// and, where a step's dS takes no more memory than its q, k and v (short contexts, sparse patterns),
-// keeps it in global memory (SavedDS); the dQ kernel then reads it back instead of computing it again.
-// Elsewhere the dQ kernel computes it again: memory stays linear in n.
-// A block owns its output tile: no two blocks write the same row, so there are no atomics, and every
-// sum is taken in the same order on every run. Its TILE_THREADS threads split every tile the same way:
-// thread t owns row t % TILE (a warp's 32 lanes are a tile's 32 rows) and the (t / TILE)-th of WARPS
-// equal parts of its columns. The tiles sit in shared memory (TileShape); the products of tiles are two
-// helpers, tile_scores (S = Q K^T, masked) and accumulate_product (O += P V), each with two bodies:
-// float32 loops, or the tensor cores with TF32 operands (the template parameter TF32). The helpers
-// follow the kernels.
-//
+// Section 5's kernels give each block one tile of output, TILE rows, and its threads split each tile
+// alike: thread t owns row t % TILE and the (t / TILE)-th of WARPS equal parts of the row's columns.
+// This part is what they share; a first reading can skip to section 5 and come back.
 // A GPU block has 4 warps: a thread keeps few values in registers, and four warps hide each other's
 // waits on memory. The CPU build has 1 warp, a thread per row: it runs a block's threads one after
 // another with a fiber switch at each barrier (cuda_on_cpu.h), so fewer threads doing more is faster
@@ -716,6 +710,26 @@ __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s,
 template <int D, bool TF32, bool TRANSPOSED>
 __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
                                           float *scratch_s);
+
+// ----------------------------------------------------------------------------
+// 5. Kernels
+
+// Three kernels run the attention of one step (section 3) over its tile layout (section 4) (and one
+// small one, attention_delta_kernel, prepares the backward):
+//   attention_forward_kernel      a query tile per block, looping over its key tiles: out and lse
+//   attention_backward_kv_kernel  a key tile per block, looping over its query tiles: dK and dV
+//   attention_backward_q_kernel   a query tile per block, looping over its key tiles: dQ
+// Both backward kernels need each tile pair's dS (the softmax's gradient). The dK/dV kernel computes it
+// and, where a step's dS takes no more memory than its q, k and v (short contexts, sparse patterns),
+// keeps it in global memory (SavedDS); the dQ kernel then reads it back instead of computing it again.
+// Elsewhere the dQ kernel computes it again: memory stays linear in n.
+// A block owns its output tile: no two blocks write the same row, so there are no atomics, and every
+// sum is taken in the same order on every run. Its TILE_THREADS threads split every tile the same way:
+// thread t owns row t % TILE (a warp's 32 lanes are a tile's 32 rows) and the (t / TILE)-th of WARPS
+// equal parts of its columns. The tiles sit in shared memory (TileShape); the products of tiles are two
+// helpers, tile_scores (S = Q K^T, masked) and accumulate_product (O += P V), each with two bodies:
+// float32 loops, or the tensor cores with TF32 operands (the template parameter TF32). Section 4b set
+// out the block, its shared-memory tiles and the helpers' contracts; the helpers follow the kernels (5b).
 
 // Forward: out_i = sum_j softmax_j(s_ij) v_j over the keys of this step, s_ij = q_i . k_j / sqrt(D),
 // with FlashAttention's online softmax: a running max m and a running sum per row, so the scores of a
