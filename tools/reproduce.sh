@@ -10,15 +10,18 @@
 #      per line) and dense. Past a window's first line the floor is 0.50 bits per byte; over whole
 #      windows of 256 bytes, whose first line has nothing above it, about 1.56.
 #
-# Each run writes its log (./train -log) and checkpoint to OUT/NAME; the table goes to OUT/table.md and
-# to the screen, the validation curves to OUT/text.png, OUT/images.png and OUT/synthetic.png (gnuplot,
+# Every run is repeated for each seed of SEEDS (cpu mode: 3 seeds, "1337 1 2"; gpu and quick: 1337), so
+# that a difference between patterns can be told from the spread between seeds: the table gives each
+# run's mean over the seeds, their range, and for each pattern its difference from dense seed by seed.
+# Each run writes its log (./train -log) and checkpoint to OUT/NAME.sSEED; the table goes to OUT/table.md
+# and to the screen, the validation curves (the first seed's) to OUT/text.png, OUT/images.png and OUT/synthetic.png (gnuplot,
 # installed from Debian when run as root; without it the table is still made, and `plot` draws the
 # curves later from the logs). The final evaluation of each run scores the first EVAL_BYTES of the
 # validation split (all runs of a task the same bytes).
 #
 # Usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]     (default OUT: build/reproduce/MODE)
 #        bash tools/reproduce.sh plot OUT                (the plots of runs made elsewhere)
-#   cpu    about 5 minutes on 2 CPU cores (budget 45)
+#   cpu    about 12 minutes on 2 CPU cores with AVX2, 3 seeds (budget 45)
 #   gpu    a larger model, longer contexts and more steps, sized for about 8 minutes on one H200, so
 #          that it fits one call of a lent GPU (not run yet). A machine without network needs the
 #          data sets already there: data/kjv (or enwik8), data/fashion_mnist's train.bin and val.bin,
@@ -52,15 +55,16 @@ plot() {
         plots=""
         while read -r t name flags; do
             [ "$t" = "$task" ] || continue
-            plots="$plots${plots:+, }'< grep ^val $out/$name.tsv' using 2:4 with linespoints title '${name#*_}'"
-        done < "$out/runs.txt"
+            plots="$plots${plots:+, }'< grep ^val $out/$name.s$first_seed.tsv' using 2:4 with linespoints title '${name#*_}'"
+        done < <(awk -v s="$first_seed" '$3 == s { $3 = ""; print }' "$out/runs.txt")
         gnuplot -e "set terminal png size 800,480; set output '$out/$task.png'; set xlabel 'step';
-                    set ylabel 'validation bits per byte'; set title '$task ($1)'; set key top right; plot $plots"
+                    set ylabel 'validation bits per byte'; set title '$task ($1, seed $first_seed)'; set key top right; plot $plots"
     done
     echo "reproduce.sh: $out/text.png, $out/images.png, $out/synthetic.png"
 }
 if [ "$mode" = plot ]; then
     [ -f "$out/runs.txt" ] || { echo "reproduce.sh: no runs.txt in $out: give the folder a run wrote" >&2; exit 1; }
+    first_seed=$(awk 'NR == 1 { print $3 }' "$out/runs.txt")
     plot "$(basename "$out")"
     exit 0
 fi
@@ -103,18 +107,22 @@ quick) model=(-dim 32 -heads 1 -layers 1 -batch 2 -lr 1e-3); text_ctx=64; text_s
        syn_ctx=128; syn_steps=4; eval_every=2; eval_bytes=$image_bytes ;;
 esac
 text_l=$(awk -v n="$text_ctx" 'BEGIN { printf "%d", sqrt(n) + 0.5 }')
+default_seeds="1337"; [ "$mode" = cpu ] && default_seeds="1337 1 2"
+read -r -a seeds <<< "${SEEDS:-$default_seeds}"
+first_seed=${seeds[0]}
 
-# run TASK NAME DATA CTX STEPS PATTERN-FLAGS...: one training run, logged to OUT/NAME.tsv
+# run TASK NAME DATA CTX STEPS PATTERN-FLAGS...: one training run with seed $seed, logged to OUT/NAME.sSEED.tsv
 run() {
     local task=$1 name=$2 data=$3 ctx=$4 steps=$5
     shift 5
-    echo "reproduce.sh: $task, $name ($*)" >&2
-    ./train -i "$data" -o "$out/$name" -log "$out/$name.tsv" -ctx "$ctx" -steps "$steps" -warmup $((steps / 10 + 1)) \
+    echo "reproduce.sh: $task, $name, seed $seed ($*)" >&2
+    ./train -i "$data" -o "$out/$name.s$seed" -log "$out/$name.s$seed.tsv" -ctx "$ctx" -steps "$steps" -warmup $((steps / 10 + 1)) \
         "${model[@]}" -eval_every "$eval_every" -eval_batches 4 -sample_every 0 -save_every 0 -eval_bytes "$eval_bytes" \
-        "$@" > "$out/$name.log" 2>&1 || { echo "reproduce.sh: the run $name failed: $out/$name.log" >&2; exit 1; }
-    echo "$task $name $*" >> "$out/runs.txt"
+        -seed "$seed" "$@" > "$out/$name.s$seed.log" 2>&1 || { echo "reproduce.sh: the run $name failed: $out/$name.s$seed.log" >&2; exit 1; }
+    echo "$task $name $seed $*" >> "$out/runs.txt"
 }
 : > "$out/runs.txt"
+for seed in "${seeds[@]}"; do
 run text text_dense "$text" "$text_ctx" "$text_steps" -pattern dense
 run text text_fixed "$text" "$text_ctx" "$text_steps" -pattern fixed -combine merged -stride 32 -summary 4
 run text text_strided "$text" "$text_ctx" "$text_steps" -pattern strided -combine merged -stride "$text_l"
@@ -125,19 +133,45 @@ run synthetic synthetic_local "$synthetic" "$syn_ctx" "$syn_steps" -pattern loca
 run synthetic synthetic_strided "$synthetic" "$syn_ctx" "$syn_steps" -pattern strided -combine merged -stride 16
 run synthetic synthetic_fixed "$synthetic" "$syn_ctx" "$syn_steps" -pattern fixed -combine merged -stride 65 -summary 8
 run synthetic synthetic_dense "$synthetic" "$syn_ctx" "$syn_steps" -pattern dense
+done
 
-# The table: final bits per byte (the "final" line of each log) and the median time per step.
-{
-    echo "| task | pattern | validation bits per byte | ms per iteration |"
-    echo "|---|---|---|---|"
-    while read -r task name flags; do
-        bpb=$(awk -F'\t' '$1 == "final" { printf "%.3f", $4 }' "$out/$name.tsv")
-        ms=$(awk -F'\t' '$1 == "train" && $2 > 1 { print $6 }' "$out/$name.tsv" | sort -n |
-             awk '{ v[NR] = $1 } END { printf "%.0f", v[int((NR + 1) / 2)] }')
-        echo "| $task | ${name#*_} ($flags) | $bpb | $ms |"
-    done < "$out/runs.txt"
-} > "$out/table.md"
-echo "($mode, $(date -u +%Y-%m-%d), $(( SECONDS / 60 )) min $(( SECONDS % 60 )) s in all; device: $(sed -n 's/^device: //p' "$out/text_dense.log"))" >> "$out/table.md"
+# The table: final bits per byte (the "final" line of each log): the mean over the seeds and their range;
+# the median time per step (over every seed's steps after the first); then, per task, each pattern's
+# difference from dense, seed by seed (the same seed: the same data order and a like initialisation).
+while read -r task name seed flags; do
+    bpb=$(awk -F'\t' '$1 == "final" { printf "%.4f", $4 }' "$out/$name.s$seed.tsv")
+    ms=$(awk -F'\t' '$1 == "train" && $2 > 1 { print $6 }' "$out/$name.s$seed.tsv" | sort -n |
+         awk '{ v[NR] = $1 } END { printf "%.0f", v[int((NR + 1) / 2)] }')
+    echo "$task $name $seed $bpb $ms $flags"
+done < "$out/runs.txt" > "$out/results.txt"
+awk -v seeds="${#seeds[@]}" '
+    { key = $1 " " $2; if (!(key in n)) { order[++keys] = key; flags[key] = ""; for (i = 6; i <= NF; i++) flags[key] = flags[key] (i > 6 ? " " : "") $i }
+      n[key]++; sum[key] += $4; bpb[key, $3] = $4; ms[key, n[key]] = $5
+      lo[key] = n[key] == 1 || $4 < lo[key] ? $4 : lo[key]; hi[key] = n[key] == 1 || $4 > hi[key] ? $4 : hi[key]
+      if (!($3 in seen)) { seen[$3] = 1; seed_list[++n_seeds] = $3 } }
+    END {
+        print "| task | pattern | validation bits per byte, mean of " seeds " seed(s) | range over the seeds | ms per iteration |"
+        print "|---|---|---|---|---|"
+        for (k = 1; k <= keys; k++) {
+            key = order[k]; split(key, t, " ")
+            for (i = 1; i <= n[key]; i++) m[i] = ms[key, i]
+            for (i = 2; i <= n[key]; i++) for (j = i; j > 1 && m[j - 1] > m[j]; j--) { x = m[j]; m[j] = m[j - 1]; m[j - 1] = x }
+            printf "| %s | %s (%s) | %.3f | %.3f to %.3f | %.0f |\n", t[1], substr(t[2], index(t[2], "_") + 1), flags[key], sum[key] / n[key], lo[key], hi[key], m[int((n[key] + 1) / 2)]
+            delete m
+        }
+        print ""
+        for (k = 1; k <= keys; k++) {
+            key = order[k]; split(key, t, " "); dense = t[1] " " t[1] "_dense"
+            if (key == dense || !(dense in n)) continue
+            lower = 0; list = ""; d_sum = 0
+            for (s = 1; s <= n_seeds; s++) {
+                d = bpb[key, seed_list[s]] - bpb[dense, seed_list[s]]; d_sum += d; lower += d < 0
+                list = list (s > 1 ? ", " : "") sprintf("%+.3f", d)
+            }
+            printf "%s, %s - dense: %+.3f bits on average (seed by seed: %s); lower than dense in %d of %d seeds\n", t[1], substr(t[2], index(t[2], "_") + 1), d_sum / n_seeds, list, lower, n_seeds
+        }
+    }' "$out/results.txt" > "$out/table.md"
+echo "($mode, seeds ${seeds[*]}, $(date -u +%Y-%m-%d), $(( SECONDS / 60 )) min $(( SECONDS % 60 )) s in all; device: $(sed -n 's/^device: //p' "$out/text_dense.s$first_seed.log"))" >> "$out/table.md"
 cat "$out/table.md"
 
 if command -v gnuplot > /dev/null; then
