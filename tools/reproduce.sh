@@ -30,11 +30,16 @@
 #   prepare  makes the gpu mode's data sets here and trains nothing (for a GPU machine without network
 #          or data tool: copy them there)
 #   quick  a few steps of tiny models, to check that the script works (CI)
+#
+#        bash tools/reproduce.sh long [cpu|gpu|quick] [OUT]
+#          the paper's headline: sequences far longer at the same cost, and what a long context buys
+#          (tools/reproduce_long.sh, which says what it runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "${1:-}" != long ] || exec bash tools/reproduce_long.sh "${@:2}"
 mode=${1:-}
 case "$mode" in cpu|gpu|quick|prepare) ;; plot) [ -n "${2:-}" ] || mode="" ;; *) mode="" ;; esac
-[ -n "$mode" ] || { echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT], plot OUT, or prepare" >&2; exit 1; }
+[ -n "$mode" ] || { echo "usage: bash tools/reproduce.sh cpu|gpu|quick [OUT], plot OUT, prepare, or long [cpu|gpu|quick] [OUT]" >&2; exit 1; }
 out=${2:-build/reproduce/$mode}
 
 if [ "$mode" != prepare ] && ! command -v gnuplot > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
