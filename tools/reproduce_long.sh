@@ -13,15 +13,16 @@
 #      at context 2048, stride 128 (1024 = 8 x 128: that key is in the query's own stride step, 8 rows
 #      up its column); a local window with as many keys per query (128 + 2048 / 128 = 144); dense with
 #      the context whose step takes what strided's does at 2048 (from part 1's times). Same model and
-#      steps; the final validation bits per byte. (With stride 41 or 64, fewer keys, strided had not
-#      found the key after 800 to 1000 steps; with 128 it does after about 800.)
+#      steps; the final validation bits per byte. (With stride 64, fewer keys, strided had not found
+#      the key after 1000 steps; with 128 it finds it between steps 800 and 1100 of 2000,
+#      and ends near the floor for windows of 2048, about 2.6: their first 1025 bytes have no line above.)
 #   3. Audio with seconds of context. Music (data/music, 8 kHz mu-law) at contexts of 0.13 s, 0.5 s and
 #      2 s, strided, the same bytes per step (batch x context) and steps, for each seed of SEEDS; the
 #      final bits per sample over the same validation bytes, and a WAV sampled from the longest.
 #
 # Writes OUT/table.md (also printed), OUT/steps.txt (part 1's times), every run's log, checkpoint and
 # -log file, OUT/step_time.png and OUT/audio.png (gnuplot, if present), OUT/long.wav.
-#   cpu    about 15 minutes on 2 CPU cores
+#   cpu    about 13 minutes on 2 CPU cores (AVX2)
 #   gpu    a wider model and longer sequences, sized for about 8 minutes on one H100 or H200 (not run yet)
 #   quick  a few steps of tiny models, to check that the script works (CI, seconds)
 set -euo pipefail
@@ -35,9 +36,9 @@ make -s train sample build/datatool > /dev/null || { echo "reproduce.sh long: th
 # The sizes. part 1: the model, the lengths, the longest dense one, the timed steps; part 2: the copy
 # distance (period), context, stride and steps; part 3: contexts, bytes per step, steps, seeds.
 case "$size" in
-cpu)   model=(-dim 64 -heads 2 -layers 2 -batch 1); lengths="512 1024 2048 4096 16384 65536"; dense_max=16384; timed=1
-       period=1025; reach_ctx=2048; reach_l=128; reach_steps=1200
-       audio_ctxs="1024 4096 16384"; audio_bytes=16384; audio_steps=150; default_seeds="1337 1"; eval_bytes=65536 ;;
+cpu)   model=(-dim 64 -heads 2 -layers 2 -batch 1); lengths="512 1024 2048 4096 16384 65536"; dense_max=16384; timed=2
+       period=1025; reach_ctx=2048; reach_l=128; reach_steps=2000
+       audio_ctxs="1024 4096 16384"; audio_bytes=16384; audio_steps=120; default_seeds="1337 1"; eval_bytes=65536 ;;
 gpu)   model=(-dim 256 -heads 4 -layers 4 -batch 1); lengths="4096 16384 65536 262144"; dense_max=65536; timed=3
        period=1025; reach_ctx=2048; reach_l=128; reach_steps=2000
        audio_ctxs="1024 8192 16384 65536"; audio_bytes=65536; audio_steps=500; default_seeds="1337 1"; eval_bytes=262144 ;;
