@@ -1623,12 +1623,21 @@ __global__ void mean_kernel(float *mean, const float *partial, size_t n) {
     if (threadIdx.x == 0) *mean = (float)(sum / n);
 }
 
-// AdamW on one parameter (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments.
-__global__ void adamw_kernel(float *p, float *m, float *v, const float *g, size_t n, float lr,
+// AdamW (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments, on every parameter in
+// one launch. Weight decay applies to matrices only, so each block takes its entries from one tensor:
+// block b updates entries blocks[b].first + threadIdx.x below blocks[b].end, decayed if blocks[b].decay
+// (AdamBlock: one per BLOCK entries of each tensor, listed once when the model is made).
+struct AdamBlock {
+    size_t first, end; // entries of the parameter buffer
+    int decay;         // 1: weight decay applies
+};
+__global__ void adamw_kernel(float *p, float *m, float *v, const float *g, const AdamBlock *blocks, float lr,
                              const float *grad_scale, float beta1, float beta2, float correction1, float correction2,
                              float eps, float weight_decay) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= n) return;
+    const AdamBlock block = blocks[blockIdx.x];
+    const size_t e = block.first + threadIdx.x;
+    if (e >= block.end) return;
+    if (!block.decay) weight_decay = 0.0f;
     const float grad = g[e] * *grad_scale; // a factor below 1 clips the global norm
     m[e] = beta1 * m[e] + (1.0f - beta1) * grad;
     v[e] = beta2 * v[e] + (1.0f - beta2) * grad * grad;
@@ -1675,6 +1684,8 @@ struct StModel {
     int C, H, D, F, L, T;
     Tensor *tensors;                 // N_EMBED + L N_LAYER + N_FINAL
     int n_tensors;
+    AdamBlock *adam_blocks;          // (n_adam_blocks) on the device: AdamW's blocks, BLOCK entries of a tensor each
+    unsigned n_adam_blocks;
     size_t n_params;
     float *params, *grads, *adam_m, *adam_v; // (n_params) each, on the device
     StAttention **attention;         // per layer
@@ -1841,6 +1852,23 @@ static void index_lists(int *lists, const int *index, int stride, int n, int row
     start[0] = 0;
 }
 
+// AdamW's launch, listed once: each tensor cut into blocks of BLOCK entries (the last one short), so
+// that a block's entries share their tensor's weight decay.
+static void list_adam_blocks(StModel *m) {
+    m->n_adam_blocks = 0;
+    for (int i = 0; i < m->n_tensors; i++) m->n_adam_blocks += blocks_for(m->tensors[i].size);
+    AdamBlock *blocks = (AdamBlock *)st_host_alloc(m->n_adam_blocks * sizeof(AdamBlock));
+    unsigned b = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const Tensor &t = m->tensors[i];
+        for (size_t first = t.offset; first < t.offset + t.size; first += BLOCK)
+            blocks[b++] = AdamBlock{first, first + BLOCK < t.offset + t.size ? first + BLOCK : t.offset + t.size, t.decay};
+    }
+    m->adam_blocks = (AdamBlock *)st_malloc(m->n_adam_blocks * sizeof(AdamBlock));
+    st_to_device(m->adam_blocks, blocks, m->n_adam_blocks * sizeof(AdamBlock));
+    free(blocks);
+}
+
 StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     const char *err = st_model_check(cfg);
     if (err) {
@@ -1876,6 +1904,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     cudaCheck(cudaMemset(m->adam_m, 0, bytes));
     cudaCheck(cudaMemset(m->adam_v, 0, bytes));
     init_params(m, seed);
+    list_adam_blocks(m);
     m->attention = (StAttention **)st_host_alloc(m->L * sizeof(StAttention *));
     for (int l = 0; l < m->L; l++) m->attention[l] = st_attention_create(&cfg->pattern, l, m->T, m->H, m->D);
     cublasCheck(cublasCreate(&m->cublas));
@@ -1902,6 +1931,7 @@ void st_model_free(StModel *m) {
     if (m->B_alloc) st_free(m->act_base);
     float *buffers[] = {m->params, m->grads, m->adam_m, m->adam_v, m->partial, m->decode};
     for (float *b : buffers) st_free(b);
+    st_free(m->adam_blocks);
     st_free(m->decode_steps);
     st_free(m->decode_n_steps);
     st_free(m->positions);
@@ -2170,12 +2200,8 @@ void st_model_update(StModel *m, float lr, float weight_decay, float clip, int s
     LAUNCH(clip_scale_kernel, 1, THREADS, 0, norm_scale, m->partial, clip);
     const float beta1 = 0.9f, beta2 = 0.95f;
     const float c1 = 1.0f - powf(beta1, (float)step), c2 = 1.0f - powf(beta2, (float)step);
-    for (int i = 0; i < m->n_tensors; i++) {
-        const Tensor &t = m->tensors[i];
-        LAUNCH(adamw_kernel, blocks_for(t.size), BLOCK, 0, m->params + t.offset, m->adam_m + t.offset,
-               m->adam_v + t.offset, m->grads + t.offset, t.size, lr, norm_scale + 1, beta1, beta2, c1, c2, 1e-8f,
-               t.decay ? weight_decay : 0.0f);
-    }
+    LAUNCH(adamw_kernel, m->n_adam_blocks, BLOCK, 0, m->params, m->adam_m, m->adam_v, m->grads, m->adam_blocks, lr,
+           norm_scale + 1, beta1, beta2, c1, c2, 1e-8f, weight_decay);
 }
 float st_model_grad_norm(const StModel *m) {
     float norm;

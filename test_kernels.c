@@ -1240,6 +1240,51 @@ static void test_grad_norm(void) {
     free(p), free(inputs), free(targets);
 }
 
+// AdamW's one launch over the parameter buffer equals AdamW in double on the host, entry by entry, for
+// the first step (moments from 0, bias corrections 1 - beta): p -= lr (m^ / (sqrt(v^) + eps) + wd p),
+// weight decay on matrices only (the tensors named w..., not the layer norms' weights; biases end in b).
+// The step is about lr in size; storing p in float32 rounds it by at most half a unit in its last
+// place (2^-24 |p|), and the step's own float32 arithmetic errs by about 1e-6 lr, so the change must
+// match within 2^-23 |p| + 1e-5 lr. An entry left out is off by about lr (1e-3); a wrong decay flag by
+// lr wd |p| = 5e-4 |p|: both thousands of times the tolerance.
+static void test_adamw(void) {
+    StModelConfig cfg = tiny_config((StPattern){ST_FIXED, ST_MERGED, 16, 3, 2}, 0, 0);
+    const int B = 2, T = cfg.ctx;
+    StModel *m = st_model_create(&cfg, 23);
+    const size_t n = st_model_num_params(m);
+    float *p = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float));
+    st_model_get(m, ST_PARAMS, p);
+    for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
+    st_model_set(m, ST_PARAMS, p);
+    unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
+    random_batch(inputs, targets, B, T);
+    st_model_forward(m, inputs, targets, B, 1, 3);
+    st_model_backward(m);
+    st_model_get(m, ST_GRADS, g);
+    const double lr = 1e-3, wd = 0.5, beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+    st_model_update(m, (float)lr, (float)wd, 0.0f, 1); // clip 0: no clipping
+    st_model_get(m, ST_PARAMS, got);
+    size_t bad = 0, worst_at = 0;
+    double worst = 0;
+    for (int t = 0; t < st_model_num_tensors(m); t++) {
+        size_t offset, size;
+        const char *name = st_model_tensor(m, t, &offset, &size);
+        const char *dot = strchr(name, '.'), *suffix = dot ? dot + 1 : name; // "h0.qkvw" -> "qkvw"
+        const int decay = suffix[0] == 'w' || (suffix[strlen(suffix) - 1] == 'w' && strncmp(suffix, "ln", 2) != 0);
+        for (size_t i = offset; i < offset + size; i++) {
+            const double mh = (1 - beta1) * g[i] / (1 - beta1), vh = (1 - beta2) * (double)g[i] * g[i] / (1 - beta2);
+            const double want = -lr * (mh / (sqrt(vh) + eps) + (decay ? wd * p[i] : 0.0));
+            const double err = fabs(((double)got[i] - p[i]) - want) / (ldexp(fabs(p[i]), -23) + 1e-5 * lr);
+            if (!(err <= 1.0)) bad++;
+            if (!(err <= worst)) worst = err, worst_at = i;
+        }
+    }
+    check(bad == 0, "AdamW in one launch: %zu of %zu entries off a double-precision update beyond the tolerance "
+          "(the worst %.3f times it, entry %zu)", bad, n, worst, worst_at);
+    st_model_free(m);
+    free(p), free(g), free(got), free(inputs), free(targets);
+}
+
 // A small model learns a fixed 64-byte string by heart: below 0.1 bits per byte within 400 steps.
 static void test_overfit(void) {
     const char *text = "Sparse Transformers factorize attention: O(n sqrt n), not O(n^2).";
@@ -1501,7 +1546,7 @@ static const struct {
     {"kernels", test_kernels}, {"work", test_work_at_scale}, {"data", test_data},
     {"model_gradients", test_model_gradients}, {"chunked_sums", test_chunked_sums}, {"model_tf32", test_model_tf32},
     {"recompute", test_recompute_equal},
-    {"partial_batch", test_partial_batch}, {"grad_norm", test_grad_norm}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
+    {"partial_batch", test_partial_batch}, {"grad_norm", test_grad_norm}, {"adamw", test_adamw}, {"overfit", test_overfit}, {"decode", test_decode_matches_forward},
     {"checkpoint", test_checkpoint}, {"profile", test_profile},
 };
 
