@@ -25,6 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SAVED=${EXERCISE_SAVED:-build/exercises} # (tools/test_exercises.sh keeps its own, away from yours)
+export EXERCISE_SAVED=$SAVED              # (exercise 9's judge writes its table there)
 
 fail() { echo "exercise.sh: $*" >&2; exit 1; }
 USAGE="usage: tools/exercise.sh list | N start | N task | N check | N reset | reset"
@@ -116,7 +117,7 @@ check() {
         return 1
     fi
     signposts "$n" "$file" > /dev/null # (if they were edited away, this says how to recover)
-    mkdir -p "$SAVED" build/exercises # (exercise 9's judge writes its table there)
+    mkdir -p "$SAVED"
     log=$SAVED/check.log
     local judge; judge=$(field "$s" check)
     # (exercise 9's judge, the benchmark, builds what it runs itself)

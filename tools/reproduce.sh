@@ -21,7 +21,7 @@
 #
 # Usage: bash tools/reproduce.sh cpu|gpu|quick [OUT]     (default OUT: build/reproduce/MODE)
 #        bash tools/reproduce.sh plot OUT                (the plots of runs made elsewhere)
-#   cpu    about 12 minutes on 2 CPU cores with AVX2, 3 seeds (budget 45)
+#   cpu    about 13 minutes on 2 CPU cores with AVX2, 3 seeds (budget 45)
 #   gpu    a larger model, longer contexts and more steps, sized for about 8 minutes on one H200, so
 #          that it fits one call of a lent GPU (not run yet). A machine without network needs the
 #          data sets already there: data/kjv (or enwik8), data/fashion_mnist's train.bin and val.bin,

@@ -9,7 +9,7 @@
 #   5. a planted mistake, for the exercises that have one below (all but 1 and 9): `check` fails, and its first line
 #      names the quantity that is wrong;
 #   6. `tools/exercise.sh N reset` gives back the file byte for byte.
-# Then the tooling's traps, each closed: two exercises started at once (each verdict names the other,
+# Then the tooling's traps, each closed: three exercises started at once (each verdict names the others,
 # and says whether its code runs in this check); a blank's first verdict says it is still blank; a NaN
 # gradient is called NaN; `reset` never overwrites a saved solution (numbered copies) and keeps nothing
 # from a blank; `reset` recovers a file whose signposts were edited away; the time of a try (build +
@@ -137,7 +137,7 @@ cp $S/before "$file"; rm -f $S/[0-9]*.orig $S/[0-9]*.todo $S/[0-9]*.file
 ex 6 start && fill 6 "$file" $S/6.orig
 start=$(date +%s%N); ex 6 check; rc=$?; ms=$((($(date +%s%N) - start) / 1000000))
 [ $rc = 0 ]; result $? "exercise 6's try: not SOLVED ($log)"
-echo "a try at the slowest judge (exercise 6: build + check): $((ms / 1000)).$((ms % 1000 / 100)) s on $(nproc) cores (README: within 10 s on a 2-core laptop)"
+echo "a try at the slowest judge (exercise 6: build + check): $((ms / 1000)).$((ms % 1000 / 100)) s on $(nproc) cores (the target: within 10 s on a 2-core laptop)"
 ex 6 reset; cp $S/before "$file"; rm -f $S/[0-9]*.yours*
 
 # asked for help: the usage on stdout, exit 0 (a usage error stays on stderr, exit 1)
