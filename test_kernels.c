@@ -955,14 +955,25 @@ static void gradient_verdict(const char *what, char (*names)[32], const int *off
                 common && common[0] ? "; all of them parameters of " : "", common && common[0] ? common : "");
 }
 
-static void check_model_gradients(const char *what, StModelConfig cfg) {
-    const int B = 2, T = cfg.ctx;
-    StModel *m = st_model_create(&cfg, 7);
+// A model made with `seed` whose parameters are then moved by 0.1 uniform noise (at initialisation the
+// output weights are 0, and most gradients would be too); *params gets them (malloc'd, the caller frees).
+static StModel *perturbed_model(StModelConfig cfg, unsigned long long seed, float **params) {
+    StModel *m = st_model_create(&cfg, seed);
     const size_t n = st_model_num_params(m);
-    float *p = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float)), *q = malloc(n * sizeof(float));
+    float *p = malloc(n * sizeof(float));
     st_model_get(m, ST_PARAMS, p);
     for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
     st_model_set(m, ST_PARAMS, p);
+    *params = p;
+    return m;
+}
+
+static void check_model_gradients(const char *what, StModelConfig cfg) {
+    const int B = 2, T = cfg.ctx;
+    float *p;
+    StModel *m = perturbed_model(cfg, 7, &p);
+    const size_t n = st_model_num_params(m);
+    float *g = malloc(n * sizeof(float)), *q = malloc(n * sizeof(float));
     unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
     random_batch(inputs, targets, B, T);
     const unsigned long long seed = 99;
@@ -1219,12 +1230,9 @@ static void test_partial_batch(void) {
 static void test_grad_norm(void) {
     StModelConfig cfg = tiny_config((StPattern){ST_STRIDED, ST_MERGED, 8, 0, 0}, 0, 0);
     const int B = 2, T = cfg.ctx;
-    StModel *m = st_model_create(&cfg, 19);
+    float *p;
+    StModel *m = perturbed_model(cfg, 19, &p);
     const size_t n = st_model_num_params(m);
-    float *p = malloc(n * sizeof(float));
-    st_model_get(m, ST_PARAMS, p);
-    for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
-    st_model_set(m, ST_PARAMS, p);
     unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
     random_batch(inputs, targets, B, T);
     st_model_forward(m, inputs, targets, B, 1, 3);
@@ -1250,12 +1258,10 @@ static void test_grad_norm(void) {
 static void test_adamw(void) {
     StModelConfig cfg = tiny_config((StPattern){ST_FIXED, ST_MERGED, 16, 3, 2}, 0, 0);
     const int B = 2, T = cfg.ctx;
-    StModel *m = st_model_create(&cfg, 23);
+    float *p;
+    StModel *m = perturbed_model(cfg, 23, &p);
     const size_t n = st_model_num_params(m);
-    float *p = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float));
-    st_model_get(m, ST_PARAMS, p);
-    for (size_t i = 0; i < n; i++) p[i] += 0.1f * (float)uniform();
-    st_model_set(m, ST_PARAMS, p);
+    float *g = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float));
     unsigned char *inputs = malloc(B * T), *targets = malloc(B * T);
     random_batch(inputs, targets, B, T);
     st_model_forward(m, inputs, targets, B, 1, 3);
