@@ -1384,6 +1384,18 @@ static unsigned run_columns_grid(int cols) {
 }
 // Threads for a block that covers one row of `cols` columns: whole warps, at most BLOCK.
 static unsigned threads_for(int cols) { return cols < BLOCK ? (cols + 31) / 32 * 32 : BLOCK; }
+// The row kernels (bias_rows, GELU, residual_kernel) cover each row with blocks that fit it exactly: the
+// block's width divides the row's (whole warps, at most BLOCK; the model's widths are multiples of 32), so
+// no thread falls past the end and the kernels have no bounds check. On a GPU that is a detail; on a CPU
+// it lets the compiler write whole vectors where a check would make it mask every store (slow on AMD's
+// processors: half the speed of these passes). Grid: (rows, blocks per row) of row_threads(cols).
+static unsigned row_threads(int cols) {
+    for (unsigned threads = BLOCK; threads >= 32; threads -= 32)
+        if (cols % threads == 0) return threads;
+    fprintf(stderr, "internal error: a row kernel over %d columns, not a multiple of 32\n", cols);
+    exit(1);
+}
+static dim3 row_blocks(int rows, int cols) { return dim3(rows, cols / row_threads(cols)); }
 
 // x[b, t, :] = wte[token] + wp0[pos0(t)] + wp1[pos1(t)] + wp2[pos2(t)]: the token's embedding plus the
 // three factors of its position's embedding (text and audio: row and column of a grid of width l;
@@ -1474,10 +1486,10 @@ __global__ void layernorm_backward_params_kernel(float *partial_w, float *partia
 }
 
 // y[r, o] = b[o]: every row starts as the bias of a matrix product, which then adds itself to it
-// (grid: rows x blocks of columns). And its backward db[o] += sum_r dy[r, o].
+// (grid: row_blocks). And its backward db[o] += sum_r dy[r, o].
 __global__ void bias_rows_kernel(float *y, const float *b, int cols) {
     const size_t o = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
-    if (o < (size_t)cols) y[(size_t)blockIdx.x * cols + o] = b[o];
+    y[(size_t)blockIdx.x * cols + o] = b[o];
 }
 // Pass 1 of its column sums: partial[k, o] sums chunk k's rows, for the RUN columns from o0.
 // Grid: (chunks, column blocks of RUN columns per thread).
@@ -1500,10 +1512,15 @@ __global__ void add_chunk_sums_kernel(float *dst, const float *partial, int chun
     dst[o] += sum;
 }
 
-// The paper's GELU: gelu(x) = x sigmoid(1.702 x).
-__global__ void gelu_forward_kernel(float *y, const float *x, size_t n) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < n) y[e] = x[e] / (1.0f + expf(-1.702f * x[e]));
+// The paper's GELU, gelu(z) = z sigmoid(1.702 z), of z = x + b: the product before it comes without its
+// bias, which this pass adds as it reads x anyway, and keeps z in x for the backward (grid: rows x blocks
+// of columns: row_blocks).
+__global__ void gelu_forward_kernel(float *y, float *x, const float *b, int cols) {
+    const size_t o = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
+    const size_t e = (size_t)blockIdx.x * cols + o;
+    const float z = x[e] + b[o];
+    x[e] = z;
+    y[e] = z / (1.0f + expf(-1.702f * z));
 }
 // Exercise 7 starts here: the GELU's backward.
 // Backward, with s = sigmoid(1.702 x): d gelu / dx = s + 1.702 x s (1 - s).
@@ -1545,11 +1562,24 @@ static __host__ __device__ inline uint32_t hash32(uint64_t x) {
     x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ull; x ^= x >> 33;
     return (uint32_t)x;
 }
+__device__ static inline float dropped(float x, size_t e, float p, uint64_t seed) {
+    if (p == 0.0f) return x;
+    const float u = hash32(seed * 0x9E3779B97F4A7C15ull + e) * (1.0f / 4294967296.0f);
+    return u >= p ? x / (1.0f - p) : 0.0f;
+}
 __global__ void dropout_kernel(float *x, size_t n, float p, uint64_t seed) {
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= n) return;
-    const float u = hash32(seed * 0x9E3779B97F4A7C15ull + e) * (1.0f / 4294967296.0f);
-    x[e] = u >= p ? x[e] / (1.0f - p) : 0.0f;
+    if (e < n) x[e] = dropped(x[e], e, p, seed);
+}
+
+// The end of a residual branch in one pass: out = x + dropout(y + b), y the branch's last product, which
+// comes without its bias b (grid: row_blocks). Three passes otherwise: the
+// bias, the dropout and the sum.
+__global__ void residual_kernel(float *out, const float *x, const float *y, const float *b, int cols, float p,
+                                uint64_t seed) {
+    const size_t o = (size_t)blockIdx.y * blockDim.x + threadIdx.x;
+    const size_t e = (size_t)blockIdx.x * cols + o;
+    out[e] = x[e] + dropped(y[e] + b[o], e, p, seed);
 }
 
 // Softmax cross-entropy, forward and backward in one pass, one thread per row of logits (BT, V):
@@ -1672,11 +1702,11 @@ struct LayerActs {
     float *qkv;                       // (B, T, 3C)
     float *q, *k, *v, *att, *lse;     // (B, H, T, D) x 4, (B, H, T)
     float *att_rows;                  // (B, T, C) attention output, heads side by side
-    float *a;                         // (B, T, C) attention branch (after dropout)
+    float *a;                         // (B, T, C) attention branch's last product (bias and dropout follow)
     float *xa;                        // (B, T, C) x + a
     float *ln2, *ln2_mean, *ln2_rstd; // (B, T, C), (B, T), (B, T)
     float *fc, *fc_gelu;              // (B, T, F) before and after GELU
-    float *bb;                        // (B, T, C) MLP branch (after dropout)
+    float *bb;                        // (B, T, C) MLP branch's last product (bias and dropout follow)
 };
 
 struct StModel {
@@ -1990,12 +2020,12 @@ static cublasHandle_t blas(StModel *m) {
 
 // out (N, OC) = inp (N, IC) W^T + b, W (OC, IC) row-major. cuBLAS is column-major: there W is an (IC, OC)
 // matrix, so this is out^T = op_T(W) inp^T. The bias goes in first, and the product adds itself to it
-// (beta = 1): no second pass over out to add it, and none to clear out for a product with beta = 0.
+// (beta = 1). Only q, k, v take their bias here: the other products' biases are added by the pass that
+// reads their output next (GELU, residual_kernel), and they are called with b = NULL.
 static void matmul_forward(StModel *m, float *out, const float *inp, const float *w, const float *b, int N, int IC,
                            int OC) {
     const float one = 1.0f, zero = 0.0f;
-    const unsigned threads = threads_for(OC);
-    if (b) LAUNCH(bias_rows_kernel, dim3(N, (OC + threads - 1) / threads), threads, 0, out, b, OC);
+    if (b) LAUNCH(bias_rows_kernel, row_blocks(N, OC), row_threads(OC), 0, out, b, OC);
     PROFILED(("cublasSgemm forward, W %d x %d", OC, IC),
              cublasCheck(cublasSgemm(blas(m), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC, b ? &one : &zero, out, OC)));
 }
@@ -2030,22 +2060,22 @@ static void layernorm_backward(StModel *m, float *dx, float *dw, float *db, cons
     LAUNCH(add_chunk_sums_kernel, columns_grid(C), COLUMNS_BLOCK, 0, db, partial_b, (int)chunks, C);
 }
 
-__global__ void add_kernel(float *out, const float *x, const float *y, size_t n) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < n) out[e] = x[e] + y[e];
-}
-
-// Dropout of branch `branch` (0 attention, 1 MLP) of block `layer`, on activations or their gradient.
-static void dropout(StModel *m, float *x, size_t n, int layer, int branch) {
-    if (!m->training || m->cfg.dropout == 0.0f) return;
-    LAUNCH(dropout_kernel, blocks_for(n), BLOCK, 0, x, n, m->cfg.dropout, m->dropout_seed + 2 * (uint64_t)layer + branch);
+// Dropout of branch `branch` (0 attention, 1 MLP) of block `layer`: its probability (0 outside training)
+// and its seed, which the forward (residual_kernel) and the backward (dropout_kernel) share.
+static float dropout_p(const StModel *m) { return m->training ? m->cfg.dropout : 0.0f; }
+static uint64_t dropout_seed(const StModel *m, int layer, int branch) { return m->dropout_seed + 2 * (uint64_t)layer + branch; }
+// The end of a branch: out = x + dropout(y + b) (residual_kernel), for `rows` rows of the stream.
+static void residual(StModel *m, float *out, const float *x, const float *y, const float *b, int rows, int layer,
+                     int branch) {
+    LAUNCH(residual_kernel, row_blocks(rows, m->C), row_threads(m->C), 0, out, x, y, b, m->C, dropout_p(m),
+           dropout_seed(m, layer, branch));
 }
 // The gradient of a branch's output, from dres, that of the stream after it: dres itself without dropout;
 // with it, dres masked, in `scratch` (dres stays whole: the stream's other path needs it too).
 static const float *branch_gradient(StModel *m, float *scratch, const float *dres, size_t n, int layer, int branch) {
     if (m->cfg.dropout == 0.0f) return dres;
     PROFILED(("copy on the device"), cudaCheck(cudaMemcpy(scratch, dres, n * sizeof(float), cudaMemcpyDeviceToDevice)));
-    dropout(m, scratch, n, layer, branch);
+    LAUNCH(dropout_kernel, blocks_for(n), BLOCK, 0, scratch, n, m->cfg.dropout, dropout_seed(m, layer, branch));
     return scratch;
 }
 
@@ -2054,13 +2084,11 @@ static const float *branch_gradient(StModel *m, float *scratch, const float *dre
 static void mlp_forward(StModel *m, int layer, int rows, const float *xa, float *ln2, float *mean, float *rstd,
                         float *fc, float *fc_gelu, float *bb, float *out) {
     const int C = m->C, F = m->F;
-    const size_t n = (size_t)rows * C;
     layernorm_forward(ln2, mean, rstd, xa, P(m, layer, LN2W), P(m, layer, LN2B), rows, C);
-    matmul_forward(m, fc, ln2, P(m, layer, FCW), P(m, layer, FCB), rows, C, F);
-    LAUNCH(gelu_forward_kernel, blocks_for((size_t)rows * F), BLOCK, 0, fc_gelu, fc, (size_t)rows * F);
-    matmul_forward(m, bb, fc_gelu, P(m, layer, FC2W), P(m, layer, FC2B), rows, F, C);
-    dropout(m, bb, n, layer, 1);
-    LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, out, xa, bb, n);
+    matmul_forward(m, fc, ln2, P(m, layer, FCW), NULL, rows, C, F);
+    LAUNCH(gelu_forward_kernel, row_blocks(rows, F), row_threads(F), 0, fc_gelu, fc, P(m, layer, FCB), F);
+    matmul_forward(m, bb, fc_gelu, P(m, layer, FC2W), NULL, rows, F, C);
+    residual(m, out, xa, bb, P(m, layer, FC2B), rows, layer, 1);
 }
 
 // One residual block: residual[layer] -> residual[layer + 1], keeping its activations in `a`.
@@ -2075,9 +2103,8 @@ static void layer_forward(StModel *m, int layer, LayerActs *a, int B) {
     LAUNCH(split_heads_kernel, BT, threads_for(C), 0, a->qkv, a->q, a->k, a->v, m->T, m->H, m->D, 1);
     st_attention_forward(m->attention[layer], a->att, a->lse, a->q, a->k, a->v, B);
     LAUNCH(merge_heads_kernel, BT, threads_for(C), 0, a->att_rows, a->att, m->T, m->H, m->D, 1);
-    matmul_forward(m, a->a, a->att_rows, P(m, layer, PROJW), P(m, layer, PROJB), BT, C, C);
-    dropout(m, a->a, n, layer, 0);
-    LAUNCH(add_kernel, blocks_for(n), BLOCK, 0, a->xa, x, a->a, n);
+    matmul_forward(m, a->a, a->att_rows, P(m, layer, PROJW), NULL, BT, C, C);
+    residual(m, a->xa, x, a->a, P(m, layer, PROJB), BT, layer, 0);
     mlp_forward(m, layer, BT, a->xa, a->ln2, a->ln2_mean, a->ln2_rstd, a->fc, a->fc_gelu, a->bb, out);
 }
 
@@ -2341,8 +2368,8 @@ void st_model_decode(StModel *m, unsigned char byte, int i, float *logits) {
         LAUNCH(cache_append_kernel, blocks_for(C), BLOCK, 0, cache->k, cache->v, qkv, i, H, T, D);
         DISPATCH_HEAD_SIZE(D, LAUNCH(attention_decode_kernel<HS>, H, THREADS, 0, att, qkv, cache->k, cache->v, scores,
                                      m->decode_steps + 2 * l * H, m->decode_n_steps + l * H, i, T));
-        matmul_forward(m, a, att, P(m, l, PROJW), P(m, l, PROJB), 1, C, C);
-        LAUNCH(add_kernel, blocks_for(C), BLOCK, 0, xa, x, a, (size_t)C);
+        matmul_forward(m, a, att, P(m, l, PROJW), NULL, 1, C, C);
+        residual(m, xa, x, a, P(m, l, PROJB), 1, l, 0);
         mlp_forward(m, l, 1, xa, ln2, stats + 2, stats + 3, fc, fc_gelu, bb, out);
         cudaCheck(cudaMemcpy(x, out, C * sizeof(float), cudaMemcpyDeviceToDevice));
     }
