@@ -24,7 +24,8 @@ One file, read top to bottom:
 The same file builds for an NVIDIA GPU with nvcc and for the CPU with g++, through cuda_on_cpu.h,
 which runs these very kernels with the threads of a block as fibers. There is no separate CPU code.
 
-Shapes: q, k, v, out are (B, H, T, D): batch, heads, positions, head size. lse is (B, H, T).
+Shapes: q, k, v, out are (B, H, T, D): batch, heads, positions, head size, wherever their rows are
+kept (StLayout: the model keeps them in the rows of its products, (B, T, 3C) and (B, T, C)). lse is (B, H, T).
 Data are float32; the matrix products run in float32 or, on the tensor cores, with TF32 operands
 (st_set_precision).
 
@@ -210,6 +211,9 @@ void st_profile_print(FILE *f, int steps, double step_ms) {
         PROFILED((#kernel), KERNEL_LAUNCH(kernel, grid, block, shared_bytes, __VA_ARGS__));        \
         cudaCheck(cudaGetLastError());                                                             \
     } while (0)
+// The element-wise kernels' blocks: BLOCK threads, one per element, blocks_for(n) of them for n elements.
+#define BLOCK 256
+static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
 
 // The number of GPUs; none usable: one line saying how to build for the CPU, and exit 1.
 static int device_count(void) {
@@ -689,11 +693,16 @@ __device__ static inline float *saved_tile(const SavedDS &saved, int qt, int kt)
     return saved.ds + (head * saved.pairs + saved.pair0[qt] + kt) * TILE * TILE;
 }
 
+// Where head h of batch element b starts in a tensor of layout `at` (StHeadLayout, sparse_transformer.h):
+// the kernels read and write a head's rows there, wherever the caller keeps them.
+__device__ static inline size_t head_start(const StHeadLayout &at, int b, int h) { return b * at.batch + h * at.head; }
+
 // The helpers, defined after the kernels:
 // Rows first .. first + TILE - 1 of a step's query order (or key order) into a (TILE, D) tile, or into a
-// (D, TILE) one if TRANSPOSED, times `scale`; padding slots load as zeros.
+// (D, TILE) one if TRANSPOSED, times `scale`; padding slots load as zeros. x's rows are ld floats apart.
 template <int D, bool TF32, bool TRANSPOSED = false>
-__device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys, float scale);
+__device__ static void load_tile(float *tile, const float *x, size_t ld, const Step &st, int first, bool keys,
+                                 float scale);
 // This thread's part of a (TILE, TILE) score tile, to or from a tile of global memory (column by column).
 template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s);
 template <int D, bool TF32> __device__ static void load_scores(float *S_s, const float *src);
@@ -739,8 +748,8 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
 // Grid: (query tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
-attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, Step st,
-                         const TileRange *tiles, const int *heads, int H, int accumulate) {
+attention_forward_kernel(float *out, float *lse, const float *q, const float *k, const float *v, StLayout at,
+                         Step st, const TileRange *tiles, const int *heads, int H, int accumulate) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                    // (TILE, D) queries * log2(e) / sqrt(D)
     float *Kt_s = Q_s + S::MATRIX;        // (D, TILE) keys, transposed
@@ -752,20 +761,21 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     float *scratch_s = w_new_s + TILE;    // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
-    const size_t bh = (size_t)b * H + h;
-    q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; out += bh * st.n * D; lse += bh * st.n;
+    q += head_start(at.qkv, b, h); k += head_start(at.qkv, b, h); v += head_start(at.qkv, b, h);
+    out += head_start(at.out, b, h); lse += ((size_t)b * H + h) * st.n;
+    const size_t ld = at.qkv.row;         // the rows of q, k and v
     const TileRange keys = tiles[qt];     // the key tiles of this query tile
     const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>(); // this thread's part of the output
 
-    load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
+    load_tile<D, TF32>(Q_s, q, ld, st, p0, false, LOG2E / sqrtf((float)D));
     float o[S::OWN] = {};                   // this thread's part of the unnormalised output
     float m = -INFINITY, row_sum = 0.0f;    // running max and sum of row threadIdx.x (threads < TILE)
 
     for (int kt = keys.first; kt <= keys.last; kt++) {
         const bool full = keys.first_full <= kt && kt <= keys.last_full;
         __syncthreads(); // the previous tile is no longer read
-        load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
-        load_tile<D, TF32>(V_s, v, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32, true>(Kt_s, k, ld, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32>(V_s, v, ld, st, kt * TILE, true, 1.0f);
         __syncthreads();
 
         // Pass 1: scores in base 2, S = Q K^T; pairs the step does not allow get -inf
@@ -817,9 +827,9 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     if (i < 0) return;
     #pragma unroll
     for (int u = 0; u < S::OWN; u++) {
-        const size_t at = (size_t)i * D + ocol + u;
-        const float before = accumulate ? out[at] * w_old_s[orow] : 0.0f;
-        out[at] = before + o[u] * w_new_s[orow];
+        const size_t e = (size_t)i * at.out.row + ocol + u;
+        const float before = accumulate ? out[e] * w_old_s[orow] : 0.0f;
+        out[e] = before + o[u] * w_new_s[orow];
     }
 }
 
@@ -840,13 +850,24 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 // P and dS, whichever step computes it; the steps' key sets are disjoint (section 3, exclusive), so adding
 // the two steps' contributions counts each pair once.
 
-// Backward, preparation: delta_i = dO_i . O_i for every row (B, H, T). One thread per row, no barrier.
-template <int D> __global__ void attention_delta_kernel(float *delta, const float *dout, const float *out, size_t rows) {
-    const size_t row = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
+// Backward, preparation: delta_i = dO_i . O_i for every row r = (b, h, t) of (B, H, T) (out and dout in
+// the layout `at`). One thread per row, no barrier.
+template <int D>
+__global__ void attention_delta_kernel(float *delta, const float *dout, const float *out, StHeadLayout at, int H, int T,
+                                       size_t rows) {
+    const size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const size_t row = head_start(at, (int)(r / T / H), (int)(r / T % H)) + r % T * at.row;
     float sum = 0.0f;
-    for (int x = 0; x < D; x++) sum += dout[row * D + x] * out[row * D + x];
-    delta[row] = sum;
+    for (int x = 0; x < D; x++) sum += dout[row + x] * out[row + x];
+    delta[r] = sum;
+}
+
+// The rows of every head in layout `at`, zeroed (the backward's kernels add into dq, dk, dv): entry e of
+// head (blockIdx.z, blockIdx.y)'s (T, D) rows. Grid: (blocks of a head's T D entries, H, B).
+template <int D> __global__ void zero_heads_kernel(float *x, StHeadLayout at, int T) {
+    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < (size_t)T * D) x[head_start(at, blockIdx.z, blockIdx.y) + e / D * at.row + e % D] = 0.0f;
 }
 
 // The backward's elementwise pass on one tile pair, shared by the dK/dV and the dQ kernels: P and dS.
@@ -873,10 +894,10 @@ __device__ static void probability_gradients(float *P_s, float *dS_s, const floa
 // Loads the query side of a tile pair for the backward: Q (scaled as in the forward), dO, lse and delta.
 template <int D, bool TF32>
 __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, float *delta_s, const float *q,
-                                       const float *dout, const float *lse, const float *delta,
+                                       const float *dout, const float *lse, const float *delta, const StLayout &at,
                                        const Step &st, int p0) {
-    load_tile<D, TF32>(Q_s, q, st, p0, false, LOG2E / sqrtf((float)D));
-    load_tile<D, TF32>(dO_s, dout, st, p0, false, 1.0f);
+    load_tile<D, TF32>(Q_s, q, at.qkv.row, st, p0, false, LOG2E / sqrtf((float)D));
+    load_tile<D, TF32>(dO_s, dout, at.out.row, st, p0, false, 1.0f);
     load_row_values(lse2_s, lse, st, p0, LOG2E, INFINITY);
     load_row_values(delta_s, delta, st, p0, 1.0f, 0.0f);
 }
@@ -890,8 +911,8 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
-                             const float *q, const float *k, const float *v, Step st, const TileRange *tiles,
-                             const int *heads, int H, SavedDS saved) {
+                             const float *q, const float *k, const float *v, StLayout at, Step st,
+                             const TileRange *tiles, const int *heads, int H, SavedDS saved) {
     typedef TileShape<D, TF32> S;
     float *Kt_s = smem;                 // (D, TILE) keys, transposed
     float *Vt_s = Kt_s + S::TMATRIX;    // (D, TILE) values, transposed
@@ -904,20 +925,20 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     float *scratch_s = delta_s + TILE;  // (TILE, D) the tensor cores' product (TF32 only)
 
     const int kt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
-    const size_t bh = (size_t)b * H + h;
-    q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
-    dk += bh * st.n * D; dv += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
+    const size_t in = head_start(at.qkv, b, h), bh = (size_t)b * H + h;
+    q += in; k += in; v += in; dk += in; dv += in; dout += head_start(at.out, b, h);
+    lse += bh * st.n; delta += bh * st.n;
     const TileRange queries = tiles[kt]; // the query tiles that meet this key tile
     const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D>();
 
-    load_tile<D, TF32, true>(Kt_s, k, st, s0, true, 1.0f);
-    load_tile<D, TF32, true>(Vt_s, v, st, s0, true, 1.0f);
+    load_tile<D, TF32, true>(Kt_s, k, at.qkv.row, st, s0, true, 1.0f);
+    load_tile<D, TF32, true>(Vt_s, v, at.qkv.row, st, s0, true, 1.0f);
     float dk_acc[S::OWN] = {}, dv_acc[S::OWN] = {};
 
     for (int qt = queries.first; qt <= queries.last; qt++) {
         const bool full = queries.first_full <= qt && qt <= queries.last_full;
         __syncthreads();
-        load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, qt * TILE);
+        load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, at, st, qt * TILE);
         __syncthreads();
         probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, qt * TILE, s0, full);
         if (saved.ds) save_scores<D, TF32>(saved_tile(saved, qt, kt), dS_s); // for the dQ kernel
@@ -931,9 +952,9 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     if (j < 0) return;
     #pragma unroll
     for (int u = 0; u < S::OWN; u++) {
-        const size_t at = (size_t)j * D + ocol + u;
-        dk[at] += dk_acc[u] * LN2;
-        dv[at] += dv_acc[u];
+        const size_t e = (size_t)j * at.qkv.row + ocol + u;
+        dk[e] += dk_acc[u] * LN2;
+        dv[e] += dv_acc[u];
     }
 }
 
@@ -945,8 +966,8 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
-                            const float *q, const float *k, const float *v, Step st, const TileRange *tiles,
-                            const int *heads, int H, SavedDS saved) {
+                            const float *q, const float *k, const float *v, StLayout at, Step st,
+                            const TileRange *tiles, const int *heads, int H, SavedDS saved) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
@@ -960,24 +981,24 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     float *scratch_s = delta_s + TILE;  // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
-    const size_t bh = (size_t)b * H + h;
-    q += bh * st.n * D; k += bh * st.n * D; v += bh * st.n * D; dout += bh * st.n * D;
-    dq += bh * st.n * D; lse += bh * st.n; delta += bh * st.n;
+    const size_t in = head_start(at.qkv, b, h), bh = (size_t)b * H + h, ld = at.qkv.row;
+    q += in; k += in; v += in; dq += in; dout += head_start(at.out, b, h);
+    lse += bh * st.n; delta += bh * st.n;
     const TileRange keys = tiles[qt];   // the key tiles of this query tile
     const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>();
 
-    if (!saved.ds) load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, st, p0);
+    if (!saved.ds) load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, at, st, p0);
     float dq_acc[S::OWN] = {};
 
     for (int kt = keys.first; kt <= keys.last; kt++) {
         __syncthreads();
-        load_tile<D, TF32>(K_s, k, st, kt * TILE, true, 1.0f);
+        load_tile<D, TF32>(K_s, k, ld, st, kt * TILE, true, 1.0f);
         if (saved.ds) { // dS as the dK/dV kernel kept it
             load_scores<D, TF32>(dS_s, saved_tile(saved, qt, kt));
         } else {        // or computed again, as that kernel computed it
             const bool full = keys.first_full <= kt && kt <= keys.last_full;
-            load_tile<D, TF32, true>(Kt_s, k, st, kt * TILE, true, 1.0f);
-            load_tile<D, TF32, true>(Vt_s, v, st, kt * TILE, true, 1.0f);
+            load_tile<D, TF32, true>(Kt_s, k, ld, st, kt * TILE, true, 1.0f);
+            load_tile<D, TF32, true>(Vt_s, v, ld, st, kt * TILE, true, 1.0f);
             __syncthreads();
             probability_gradients<D, TF32>(P_s, dS_s, Q_s, dO_s, Kt_s, Vt_s, lse2_s, delta_s, st, p0, kt * TILE, full);
         }
@@ -989,7 +1010,7 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     const int i = step_query_position(st, p0 + orow);
     if (i < 0) return;
     #pragma unroll
-    for (int u = 0; u < S::OWN; u++) dq[(size_t)i * D + ocol + u] += dq_acc[u] * scale;
+    for (int u = 0; u < S::OWN; u++) dq[(size_t)i * ld + ocol + u] += dq_acc[u] * scale;
 }
 
 // ----------------------------------------------------------------------------
@@ -997,12 +1018,13 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
 
 // Each thread loads the part of the tile it owns, so it finds its row's position once.
 template <int D, bool TF32, bool TRANSPOSED>
-__device__ static void load_tile(float *tile, const float *x, const Step &st, int first, bool keys, float scale) {
+__device__ static void load_tile(float *tile, const float *x, size_t ld, const Step &st, int first, bool keys,
+                                 float scale) {
     typedef TileShape<D, TF32> S;
     const int row = own_row(), c0 = own_col<D>();
     const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
     for (int c = c0; c < c0 + S::OWN; c++)
-        tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * D + c] * scale : 0.0f;
+        tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * ld + c] * scale : 0.0f;
 }
 
 template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s) {
@@ -1295,13 +1317,21 @@ template <int D, bool TF32> static size_t backward_q_shared_bytes(void) {
     return ((3 + TF32) * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
 }
 
+// The layout asked for, or (B, H, T, D) for every tensor.
+static StLayout layout_or_packed(const StAttention *a, const StLayout *layout) {
+    const size_t T = a->n, D = a->D;
+    const StHeadLayout packed = {a->H * T * D, T * D, D};
+    return layout ? *layout : StLayout{packed, packed};
+}
+
 void st_attention_forward(StAttention *a, float *out, float *lse, const float *q, const float *k,
-                          const float *v, int B) {
+                          const float *v, int B, const StLayout *layout) {
+    const StLayout at = layout_or_packed(a, layout);
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         const dim3 grid(pl.n_qtiles, pl.n_heads, B); // y and z are limited to 65535
         DISPATCH_KERNEL(a->D, LAUNCH((attention_forward_kernel<HS, TF>), grid, TILE_THREADS, (forward_shared_bytes<HS, TF>()),
-                                     out, lse, q, k, v, pl.st, pl.q_tiles, pl.heads, a->H, pl.slot));
+                                     out, lse, q, k, v, at, pl.st, pl.q_tiles, pl.heads, a->H, pl.slot));
     }
 }
 
@@ -1315,13 +1345,15 @@ static void grow(float **buf, size_t *have, size_t need) {
 
 void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, const float *dout,
                            const float *out, const float *lse, const float *q, const float *k,
-                           const float *v, int B) {
-    const size_t rows = (size_t)B * a->H * a->n, bytes = rows * a->D * sizeof(float);
+                           const float *v, int B, const StLayout *layout) {
+    const StLayout at = layout_or_packed(a, layout);
+    const size_t rows = (size_t)B * a->H * a->n;
     grow(&a->delta, &a->delta_rows, rows);
-    DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, dim3((unsigned)((rows + 255) / 256)), 256, 0,
-                                    a->delta, dout, out, rows));
-    PROFILED(("cudaMemset dq, dk, dv"),
-             cudaCheck(cudaMemset(dq, 0, bytes)); cudaCheck(cudaMemset(dk, 0, bytes)); cudaCheck(cudaMemset(dv, 0, bytes)));
+    DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, blocks_for(rows), BLOCK, 0, a->delta, dout, out, at.out,
+                                    a->H, a->n, rows));
+    for (float *x : {dq, dk, dv})
+        DISPATCH_HEAD_SIZE(a->D, LAUNCH(zero_heads_kernel<HS>, dim3(blocks_for((size_t)a->n * HS), a->H, B), BLOCK, 0,
+                                        x, at.qkv, a->n));
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         SavedDS saved = {NULL, pl.pair0, pl.n_pairs};
@@ -1332,11 +1364,11 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
         }
         DISPATCH_KERNEL(a->D, {
             LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), TILE_THREADS,
-                   (backward_kv_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, pl.st, pl.k_tiles,
-                   pl.heads, a->H, saved);
+                   (backward_kv_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, at, pl.st,
+                   pl.k_tiles, pl.heads, a->H, saved);
             LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), TILE_THREADS,
-                   (backward_q_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, pl.st, pl.q_tiles,
-                   pl.heads, a->H, saved);
+                   (backward_q_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, at, pl.st,
+                   pl.q_tiles, pl.heads, a->H, saved);
         });
     }
 }
@@ -1365,9 +1397,7 @@ __device__ static inline int chunk_end(int first, int chunk_rows, int rows) {
     return rows - first < chunk_rows ? rows : first + chunk_rows;
 }
 
-#define BLOCK 256
 #define THREADS 128 // a block that reduces (block_reduce) or decodes a byte's attention
-static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
 #define COLUMNS_BLOCK 32
 static unsigned columns_grid(int cols) { return (unsigned)((cols + COLUMNS_BLOCK - 1) / COLUMNS_BLOCK); }
 // A thread of a column sum's pass 1 owns RUN neighbouring columns and sums each in row order: a CPU
@@ -1382,8 +1412,6 @@ static unsigned run_columns_grid(int cols) {
     }
     return columns_grid(cols / RUN);
 }
-// Threads for a block that covers one row of `cols` columns: whole warps, at most BLOCK.
-static unsigned threads_for(int cols) { return cols < BLOCK ? (cols + 31) / 32 * 32 : BLOCK; }
 // The row kernels (bias_rows, GELU, residual_kernel) cover each row with blocks that fit it exactly: the
 // block's width divides the row's (whole warps, at most BLOCK; the model's widths are multiples of 32), so
 // no thread falls past the end and the kernels have no bounds check. On a GPU that is a detail; on a CPU
@@ -1532,29 +1560,6 @@ __global__ void gelu_backward_kernel(float *dx, const float *dy, const float *x,
 }
 // Exercise 7 ends here.
 
-// (B, T, 3C) -> q, k, v (B, H, T, D), and back: one block per row (b, t), a thread per channel (grid: B T).
-// `to_heads` chooses the direction, so that the forward and the backward of both re-layouts share one
-// index computation.
-__global__ void split_heads_kernel(float *qkv, float *q, float *k, float *v, int T, int H, int D, int to_heads) {
-    const int row = blockIdx.x, b = row / T, t = row % T, C = H * D;
-    float *parts[3] = {q, k, v};
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        const size_t at = (size_t)row * 3 * C + c, head = (((size_t)b * H + c / D) * T + t) * D + c % D;
-        for (int s = 0; s < 3; s++) {
-            if (to_heads) parts[s][head] = qkv[at + s * C];
-            else qkv[at + s * C] = parts[s][head];
-        }
-    }
-}
-__global__ void merge_heads_kernel(float *y, float *heads, int T, int H, int D, int to_rows) {
-    const int row = blockIdx.x, b = row / T, t = row % T, C = H * D;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        const size_t at = (size_t)row * C + c, head = (((size_t)b * H + c / D) * T + t) * D + c % D;
-        if (to_rows) y[at] = heads[head];
-        else heads[head] = y[at];
-    }
-}
-
 // Dropout at the end of a residual branch: x *= keep / (1 - p), keep = (hash(seed, i) >= p). The mask is
 // a hash of the element's index and a seed, never stored: the backward, and the recomputed forward,
 // draw the same mask. Applied to the gradient it is its own backward (a diagonal scaling).
@@ -1699,9 +1704,9 @@ struct Tensor {
 // Activations of one block, (B, T, ...). With recompute one set is shared by all blocks.
 struct LayerActs {
     float *ln1, *ln1_mean, *ln1_rstd; // (B, T, C), (B, T), (B, T)
-    float *qkv;                       // (B, T, 3C)
-    float *q, *k, *v, *att, *lse;     // (B, H, T, D) x 4, (B, H, T)
-    float *att_rows;                  // (B, T, C) attention output, heads side by side
+    float *qkv;                       // (B, T, 3C): q, k, v side by side, each its H heads side by side
+    float *lse;                       // (B, H, T)
+    float *att;                       // (B, T, C) attention output, heads side by side
     float *a;                         // (B, T, C) attention branch's last product (bias and dropout follow)
     float *xa;                        // (B, T, C) x + a
     float *ln2, *ln2_mean, *ln2_rstd; // (B, T, C), (B, T), (B, T)
@@ -1730,7 +1735,7 @@ struct StModel {
     LayerActs *acts;                 // L sets, or 1 with recompute
     float *lnf, *lnf_mean, *lnf_rstd, *logits, *dlogits, *losses; // final layer norm and output
     float *dres, *dscratch, *dbig;   // gradient scratch: (B, T, C), (B, T, C), (B, T, max(3C, F))
-    float *dheads;                   // (4, B, H, T, D): gradients of att, q, k, v
+    float *dqkv;                     // (B, T, 3C): the gradient of qkv
     int chunk_rows;                  // rows per chunk of the column sums (section 7)
     float *chunk_sums;               // (chunks, max(3C, F)): their pass 1
     float *act_base;                 // the one buffer all of the above are carved from
@@ -1950,7 +1955,7 @@ StModel *st_model_create(const StModelConfig *cfg, unsigned long long seed) {
     st_to_device(m->decode_n_steps, n_steps, (size_t)m->L * m->H * sizeof(int));
     free(steps);
     free(n_steps);
-    m->decode = (float *)st_malloc((12 * (size_t)m->C + 2 * (size_t)m->F + VOCAB + 4 + (size_t)m->H * m->T) * sizeof(float));
+    m->decode = (float *)st_malloc((8 * (size_t)m->C + 2 * (size_t)m->F + VOCAB + 4 + (size_t)m->H * m->T) * sizeof(float));
     return m;
 }
 
@@ -1986,16 +1991,15 @@ static size_t carve(StModel *m, int B, float *base) {
         LayerActs *a = &m->acts[s];
         a->ln1 = take(BT * C), a->ln1_mean = take(BT), a->ln1_rstd = take(BT);
         a->qkv = take(3 * BT * C);
-        a->q = take(BT * C), a->k = take(BT * C), a->v = take(BT * C), a->att = take(BT * C);
         a->lse = take(B * H * m->T);
-        a->att_rows = take(BT * C), a->a = take(BT * C), a->xa = take(BT * C);
+        a->att = take(BT * C), a->a = take(BT * C), a->xa = take(BT * C);
         a->ln2 = take(BT * C), a->ln2_mean = take(BT), a->ln2_rstd = take(BT);
         a->fc = take(BT * F), a->fc_gelu = take(BT * F), a->bb = take(BT * C);
     }
     m->residual = take((m->L + 1) * BT * C);
     m->lnf = take(BT * C), m->lnf_mean = take(BT), m->lnf_rstd = take(BT);
     m->logits = take(BT * V), m->dlogits = take(BT * V), m->losses = take(BT);
-    m->dres = take(BT * C), m->dscratch = take(BT * C), m->dbig = take(BT * big), m->dheads = take(4 * BT * C);
+    m->dres = take(BT * C), m->dscratch = take(BT * C), m->dbig = take(BT * big), m->dqkv = take(3 * BT * C);
     m->chunk_sums = take(chunks_of(m, (int)BT) * big);
     m->tokens = (int *)take(BT), m->targets = (int *)take(BT); // ints are as wide as floats
     m->token_lists = (int *)take(V + 1 + BT);
@@ -2079,6 +2083,13 @@ static const float *branch_gradient(StModel *m, float *scratch, const float *dre
     return scratch;
 }
 
+// Where the attention finds q, k, v and puts its output (StLayout): q, k, v where their product wrote
+// them, side by side in the rows of qkv (B, T, 3C), and the output in the rows of att (B, T, C).
+static StLayout model_layout(const StModel *m) {
+    const size_t T = m->T, C = m->C, D = m->D;
+    return StLayout{{T * 3 * C, D, 3 * C}, {T * C, D, C}};
+}
+
 // The second half of a block, for `rows` rows: b = dropout(ff(LN2(xa))), ff(y) = W2 gelu(W1 y + b1) + b2,
 // then out = xa + b (the residual stream gets both branches: xa = x + a).
 static void mlp_forward(StModel *m, int layer, int rows, const float *xa, float *ln2, float *mean, float *rstd,
@@ -2100,10 +2111,9 @@ static void layer_forward(StModel *m, int layer, LayerActs *a, int B) {
     // a = dropout(attn(LN1(x)))
     layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, P(m, layer, LN1W), P(m, layer, LN1B), BT, C);
     matmul_forward(m, a->qkv, a->ln1, P(m, layer, QKVW), P(m, layer, QKVB), BT, C, 3 * C);
-    LAUNCH(split_heads_kernel, BT, threads_for(C), 0, a->qkv, a->q, a->k, a->v, m->T, m->H, m->D, 1);
-    st_attention_forward(m->attention[layer], a->att, a->lse, a->q, a->k, a->v, B);
-    LAUNCH(merge_heads_kernel, BT, threads_for(C), 0, a->att_rows, a->att, m->T, m->H, m->D, 1);
-    matmul_forward(m, a->a, a->att_rows, P(m, layer, PROJW), NULL, BT, C, C);
+    const StLayout at = model_layout(m);
+    st_attention_forward(m->attention[layer], a->att, a->lse, a->qkv, a->qkv + C, a->qkv + 2 * C, B, &at);
+    matmul_forward(m, a->a, a->att, P(m, layer, PROJW), NULL, BT, C, C);
     residual(m, a->xa, x, a->a, P(m, layer, PROJB), BT, layer, 0);
     mlp_forward(m, layer, BT, a->xa, a->ln2, a->ln2_mean, a->ln2_rstd, a->fc, a->fc_gelu, a->bb, out);
 }
@@ -2113,8 +2123,7 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     const int BT = B * m->T, C = m->C, F = m->F;
     const size_t n = (size_t)BT * C;
     const float *x = m->residual + layer * n;
-    float *dres = m->dres, *d = m->dscratch, *dbig = m->dbig;
-    float *datt = m->dheads, *dq = datt + n, *dk = dq + n, *dv = dk + n;
+    float *dres = m->dres, *d = m->dscratch, *dbig = m->dbig, *dqkv = m->dqkv;
     // out = xa + bb: both get dres. bb = dropout(fc_gelu W2^T + b2)
     const float *dbb = branch_gradient(m, d, dres, n, layer, 1);
     matmul_backward(m, dbig, G(m, layer, FC2W), G(m, layer, FC2B), dbb, a->fc_gelu, P(m, layer, FC2W), BT, F, C);
@@ -2125,15 +2134,15 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     // ln2 = LN2(xa): dres becomes dL/dxa
     layernorm_backward(m, dres, G(m, layer, LN2W), G(m, layer, LN2B), d, a->xa, P(m, layer, LN2W), a->ln2_mean,
                        a->ln2_rstd, BT, C);
-    // xa = x + a: both get dL/dxa. a = dropout(att_rows Wproj^T + bproj)
+    // xa = x + a: both get dL/dxa. a = dropout(att Wproj^T + bproj)
     const float *da = branch_gradient(m, d, dres, n, layer, 0);
-    matmul_backward(m, dbig, G(m, layer, PROJW), G(m, layer, PROJB), da, a->att_rows, P(m, layer, PROJW), BT, C, C);
-    // att_rows = the heads side by side; att = attention(q, k, v)
-    LAUNCH(merge_heads_kernel, BT, threads_for(C), 0, dbig, datt, m->T, m->H, m->D, 0);
-    st_attention_backward(m->attention[layer], dq, dk, dv, datt, a->att, a->lse, a->q, a->k, a->v, B);
-    // q, k, v = the three parts of qkv = ln1 Wqkv^T + bqkv
-    LAUNCH(split_heads_kernel, BT, threads_for(C), 0, dbig, dq, dk, dv, m->T, m->H, m->D, 0);
-    matmul_backward(m, d, G(m, layer, QKVW), G(m, layer, QKVB), dbig, a->ln1, P(m, layer, QKVW), BT, C, 3 * C);
+    matmul_backward(m, dbig, G(m, layer, PROJW), G(m, layer, PROJB), da, a->att, P(m, layer, PROJW), BT, C, C);
+    // att = attention(q, k, v), q, k, v the three parts of qkv
+    const StLayout at = model_layout(m);
+    st_attention_backward(m->attention[layer], dqkv, dqkv + C, dqkv + 2 * C, dbig, a->att, a->lse, a->qkv, a->qkv + C,
+                          a->qkv + 2 * C, B, &at);
+    // qkv = ln1 Wqkv^T + bqkv
+    matmul_backward(m, d, G(m, layer, QKVW), G(m, layer, QKVB), dqkv, a->ln1, P(m, layer, QKVW), BT, C, 3 * C);
     // ln1 = LN1(x): dres becomes dL/dx
     layernorm_backward(m, dres, G(m, layer, LN1W), G(m, layer, LN1B), d, x, P(m, layer, LN1W), a->ln1_mean,
                        a->ln1_rstd, BT, C);
@@ -2277,27 +2286,22 @@ void st_model_losses(const StModel *m, float *host) {
 // ----------------------------------------------------------------------------
 // 9. Decoding: keys and values cached, each new byte costs what its attention allows
 
-// Decoding one new byte at position i, with the keys and values of the earlier bytes cached (B = 1).
-// Appends the byte's k and v (parts of qkv (3C)) to the caches (H, T, D).
-__global__ void cache_append_kernel(float *kcache, float *vcache, const float *qkv, int i, int H, int T, int D) {
-    const int e = blockIdx.x * blockDim.x + threadIdx.x, C = H * D;
-    if (e >= C) return;
-    const int h = e / D, d = e % D;
-    kcache[((size_t)h * T + i) * D + d] = qkv[C + e];
-    vcache[((size_t)h * T + i) * D + d] = qkv[2 * C + e];
-}
+// Decoding one new byte at position i, with the keys and values of the earlier bytes cached (B = 1). The
+// cache is each layer's qkv (T, 3C) as the forward of the window left it (st_model_prefill); the new
+// byte's product writes its q, k and v into row i.
 
 // The new byte's attention, one block per head:  out_h = sum_j softmax_j(q_h . k_hj / sqrt(D)) v_hj
 // over the keys its steps allow. Each step's keys are one range of slots (section 3), so the work is
-// the number of allowed keys, not the position. steps: (H, 2) with n_steps (H) of them used.
+// the number of allowed keys, not the position. steps: (H, 2) with n_steps (H) of them used. The keys
+// and values of position j: kcache + j * row and vcache + j * row (row = 3C, the cache's rows).
 // Passes: 1. scores of the allowed keys into `scores` (H, T), in slot order; 2. their max and the
 // sum of exponentials; 3. the output, one thread per channel.
 template <int D>
 __global__ void __launch_bounds__(THREADS)
 attention_decode_kernel(float *out, const float *qkv, const float *kcache, const float *vcache, float *scores,
-                        const Step *steps, const int *n_steps, int i, int T) {
+                        const Step *steps, const int *n_steps, int i, int T, int row) {
     const int h = blockIdx.x;
-    kcache += (size_t)h * T * D, vcache += (size_t)h * T * D, scores += (size_t)h * T;
+    kcache += h * D, vcache += h * D, scores += (size_t)h * T; // this head's part of each row
     const Step *mine = steps + 2 * h;
     // 1.
     int count = 0;
@@ -2310,7 +2314,7 @@ attention_decode_kernel(float *out, const float *qkv, const float *kcache, const
         for (int k = lo + threadIdx.x; k <= hi; k += THREADS) {
             const int j = step_key_position(mine[s], k);
             float dot = 0.0f;
-            for (int x = 0; x < D && j >= 0; x++) dot += q[x] * kcache[(size_t)j * D + x];
+            for (int x = 0; x < D && j >= 0; x++) dot += q[x] * kcache[(size_t)j * row + x];
             scores[count + k - lo] = j >= 0 ? dot / sqrtf((float)D) : -INFINITY;
         }
         count += hi >= lo ? hi - lo + 1 : 0;
@@ -2335,7 +2339,7 @@ attention_decode_kernel(float *out, const float *qkv, const float *kcache, const
             step_key_range(mine[s], step_query_slot(mine[s], i), i, &lo, &hi);
             for (int k = lo; k <= hi; k++, e++) {
                 const int j = step_key_position(mine[s], k);
-                if (j >= 0) acc += scores[e] * vcache[(size_t)j * D + d];
+                if (j >= 0) acc += scores[e] * vcache[(size_t)j * row + d];
             }
         }
         out[h * D + d] = sum > 0.0f ? acc / sum : 0.0f;
@@ -2354,7 +2358,7 @@ void st_model_prefill(StModel *m, const unsigned char *window, int len, float *l
 // The block, for one byte at position i: like layer_forward, but attention reads the cache.
 void st_model_decode(StModel *m, unsigned char byte, int i, float *logits) {
     const int C = m->C, F = m->F, H = m->H, D = m->D, T = m->T;
-    float *x = m->decode, *ln = x + C, *qkv = ln + C, *att = qkv + 3 * C, *a = att + C, *xa = a + C;
+    float *x = m->decode, *ln = x + C, *att = ln + C, *a = att + C, *xa = a + C;
     float *ln2 = xa + C, *fc = ln2 + C, *fc_gelu = fc + F, *bb = fc_gelu + F, *out = bb + C;
     float *stats = out + C, *scores = stats + 4, *row_logits = scores + (size_t)H * T; // stats: mean, rstd x 2
     const int token = byte;
@@ -2362,12 +2366,11 @@ void st_model_decode(StModel *m, unsigned char byte, int i, float *logits) {
     LAUNCH(embedding_forward_kernel, blocks_for(C), BLOCK, 0, x, m->tokens, m->positions + 3 * i, P(m, -1, WTE),
            P(m, -1, WP0), P(m, -1, WP1), P(m, -1, WP2), 1, 1, C);
     for (int l = 0; l < m->L; l++) {
-        const LayerActs *cache = &m->acts[l];
+        float *cache = m->acts[l].qkv, *qkv = cache + (size_t)i * 3 * C; // the new byte's row
         layernorm_forward(ln, stats, stats + 1, x, P(m, l, LN1W), P(m, l, LN1B), 1, C);
         matmul_forward(m, qkv, ln, P(m, l, QKVW), P(m, l, QKVB), 1, C, 3 * C);
-        LAUNCH(cache_append_kernel, blocks_for(C), BLOCK, 0, cache->k, cache->v, qkv, i, H, T, D);
-        DISPATCH_HEAD_SIZE(D, LAUNCH(attention_decode_kernel<HS>, H, THREADS, 0, att, qkv, cache->k, cache->v, scores,
-                                     m->decode_steps + 2 * l * H, m->decode_n_steps + l * H, i, T));
+        DISPATCH_HEAD_SIZE(D, LAUNCH(attention_decode_kernel<HS>, H, THREADS, 0, att, qkv, cache + C, cache + 2 * C, scores,
+                                     m->decode_steps + 2 * l * H, m->decode_n_steps + l * H, i, T, 3 * C));
         matmul_forward(m, a, att, P(m, l, PROJW), NULL, 1, C, C);
         residual(m, xa, x, a, P(m, l, PROJB), 1, l, 0);
         mlp_forward(m, l, 1, xa, ln2, stats + 2, stats + 3, fc, fc_gelu, bb, out);

@@ -96,14 +96,22 @@ StAttention *st_attention_create(const StPattern *p, int layer, int n_ctx, int n
 void st_attention_free(StAttention *a);
 StAttentionStats st_attention_stats(const StAttention *a);
 
-// q, k, v, out: (B, H, T, D); lse: (B, H, T), the natural log of each row's softmax denominator
-// (-inf for a query with no allowed key; its output is 0).
+// Where the rows of the heads live: head h's row (position) t of batch element b starts at
+// x + b * batch + h * head + t * row, in floats, and holds its D values.
+typedef struct { size_t batch, head, row; } StHeadLayout;
+// q, k, v and their gradients share one layout, out and dout another. NULL means (B, H, T, D) for all of
+// them. The model passes q, k, v where its product wrote them, side by side in rows of 3C ({T 3C, D, 3C}),
+// and the output side by side in rows of C ({T C, D, C}): no pass to split the heads or merge them.
+typedef struct { StHeadLayout qkv, out; } StLayout;
+
+// q, k, v, out: (B, H, T, D) unless `layout` says otherwise; lse: (B, H, T), the natural log of each
+// row's softmax denominator (-inf for a query with no allowed key; its output is 0).
 void st_attention_forward(StAttention *a, float *out, float *lse, const float *q, const float *k,
-                          const float *v, int B);
-// Overwrites dq, dk, dv (B, H, T, D) with the gradients of the loss given dout = dL/dout.
+                          const float *v, int B, const StLayout *layout);
+// Overwrites dq, dk, dv with the gradients of the loss given dout = dL/dout (the rows of the layout only).
 void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, const float *dout,
                            const float *out, const float *lse, const float *q, const float *k,
-                           const float *v, int B);
+                           const float *v, int B, const StLayout *layout);
 // The backward's dK/dV kernel keeps each tile pair's dS (the softmax's gradient) for its dQ kernel,
 // which otherwise computes it again: keep = 1 (the default) where a step's dS takes no more memory than
 // its q, k and v (memory stays linear in n), 0 never, 2 always (the tests). The same bits either way.

@@ -349,13 +349,10 @@ static void rel_add(RelErr *e, double got, double ref) {
 }
 static double rel_value(RelErr e) { return sqrt(e.sq_err / (e.sq_ref > 0 ? e.sq_ref : 1)); }
 
-static float *device_random(size_t count, float **host_copy) {
+static float *host_random(size_t count) {
     float *h = malloc(count * sizeof(float));
     for (size_t e = 0; e < count; e++) h[e] = (float)uniform();
-    float *d = st_malloc(count * sizeof(float));
-    st_to_device(d, h, count * sizeof(float));
-    *host_copy = h;
-    return d;
+    return h;
 }
 // The poison written into every output before a run: a quiet NaN with a payload of its own, so that an
 // entry the kernels never wrote (still these bits) is told apart from a NaN they computed.
@@ -385,6 +382,41 @@ static float *to_host(const float *d, size_t count) {
 }
 
 typedef struct { StPattern p; int layer, n, H, D, B; } Case;
+
+// The tensors' layouts (StLayout): the kernels run on (B, H, T, D) tensors (the API's default, layout
+// NULL), and on the model's rows: q, k, v side by side in rows of 3C, out in rows of C (C = H D). The
+// three of q, k, v (and of dq, dk, dv) are one buffer, `part` floats apart: T-long heads one after the
+// other in (B, H, T, D), neighbours in a row of the model's.
+typedef struct { StLayout at; size_t part; } Layout;
+static Layout case_layout(const Case *c, int rows) {
+    const size_t C = (size_t)c->H * c->D, T = c->n, D = c->D;
+    const StHeadLayout packed = {c->H * T * D, T * D, D};
+    Layout L = {{packed, packed}, (size_t)c->B * C * T};
+    if (rows) L = (Layout){{{T * 3 * C, D, 3 * C}, {T * C, D, C}}, C};
+    return L;
+}
+// Where the layout keeps entry e of a (B, H, T, D) tensor.
+static size_t laid_out(StHeadLayout at, size_t e, const Case *c) {
+    const size_t row = e / c->D, t = row % c->n, h = row / c->n % c->H, b = row / c->n / c->H;
+    return b * at.batch + h * at.head + t * at.row + e % c->D;
+}
+// (B, H, T, D) host tensors into a device buffer laid out as `at` (the i-th `part` floats further), and back.
+static float *to_device_laid_out(float *const *x, int n_x, StHeadLayout at, size_t part, size_t floats, const Case *c) {
+    const size_t count = (size_t)c->B * c->H * c->n * c->D;
+    float *h = host_poisoned(floats), *d = st_malloc(floats * sizeof(float));
+    for (int i = 0; i < n_x; i++)
+        for (size_t e = 0; e < count; e++) h[i * part + laid_out(at, e, c)] = x[i][e];
+    st_to_device(d, h, floats * sizeof(float));
+    free(h);
+    return d;
+}
+static float *from_device_laid_out(const float *d, size_t floats, StHeadLayout at, const Case *c) {
+    const size_t count = (size_t)c->B * c->H * c->n * c->D;
+    float *h = to_host(d, floats), *x = malloc(count * sizeof(float));
+    for (size_t e = 0; e < count; e++) x[e] = h[laid_out(at, e, c)];
+    free(h);
+    return x;
+}
 
 // The work bound at small n: tiles are TILE = 32 wide, so beyond its allowed pairs a query tile pays
 // for the partly used key tiles at both ends of its rows' ranges (at most 4 tiles of TILE x TILE per
@@ -449,34 +481,36 @@ static void diff_phrase(char *buf, size_t size, const Diff *d, const char *tenso
 // Which kernel cases failed, for the hints the verdict gets after all of them ran (test_kernels).
 static struct { int fwd_fail_one_tile, fwd_pass_one_tile, fwd_fail_beyond, fwd_fail_merged, fwd_fail_other, bwd_fail_too; } tally;
 
-static void run_case(const Case *c) {
+static void run_case(const Case *c, int in_rows) {
     const int n = c->n, H = c->H, D = c->D, B = c->B;
     const size_t rows = (size_t)B * H * n, count = rows * D;
-    float *hq, *hk, *hv, *hdout;
-    float *q = device_random(count, &hq), *k = device_random(count, &hk), *v = device_random(count, &hv);
-    float *dout = device_random(count, &hdout);
+    const Layout L = case_layout(c, in_rows);
+    const StLayout *layout = in_rows ? &L.at : NULL; // NULL: the API's (B, H, T, D)
+    float *hq = host_random(count), *hk = host_random(count), *hv = host_random(count), *hdout = host_random(count);
+    float *inputs[3] = {hq, hk, hv};
+    float *q = to_device_laid_out(inputs, 3, L.at.qkv, L.part, 3 * count, c), *k = q + L.part, *v = k + L.part;
+    float *dout = to_device_laid_out(&hdout, 1, L.at.out, 0, count, c);
     float *out = device_poisoned(count), *lse = device_poisoned(rows);
-    float *dq = device_poisoned(count), *dk = device_poisoned(count), *dv = device_poisoned(count);
+    float *dq = device_poisoned(3 * count), *dk = dq + L.part, *dv = dk + L.part;
 
     StAttention *att = st_attention_create(&c->p, c->layer, n, H, D);
-    st_attention_forward(att, out, lse, q, k, v, B);
+    st_attention_forward(att, out, lse, q, k, v, B, layout);
     st_set_keep_ds(2); // every step's dS kept for the dQ kernel, whatever its size
-    st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
-    float *g_out = to_host(out, count), *g_lse = to_host(lse, rows);
-    float *g_dq = to_host(dq, count), *g_dk = to_host(dk, count), *g_dv = to_host(dv, count);
+    st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B, layout);
+    float *g_out = from_device_laid_out(out, count, L.at.out, c), *g_lse = to_host(lse, rows);
+    float *g_dq = from_device_laid_out(dq, 3 * count, L.at.qkv, c);
+    float *g_dk = from_device_laid_out(dk, 3 * count - L.part, L.at.qkv, c);
+    float *g_dv = from_device_laid_out(dv, 3 * count - 2 * L.part, L.at.qkv, c);
     // Again with no dS kept between the backward's kernels (the dQ kernel computes it again): the same bits
-    float *poison = host_poisoned(count);
-    float *gradients[3] = {dq, dk, dv}, *kept[3] = {g_dq, g_dk, g_dv};
-    for (int g = 0; g < 3; g++) st_to_device(gradients[g], poison, count * sizeof(float));
+    float *poison = host_poisoned(3 * count), *kept = to_host(dq, 3 * count);
+    st_to_device(dq, poison, 3 * count * sizeof(float));
     st_set_keep_ds(0);
-    st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B);
+    st_attention_backward(att, dq, dk, dv, dout, out, lse, q, k, v, B, layout);
     st_set_keep_ds(1); // the default
-    int recomputed_differs = 0;
-    for (int g = 0; g < 3; g++) {
-        float *again = to_host(gradients[g], count);
-        recomputed_differs |= memcmp(again, kept[g], count * sizeof(float)) != 0;
-        free(again);
-    }
+    float *again = to_host(dq, 3 * count);
+    const int recomputed_differs = memcmp(again, kept, 3 * count * sizeof(float)) != 0;
+    free(again);
+    free(kept);
     free(poison);
 
     // reference, head by head, in double
@@ -519,9 +553,9 @@ static void run_case(const Case *c) {
     }
     const StAttentionStats stats = st_attention_stats(att);
     char name[160];
-    snprintf(name, sizeof name, "%s %s/%s l=%d c=%d G=%d layer %d n=%d H=%d D=%d B=%d",
+    snprintf(name, sizeof name, "%s %s/%s l=%d c=%d G=%d layer %d n=%d H=%d D=%d B=%d%s",
              st_precision_name(st_get_precision()), st_pattern_kind_name(c->p.kind), st_combine_name(c->p.combine),
-             c->p.stride, c->p.summary, c->p.groups, c->layer, n, H, D, B);
+             c->p.stride, c->p.summary, c->p.groups, c->layer, n, H, D, B, in_rows ? " rows" : "");
     const int tf32 = st_get_precision() == ST_TF32;
     const double tol_f = tf32 ? TOL_FORWARD_TF32 : TOL_FORWARD, tol_b = tf32 ? TOL_BACKWARD_TF32 : TOL_BACKWARD;
     const int out_bad = diff_bad(&e_out, tol_f), lse_bad = diff_bad(&e_lse, tol_f) || lse_inf_mismatch;
@@ -577,7 +611,7 @@ static void run_case(const Case *c) {
           stats.pairs_allowed, stats.pairs_computed, stats.pairs_computed / allowed, work_bound(c, allowed));
 
     st_attention_free(att);
-    float *device[] = {q, k, v, dout, out, lse, dq, dk, dv};
+    float *device[] = {q, dout, out, lse, dq};
     for (size_t i = 0; i < sizeof device / sizeof device[0]; i++) st_free(device[i]);
     float *host[] = {hq, hk, hv, hdout, g_out, g_lse, g_dq, g_dk, g_dv};
     for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) free(host[i]);
@@ -625,7 +659,9 @@ static void test_kernels(void) {
     for (int p = 0; p < 2; p++) {
         if (only_precision >= 0 && p != only_precision) continue;
         st_set_precision((StPrecision)p);
-        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
+        // every case in the API's (B, H, T, D); in float32 also in the model's rows (StLayout)
+        for (int in_rows = 0; in_rows <= (p == ST_FP32); in_rows++)
+            for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], in_rows);
     }
     st_set_precision(ST_FP32);
     // Hints from which cases failed: they say where to look.

@@ -79,8 +79,8 @@ static void tensors_free(Tensors *t) {
 static double time_once(StAttention *att, const Tensors *t, int B) {
     st_synchronize();
     const double start = now_ms();
-    st_attention_forward(att, t->out, t->lse, t->q, t->k, t->v, B);
-    st_attention_backward(att, t->dq, t->dk, t->dv, t->dout, t->out, t->lse, t->q, t->k, t->v, B);
+    st_attention_forward(att, t->out, t->lse, t->q, t->k, t->v, B, NULL);
+    st_attention_backward(att, t->dq, t->dk, t->dv, t->dout, t->out, t->lse, t->q, t->k, t->v, B, NULL);
     st_synchronize();
     return now_ms() - start;
 }
