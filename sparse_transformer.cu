@@ -1437,21 +1437,29 @@ __global__ void embedding_forward_kernel(float *x, const int *tokens, const int 
     x[e] = wte[tokens[bt] * C + c] + wp0[p[0] * C + c] + wp1[p[1] * C + c] + wp2[p[2] * C + c];
 }
 
-// Backward of one embedding table: dtable[row, c] += dx[bt, c] for every bt whose index is `row`, in bt
-// order. The bt of each row are listed in ascending order: row r's list is order[start[r] ..
-// start[r + 1] - 1] (a counting sort, made on the host: index_lists). One thread per (row, c) walks its
+// Backward of one embedding table: dtable[row, c] += dx[r, c] for every row r of dx whose index is
+// `row`, in r order. The r of each row are listed in ascending order: row's list is order[start[row] ..
+// start[row + 1] - 1] (a counting sort, made on the host: index_lists). One thread per (row, c) walks its
 // own list, so it owns its element (no atomics), every sum has a fixed order, and there are as many
-// threads as table elements. For wte a list holds bt itself (sequences = 1); for a position table it
-// holds positions t, the same for every sequence, and is walked once per sequence b (bt = b T + t), which
-// again gives ascending bt. Grid: (table rows, column blocks).
-__global__ void embedding_backward_kernel(float *dtable, const float *dx, const int *start, const int *order,
-                                          int sequences, int T, int C) {
+// threads as table elements. For wte, dx is the gradient of the stream (B T rows) and the lists hold bt;
+// for a position table, dx is that gradient summed over the batch (T rows, sequences_sum_kernel) and
+// the lists hold positions t, the same in every sequence. Grid: (table rows, column blocks).
+__global__ void embedding_backward_kernel(float *dtable, const float *dx, const int *start, const int *order, int C) {
     const int row = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float sum = dtable[(size_t)row * C + c];
-    for (int b = 0; b < sequences; b++)
-        for (int e = start[row]; e < start[row + 1]; e++) sum += dx[((size_t)b * T + order[e]) * C + c];
+    for (int e = start[row]; e < start[row + 1]; e++) sum += dx[(size_t)order[e] * C + c];
     dtable[(size_t)row * C + c] = sum;
+}
+// s[t, c] = sum_b dx[b, t, c], in b order: the position tables' gradients sum over the batch first, so
+// that a table row's thread walks T rows at most, not B T (text's third table has one row, which every
+// position uses: its gradient is the sum of all B T rows). Grid: (T, column blocks).
+__global__ void sequences_sum_kernel(float *s, const float *dx, int B, int T, int C) {
+    const int t = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sum = 0.0f;
+    for (int b = 0; b < B; b++) sum += dx[((size_t)b * T + t) * C + c];
+    s[(size_t)t * C + c] = sum;
 }
 
 // y = (x - mean) / sqrt(var + 1e-5) * w + b over the C channels of each row; keeps mean and 1/std.
@@ -2222,11 +2230,13 @@ void st_model_backward(StModel *m) {
     }
     // x = wte[token] + wp0[pos0] + wp1[pos1] + wp2[pos2]
     LAUNCH(embedding_backward_kernel, dim3(VOCAB, columns_grid(C)), COLUMNS_BLOCK, 0, G(m, -1, WTE), m->dres,
-           m->token_lists, m->token_lists + VOCAB + 1, 1, m->T, C);
+           m->token_lists, m->token_lists + VOCAB + 1, C);
+    float *per_position = m->dscratch; // (T, C): dres summed over the batch
+    LAUNCH(sequences_sum_kernel, dim3(m->T, columns_grid(C)), COLUMNS_BLOCK, 0, per_position, m->dres, B, m->T, C);
     for (int f = 0; f < 3; f++) {
         const int rows = m->tensors[WP0 + f].rows;
-        LAUNCH(embedding_backward_kernel, dim3(rows, columns_grid(C)), COLUMNS_BLOCK, 0, G(m, -1, WP0 + f), m->dres,
-               m->position_lists[f], m->position_lists[f] + rows + 1, B, m->T, C);
+        LAUNCH(embedding_backward_kernel, dim3(rows, columns_grid(C)), COLUMNS_BLOCK, 0, G(m, -1, WP0 + f), per_position,
+               m->position_lists[f], m->position_lists[f] + rows + 1, C);
     }
 }
 
