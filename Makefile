@@ -7,7 +7,8 @@
 #                   OpenBLAS, Debian's libopenblas-openmp-dev, for its matrix products)
 #   make gpu        force the GPU build (sm_80, sm_90 and PTX; compiles without a GPU, warnings are errors)
 #   make test       build (no data needed), then run the emulator's test (tools/test_emulator.cpp), ./test_kernels
-#                   (again with the GPU's 4 warps per tile block, on the CPU: build/warps4/test_kernels) and
+#                   (again with the GPU's 4 warps per tile block and a warp per row, on the CPU:
+#                   build/warps4/test_kernels) and
 #                   the loaders over the inputs that once crashed them (tools/fuzz/regressions/)
 #   make fuzz       fuzz the checkpoint and data-file loaders with libFuzzer (clang), FUZZ_SECONDS each
 #   make exercise   the classroom exercises' quicker build of the tests (build/exercise/test_kernels)
@@ -181,11 +182,12 @@ build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	@mkdir -p build
 	$(CXX) -O3 $(MARCH) -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
 
-# The kernel tests once more with the GPU's block shape: the CPU build's tile kernels have 1 warp, a
-# GPU's 4 (WARPS in sparse_transformer.cu), so this checks, on the CPU, the layout a GPU runs.
+# The kernel tests once more with the GPU's block shapes: the CPU build's tile kernels have 1 warp, a
+# GPU's 4 (WARPS in sparse_transformer.cu), and its row kernels 1 thread per row, a GPU's a warp with
+# shuffles (ROW_THREADS), so this checks, on the CPU, the layout a GPU runs.
 build/warps4/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
 	@mkdir -p $(@D)
-	$(CXX) $(CPU_FLAGS) -DWARPS=4 -c $< -o $@
+	$(CXX) $(CPU_FLAGS) -DWARPS=4 -DROW_THREADS=32 -c $< -o $@
 build/warps4/test_kernels: build/cpu/test_kernels.o build/warps4/sparse_transformer.o
 	$(CXX) -fopenmp $^ -o $@ $(CPU_LIBS)
 

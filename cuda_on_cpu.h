@@ -798,6 +798,34 @@ void launch(const char *name, dim3 grid, dim3 block, size_t shared_bytes, Args..
 } // namespace cuda_emu
 
 // ----------------------------------------------------------------------------
+// Warp shuffles: __shfl_xor_sync(mask, v, lane_mask) gives lane l the v of lane l ^ lane_mask. A warp
+// collective, as on the GPU: it runs once all 32 lanes have reached it (the full mask, the only one the
+// kernels use), and aborts with file:line if a lane does not, or passes another lane_mask.
+
+namespace cuda_emu {
+struct ShuffleOp {
+    float value, result;
+    unsigned mask;
+    int lane_mask;
+};
+inline void shuffle_xor_lanes(void *const *lane_args, int lanes) {
+    ShuffleOp *op[32];
+    for (int l = 0; l < lanes; l++) op[l] = static_cast<ShuffleOp *>(lane_args[l]);
+    if (lanes != 32 || op[0]->mask != 0xffffffffu) fail("__shfl_xor_sync needs all 32 lanes of a warp and the full mask");
+    for (int l = 0; l < 32; l++)
+        if (op[l]->lane_mask != op[0]->lane_mask || op[l]->mask != op[0]->mask)
+            fail("the lanes of a warp passed different masks to one __shfl_xor_sync");
+    for (int l = 0; l < 32; l++) op[l]->result = op[l ^ (op[0]->lane_mask & 31)]->value;
+}
+inline float shuffle_xor(const char *file, int line, unsigned mask, float value, int lane_mask) {
+    ShuffleOp op = {value, 0.0f, mask, lane_mask};
+    warp_collective(file, line, "__shfl_xor_sync", WarpOp{shuffle_xor_lanes, &op});
+    return op.result;
+}
+} // namespace cuda_emu
+#define __shfl_xor_sync(mask, value, lane_mask) cuda_emu::shuffle_xor(__FILE__, __LINE__, mask, value, lane_mask)
+
+// ----------------------------------------------------------------------------
 // Tensor cores: the WMMA subset the kernels use (TF32, m16n16k8, float accumulators)
 //
 // A fragment is a 16 x 8 (matrix_a), 8 x 16 (matrix_b) or 16 x 16 (accumulator) tile spread over the

@@ -215,6 +215,30 @@ void st_profile_print(FILE *f, int steps, double step_ms) {
 #define BLOCK 256
 static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK); }
 
+// The kernels that reduce each row (layer norm, cross-entropy, the attention's delta) give a row
+// ROW_THREADS threads, its lanes: lane k takes the columns k, k + ROW_THREADS, ... On a GPU a row is a
+// warp's: its 32 loads of a row are 32 neighbours (one memory transaction, where a thread per row would
+// touch 32 rows' cache lines), and shuffles between its lanes finish the row's sums (row_sum). On the CPU
+// a row is one thread's, which walks it in its vector unit, and row_sum has nothing to do. `make test`
+// also runs the GPU's 32 lanes on the CPU (a build with -DROW_THREADS=32).
+#ifndef ROW_THREADS
+#define ROW_THREADS (BUILT_FOR_GPU ? 32 : 1)
+#endif
+static_assert(ROW_THREADS == 1 || ROW_THREADS == 32, "a row is one thread's or a whole warp's (shuffles need every lane)");
+__device__ static inline size_t thread_row(void) { return ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / ROW_THREADS; }
+__device__ static inline int row_lane(void) { return threadIdx.x % ROW_THREADS; }
+static unsigned row_kernel_blocks(size_t rows) { return blocks_for(rows * ROW_THREADS); }
+// The sum, or the max, of v over a row's lanes, in every lane: a butterfly, each lane combining its value
+// with lane ^ offset's, so every lane ends with the same bits.
+__device__ static inline float row_sum(float v) {
+    for (int offset = ROW_THREADS / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ static inline float row_max(float v) {
+    for (int offset = ROW_THREADS / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
 // The number of GPUs; none usable: one line saying how to build for the CPU, and exit 1.
 static int device_count(void) {
     int count = 0;
@@ -851,16 +875,17 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 // the two steps' contributions counts each pair once.
 
 // Backward, preparation: delta_i = dO_i . O_i for every row r = (b, h, t) of (B, H, T) (out and dout in
-// the layout `at`). One thread per row, no barrier.
+// the layout `at`). A row kernel (ROW_THREADS lanes per row, section 1), no barrier.
 template <int D>
 __global__ void attention_delta_kernel(float *delta, const float *dout, const float *out, StHeadLayout at, int H, int T,
                                        size_t rows) {
-    const size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t r = thread_row();
     if (r >= rows) return;
     const size_t row = head_start(at, (int)(r / T / H), (int)(r / T % H)) + r % T * at.row;
     float sum = 0.0f;
-    for (int x = 0; x < D; x++) sum += dout[row + x] * out[row + x];
-    delta[r] = sum;
+    for (int x = row_lane(); x < D; x += ROW_THREADS) sum += dout[row + x] * out[row + x];
+    sum = row_sum(sum);
+    if (row_lane() == 0) delta[r] = sum;
 }
 
 // The rows of every head in layout `at`, zeroed (the backward's kernels add into dq, dk, dv): entry e of
@@ -1349,7 +1374,7 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     const StLayout at = layout_or_packed(a, layout);
     const size_t rows = (size_t)B * a->H * a->n;
     grow(&a->delta, &a->delta_rows, rows);
-    DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, blocks_for(rows), BLOCK, 0, a->delta, dout, out, at.out,
+    DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, row_kernel_blocks(rows), BLOCK, 0, a->delta, dout, out, at.out,
                                     a->H, a->n, rows));
     for (float *x : {dq, dk, dv})
         DISPATCH_HEAD_SIZE(a->D, LAUNCH(zero_heads_kernel<HS>, dim3(blocks_for((size_t)a->n * HS), a->H, B), BLOCK, 0,
@@ -1376,8 +1401,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // ----------------------------------------------------------------------------
 // 7. Model kernels: embeddings, layer norm, GELU, dropout, softmax cross-entropy, AdamW
 //
-// Elementwise and row-wise kernels, one thread per element or per row. None has a barrier, so on the
-// CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
+// Elementwise kernels, one thread per element, and row kernels, a row's lanes per row (section 1: one
+// thread on the CPU, a warp on a GPU). None has a barrier, so on the CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
 // embeddings) are done by threads that each own outputs and loop over rows in a fixed order: no
 // atomics, and the same result on every run, which the bit-identical resume of training relies on.
 // Their columns go in blocks of one warp (columns_grid): 128 columns are then 4 blocks that 4
@@ -1463,38 +1488,41 @@ __global__ void sequences_sum_kernel(float *s, const float *dx, int B, int T, in
 }
 
 // y = (x - mean) / sqrt(var + 1e-5) * w + b over the C channels of each row; keeps mean and 1/std.
+// A row kernel (section 1): lane k of the row takes the channels k, k + ROW_THREADS, ...
 __global__ void layernorm_forward_kernel(float *y, float *mean, float *rstd, const float *x, const float *w,
                                          const float *b, int rows, int C) {
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
-    const float *xr = x + (size_t)row * C;
+    const size_t row = thread_row();
+    if (row >= (size_t)rows) return;
+    const int lane = row_lane();
+    const float *xr = x + row * C;
     float m = 0.0f, v = 0.0f;
-    for (int c = 0; c < C; c++) m += xr[c];
-    m /= C;
-    for (int c = 0; c < C; c++) v += (xr[c] - m) * (xr[c] - m);
-    const float s = 1.0f / sqrtf(v / C + 1e-5f);
-    for (int c = 0; c < C; c++) y[(size_t)row * C + c] = (xr[c] - m) * s * w[c] + b[c];
-    mean[row] = m;
-    rstd[row] = s;
+    for (int c = lane; c < C; c += ROW_THREADS) m += xr[c];
+    m = row_sum(m) / C;
+    for (int c = lane; c < C; c += ROW_THREADS) v += (xr[c] - m) * (xr[c] - m);
+    const float s = 1.0f / sqrtf(row_sum(v) / C + 1e-5f);
+    for (int c = lane; c < C; c += ROW_THREADS) y[row * C + c] = (xr[c] - m) * s * w[c] + b[c];
+    if (lane == 0) mean[row] = m, rstd[row] = s;
 }
 
 // Exercise 6 starts here: the layer norm's backward.
-// Backward of y = xhat * w + b, xhat = (x - mean) rstd, for the input (one thread per row):
+// Backward of y = xhat * w + b, xhat = (x - mean) rstd, for the input (a row kernel, section 1):
 //   dxhat = dy w;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))      (added to dx)
 __global__ void layernorm_backward_input_kernel(float *dx, const float *dy, const float *x, const float *w,
                                                 const float *mean, const float *rstd, int rows, int C) {
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
-    const float *xr = x + (size_t)row * C, *dyr = dy + (size_t)row * C;
+    const size_t row = thread_row();
+    if (row >= (size_t)rows) return;
+    const int lane = row_lane();
+    const float *xr = x + row * C, *dyr = dy + row * C;
     float sum_d = 0.0f, sum_dx = 0.0f;
-    for (int c = 0; c < C; c++) {
+    for (int c = lane; c < C; c += ROW_THREADS) {
         const float xhat = (xr[c] - mean[row]) * rstd[row], d = dyr[c] * w[c];
         sum_d += d;
         sum_dx += d * xhat;
     }
-    for (int c = 0; c < C; c++) {
+    sum_d = row_sum(sum_d), sum_dx = row_sum(sum_dx);
+    for (int c = lane; c < C; c += ROW_THREADS) {
         const float xhat = (xr[c] - mean[row]) * rstd[row];
-        dx[(size_t)row * C + c] += rstd[row] * (dyr[c] * w[c] - sum_d / C - xhat * sum_dx / C);
+        dx[row * C + c] += rstd[row] * (dyr[c] * w[c] - sum_d / C - xhat * sum_dx / C);
     }
 }
 // Exercise 6 ends here.
@@ -1595,20 +1623,23 @@ __global__ void residual_kernel(float *out, const float *x, const float *y, cons
     out[e] = x[e] + dropped(y[e] + b[o], e, p, seed);
 }
 
-// Softmax cross-entropy, forward and backward in one pass, one thread per row of logits (BT, V):
-//   loss_r = logsumexp(z_r) - z_r[target],  dz_r = (softmax(z_r) - onehot(target)) / BT
+// Softmax cross-entropy, forward and backward in one pass over each row of logits (BT, V), a row kernel
+// (section 1):  loss_r = logsumexp(z_r) - z_r[target],  dz_r = (softmax(z_r) - onehot(target)) / BT
 __global__ void crossentropy_kernel(float *losses, float *dlogits, const float *logits, const int *targets,
                                     int BT, int V) {
-    const int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= BT) return;
-    const float *z = logits + (size_t)r * V;
+    const size_t r = thread_row();
+    if (r >= (size_t)BT) return;
+    const int lane = row_lane();
+    const float *z = logits + r * V;
     float top = -INFINITY, sum = 0.0f;
-    for (int i = 0; i < V; i++) top = fmaxf(top, z[i]);
-    for (int i = 0; i < V; i++) sum += expf(z[i] - top);
-    losses[r] = top + logf(sum) - z[targets[r]];
+    for (int i = lane; i < V; i += ROW_THREADS) top = fmaxf(top, z[i]);
+    top = row_max(top);
+    for (int i = lane; i < V; i += ROW_THREADS) sum += expf(z[i] - top);
+    sum = row_sum(sum);
+    if (lane == 0) losses[r] = top + logf(sum) - z[targets[r]];
     if (!dlogits) return;
-    for (int i = 0; i < V; i++)
-        dlogits[(size_t)r * V + i] = (expf(z[i] - top) / sum - (i == targets[r] ? 1.0f : 0.0f)) / BT;
+    for (int i = lane; i < V; i += ROW_THREADS)
+        dlogits[r * V + i] = (expf(z[i] - top) / sum - (i == targets[r] ? 1.0f : 0.0f)) / BT;
 }
 
 // Deterministic sums that stay on the device, so that a training step never waits to read them. Two
@@ -2058,12 +2089,12 @@ static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const
 
 static void layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w, const float *b,
                               int rows, int C) {
-    LAUNCH(layernorm_forward_kernel, blocks_for(rows), BLOCK, 0, y, mean, rstd, x, w, b, rows, C);
+    LAUNCH(layernorm_forward_kernel, row_kernel_blocks(rows), BLOCK, 0, y, mean, rstd, x, w, b, rows, C);
 }
 // Backward of y = LN(x) w + b: dx += ..., dw += ..., db += ...
 static void layernorm_backward(StModel *m, float *dx, float *dw, float *db, const float *dy, const float *x,
                                const float *w, const float *mean, const float *rstd, int rows, int C) {
-    LAUNCH(layernorm_backward_input_kernel, blocks_for(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
+    LAUNCH(layernorm_backward_input_kernel, row_kernel_blocks(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
     const unsigned chunks = (unsigned)chunks_of(m, rows);
     float *partial_w = m->chunk_sums, *partial_b = m->chunk_sums + chunks * C;
     LAUNCH(layernorm_backward_params_kernel, dim3(chunks, run_columns_grid(C)), COLUMNS_BLOCK, 0, partial_w, partial_b,
@@ -2201,7 +2232,7 @@ void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned ch
     matmul_forward(m, m->logits, m->lnf, P(m, m->L, OUTW), NULL, BT, C, VOCAB);
     float *loss = m->partial + LOSS_SLOT;
     if (targets) {
-        LAUNCH(crossentropy_kernel, blocks_for(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
+        LAUNCH(crossentropy_kernel, row_kernel_blocks(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
         LAUNCH(partial_sums_kernel, SUM_GRID, BLOCK, 0, m->partial, m->losses, BT, 0);
         LAUNCH(mean_kernel, 1, THREADS, 0, loss, m->partial, BT);
     } else {

@@ -120,6 +120,15 @@ __global__ void lanes_split(float *d) {
     wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
 }
 
+// Warp shuffles: each lane's value is its lane number plus 100 times its warp; out[t] gets lane t ^ m's.
+__global__ void shuffle_xor(float *out, int m) {
+    out[blockIdx.x * blockDim.x + threadIdx.x] = __shfl_xor_sync(0xffffffffu, threadIdx.x % 32 + 100.0f * (threadIdx.x / 32), m);
+}
+__global__ void lane_skips_shuffle(float *out) {
+    if (threadIdx.x == 7) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
 // No barrier, one element per thread and the last block's tail idle: the loop that runs such a block
 // is vectorised (run_plain), so this checks that the lanes write exactly their own elements.
 __global__ void sigmoid_elements(float *y, const float *x, size_t n) {
@@ -283,6 +292,17 @@ int main() {
               "a WMMA product that lane 5 skips aborts, naming the lane and the place");
         check(aborts_with([&] { KERNEL_LAUNCH(lanes_split, 1, 32, 0, tiles.data()); }, "every lane of the warp must reach"),
               "lanes split between two WMMA loads abort with both places named");
+    }
+    {
+        Buffer out(128);
+        bool ok = true;
+        for (int m : {1, 2, 16, 31}) {
+            KERNEL_LAUNCH(shuffle_xor, 2, 64, 0, out.data(), m);
+            for (unsigned t = 0; t < 128; t++) ok = ok && out[t] == (float)((t % 32) ^ m) + 100.0f * (t % 64 / 32);
+        }
+        check(ok, "__shfl_xor_sync gives each lane the value of lane ^ mask, within its own warp");
+        check(aborts_with([&] { KERNEL_LAUNCH(lane_skips_shuffle, 1, 32, 0, out.data()); }, "lane 7 has finished"),
+              "a shuffle that lane 7 skips aborts, naming the lane and the place");
     }
     {
         // expf and exp2f against exp and exp2 in double, over every 61st float of the range that reaches
