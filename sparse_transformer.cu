@@ -1437,7 +1437,7 @@ static unsigned run_columns_grid(int cols) {
     }
     return columns_grid(cols / RUN);
 }
-// The row kernels (bias_rows, GELU, residual_kernel) cover each row with blocks that fit it exactly: the
+// The row kernels (bias_rows, GELU both ways, residual_kernel) cover each row with blocks that fit it exactly: the
 // block's width divides the row's (whole warps, at most BLOCK; the model's widths are multiples of 32), so
 // no thread falls past the end and the kernels have no bounds check. On a GPU that is a detail; on a CPU
 // it lets the compiler write whole vectors where a check would make it mask every store (slow on AMD's
@@ -1587,10 +1587,10 @@ __global__ void gelu_forward_kernel(float *y, float *x, const float *b, int cols
     y[e] = z / (1.0f + expf(-1.702f * z));
 }
 // Exercise 7 starts here: the GELU's backward.
-// Backward, with s = sigmoid(1.702 x): d gelu / dx = s + 1.702 x s (1 - s).
-__global__ void gelu_backward_kernel(float *dx, const float *dy, const float *x, size_t n) {
-    const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= n) return;
+// Backward, with s = sigmoid(1.702 x): d gelu / dx = s + 1.702 x s (1 - s) (x here is the forward's z,
+// which it kept; grid: row_blocks, as the forward's).
+__global__ void gelu_backward_kernel(float *dx, const float *dy, const float *x, int cols) {
+    const size_t e = (size_t)blockIdx.x * cols + (size_t)blockIdx.y * blockDim.x + threadIdx.x;
     const float s = 1.0f / (1.0f + expf(-1.702f * x[e]));
     dx[e] = dy[e] * (s + 1.702f * x[e] * s * (1.0f - s));
 }
@@ -2167,7 +2167,7 @@ static void layer_backward(StModel *m, int layer, LayerActs *a, int B) {
     const float *dbb = branch_gradient(m, d, dres, n, layer, 1);
     matmul_backward(m, dbig, G(m, layer, FC2W), G(m, layer, FC2B), dbb, a->fc_gelu, P(m, layer, FC2W), BT, F, C);
     // fc_gelu = gelu(fc)
-    LAUNCH(gelu_backward_kernel, blocks_for((size_t)BT * F), BLOCK, 0, dbig, dbig, a->fc, (size_t)BT * F);
+    LAUNCH(gelu_backward_kernel, row_blocks(BT, F), row_threads(F), 0, dbig, dbig, a->fc, F);
     // fc = ln2 W1^T + b1
     matmul_backward(m, d, G(m, layer, FCW), G(m, layer, FCB), dbig, a->ln2, P(m, layer, FCW), BT, C, F);
     // ln2 = LN2(xa): dres becomes dL/dxa
