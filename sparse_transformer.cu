@@ -864,7 +864,7 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 //                                                  (FlashAttention 2's D_i; here D is the head size)
 //   dS_ij    = P_ij (dP_ij - delta_i)              through the softmax
 //   dV_j = sum_i P_ij dO_i,  dK_j = sum_i dS_ij q_i / sqrt(D),  dQ_i = sum_j dS_ij k_j / sqrt(D)
-// Each step's kernels add their keys' terms into dq, dk, dv.
+// A head's first step writes dq, dk, dv; its second adds its keys' terms.
 //
 // Why a merged head's backward is right though it runs its two steps one at a time: the forward left one
 // lse and one out per row, the merged ones. Each step recomputes P_ij = exp(s_ij - lse_i) with that
@@ -888,7 +888,7 @@ __global__ void attention_delta_kernel(float *delta, const float *dout, const fl
     if (row_lane() == 0) delta[r] = sum;
 }
 
-// The rows of every head in layout `at`, zeroed (the backward's kernels add into dq, dk, dv): entry e of
+// The rows of every head in layout `at`, zeroed (for dk, dv where a summary step comes first): entry e of
 // head (blockIdx.z, blockIdx.y)'s (T, D) rows. Grid: (blocks of a head's T D entries, H, B).
 template <int D> __global__ void zero_heads_kernel(float *x, StHeadLayout at, int T) {
     const size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -930,14 +930,14 @@ __device__ static void load_query_side(float *Q_s, float *dO_s, float *lse2_s, f
 // Backward for keys and values, one key tile per block, looping over the query tiles that meet it:
 //   dV_j = sum_i P_ij dO_i                  from out_i = sum_j P_ij v_j
 //   dK_j = sum_i dS_ij q_i / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
-// Each key tile is owned by one block: no atomics, and a deterministic sum. Adds into dk, dv, since
-// a merged head's two steps touch the same keys.
+// Each key tile is owned by one block: no atomics, and a deterministic sum. A head's first step writes
+// dk, dv, its second (accumulate = 1) adds into them: a merged head's two steps touch the same keys.
 // Grid: (key tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const float *lse, const float *delta,
                              const float *q, const float *k, const float *v, StLayout at, Step st,
-                             const TileRange *tiles, const int *heads, int H, SavedDS saved) {
+                             const TileRange *tiles, const int *heads, int H, SavedDS saved, int accumulate) {
     typedef TileShape<D, TF32> S;
     float *Kt_s = smem;                 // (D, TILE) keys, transposed
     float *Vt_s = Kt_s + S::TMATRIX;    // (D, TILE) values, transposed
@@ -978,21 +978,21 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     #pragma unroll
     for (int u = 0; u < S::OWN; u++) {
         const size_t e = (size_t)j * at.qkv.row + ocol + u;
-        dk[e] += dk_acc[u] * LN2;
-        dv[e] += dv_acc[u];
+        dk[e] = accumulate ? dk[e] + dk_acc[u] * LN2 : dk_acc[u] * LN2;
+        dv[e] = accumulate ? dv[e] + dv_acc[u] : dv_acc[u];
     }
 }
 
 // Backward for queries, one query tile per block, looping over its key tiles:
 //   dQ_i = sum_j dS_ij k_j / sqrt(D)         from s_ij = q_i . k_j / sqrt(D)
 // dS is the dK/dV kernel's, read back, or (none kept) computed again as that kernel computed it: the
-// same bits either way.
+// same bits either way. Writes dq (a head's first step) or adds into it (accumulate = 1, its second).
 // Grid: (query tiles, heads of this step, B); block: TILE_THREADS.
 template <int D, bool TF32>
 __global__ void __launch_bounds__(TILE_THREADS, MIN_BLOCKS(TF32))
 attention_backward_q_kernel(float *dq, const float *dout, const float *lse, const float *delta,
                             const float *q, const float *k, const float *v, StLayout at, Step st,
-                            const TileRange *tiles, const int *heads, int H, SavedDS saved) {
+                            const TileRange *tiles, const int *heads, int H, SavedDS saved, int accumulate) {
     typedef TileShape<D, TF32> S;
     float *Q_s = smem;                  // (TILE, D) queries * log2(e) / sqrt(D)
     float *dO_s = Q_s + S::MATRIX;      // (TILE, D)
@@ -1035,7 +1035,10 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     const int i = step_query_position(st, p0 + orow);
     if (i < 0) return;
     #pragma unroll
-    for (int u = 0; u < S::OWN; u++) dq[(size_t)i * ld + ocol + u] += dq_acc[u] * scale;
+    for (int u = 0; u < S::OWN; u++) {
+        const size_t e = (size_t)i * ld + ocol + u;
+        dq[e] = accumulate ? dq[e] + dq_acc[u] * scale : dq_acc[u] * scale;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1376,9 +1379,14 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     grow(&a->delta, &a->delta_rows, rows);
     DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, row_kernel_blocks(rows), BLOCK, 0, a->delta, dout, out, at.out,
                                     a->H, a->n, rows));
-    for (float *x : {dq, dk, dv})
-        DISPATCH_HEAD_SIZE(a->D, LAUNCH(zero_heads_kernel<HS>, dim3(blocks_for((size_t)a->n * HS), a->H, B), BLOCK, 0,
-                                        x, at.qkv, a->n));
+    // A head's first step writes every row of dq, dk, dv, its second adds, except where a head's first
+    // step is a summary step: its keys are the summary cells only, and dk, dv start at 0.
+    bool summary_first = false;
+    for (int i = 0; i < a->n_plans; i++) summary_first |= a->plans[i].slot == 0 && a->plans[i].st.kind == STEP_SUMMARY;
+    for (float *x : {dk, dv})
+        if (summary_first)
+            DISPATCH_HEAD_SIZE(a->D, LAUNCH(zero_heads_kernel<HS>, dim3(blocks_for((size_t)a->n * HS), a->H, B), BLOCK, 0,
+                                            x, at.qkv, a->n));
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         SavedDS saved = {NULL, pl.pair0, pl.n_pairs};
@@ -1390,10 +1398,10 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
         DISPATCH_KERNEL(a->D, {
             LAUNCH((attention_backward_kv_kernel<HS, TF>), dim3(pl.n_ktiles, pl.n_heads, B), TILE_THREADS,
                    (backward_kv_shared_bytes<HS, TF>()), dk, dv, dout, lse, a->delta, q, k, v, at, pl.st,
-                   pl.k_tiles, pl.heads, a->H, saved);
+                   pl.k_tiles, pl.heads, a->H, saved, pl.slot);
             LAUNCH((attention_backward_q_kernel<HS, TF>), dim3(pl.n_qtiles, pl.n_heads, B), TILE_THREADS,
                    (backward_q_shared_bytes<HS, TF>()), dq, dout, lse, a->delta, q, k, v, at, pl.st,
-                   pl.q_tiles, pl.heads, a->H, saved);
+                   pl.q_tiles, pl.heads, a->H, saved, pl.slot);
         });
     }
 }
