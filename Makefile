@@ -183,11 +183,12 @@ build/test_emulator: tools/test_emulator.cpp cuda_on_cpu.h
 	$(CXX) -O3 $(MARCH) -ftls-model=local-exec -std=c++17 -fopenmp -Wall -Wextra -Werror $(SANITIZE) $< -o $@ $(BLAS)
 
 # The kernel tests once more with the GPU's block shapes: the CPU build's tile kernels have 1 warp, a
-# GPU's 4 (WARPS in sparse_transformer.cu), and its row kernels 1 thread per row, a GPU's a warp with
-# shuffles (ROW_THREADS), so this checks, on the CPU, the layout a GPU runs.
+# GPU's 4 (WARPS in sparse_transformer.cu), its row kernels 1 thread per row, a GPU's a warp with
+# shuffles (ROW_THREADS), its tile loads a thread per row, a GPU's 8 lanes (LOAD_LANES), so this
+# checks, on the CPU, the layout a GPU runs.
 build/warps4/sparse_transformer.o: sparse_transformer.cu sparse_transformer.h cuda_on_cpu.h
 	@mkdir -p $(@D)
-	$(CXX) $(CPU_FLAGS) -DWARPS=4 -DROW_THREADS=32 -c $< -o $@
+	$(CXX) $(CPU_FLAGS) -DWARPS=4 -DROW_THREADS=32 -DLOAD_LANES=8 -c $< -o $@
 build/warps4/test_kernels: build/cpu/test_kernels.o build/warps4/sparse_transformer.o
 	$(CXX) -fopenmp $^ -o $@ $(CPU_LIBS)
 

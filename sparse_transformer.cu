@@ -1044,15 +1044,29 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
 // ----------------------------------------------------------------------------
 // 5b. The kernels' helpers: tile loads and tile products (float32 loops or TF32 tensor cores)
 
-// Each thread loads the part of the tile it owns, so it finds its row's position once.
+// LOAD_LANES neighbouring threads share a row of x, each reading 4 neighbouring floats at a time (one
+// 16-byte load on a GPU): a warp's request then covers LOAD_LANES * 16 contiguous bytes of each of its
+// rows, whole 128-byte lines, where a thread per row would touch 32 rows' lines. On the CPU a thread
+// reads whole rows (LOAD_LANES 1), which its vector unit loads several floats at a time. Each thread
+// finds a row's position once. The rows must start on 16-byte boundaries (the model's do; carve).
+#ifndef LOAD_LANES
+#define LOAD_LANES (BUILT_FOR_GPU ? 8 : 1)
+#endif
 template <int D, bool TF32, bool TRANSPOSED>
 __device__ static void load_tile(float *tile, const float *x, size_t ld, const Step &st, int first, bool keys,
                                  float scale) {
     typedef TileShape<D, TF32> S;
-    const int row = own_row(), c0 = own_col<D>();
-    const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
-    for (int c = c0; c < c0 + S::OWN; c++)
-        tile[TRANSPOSED ? c * S::SROW + row : row * S::ROW + c] = pos >= 0 ? x[(size_t)pos * ld + c] * scale : 0.0f;
+    static_assert(D % (4 * LOAD_LANES) == 0 && TILE_THREADS % LOAD_LANES == 0, "a row's lanes read 4 floats each");
+    for (int row = threadIdx.x / LOAD_LANES; row < TILE; row += TILE_THREADS / LOAD_LANES) {
+        const int pos = keys ? step_key_position(st, first + row) : step_query_position(st, first + row);
+        for (int c = 4 * (threadIdx.x % LOAD_LANES); c < D; c += 4 * LOAD_LANES) {
+            const float4 v = pos >= 0 ? *reinterpret_cast<const float4 *>(x + (size_t)pos * ld + c)
+                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const float part[4] = {v.x * scale, v.y * scale, v.z * scale, v.w * scale};
+            #pragma unroll
+            for (int u = 0; u < 4; u++) tile[TRANSPOSED ? (c + u) * S::SROW + row : row * S::ROW + c + u] = part[u];
+        }
+    }
 }
 
 template <int D, bool TF32> __device__ static void save_scores(float *dst, const float *S_s) {
@@ -2033,7 +2047,8 @@ static size_t carve(StModel *m, int B, float *base) {
     const size_t BT = (size_t)B * m->T, C = m->C, F = m->F, H = m->H, V = VOCAB;
     const size_t big = 3 * C > F ? 3 * C : F;
     size_t used = 0;
-    auto take = [&](size_t n) { float *r = base ? base + used : NULL; used += n; return r; };
+    // each array starts on a 32-byte boundary: the tile loads read rows 16 bytes at a time (load_tile)
+    auto take = [&](size_t n) { float *r = base ? base + used : NULL; used += (n + 7) / 8 * 8; return r; };
     for (int s = 0; s < (m->cfg.recompute ? 1 : m->L); s++) {
         LayerActs *a = &m->acts[s];
         a->ln1 = take(BT * C), a->ln1_mean = take(BT), a->ln1_rstd = take(BT);
