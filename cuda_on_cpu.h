@@ -401,7 +401,7 @@ inline void start_on_stack(Context *from, Context *, char *stack, size_t bytes, 
 }
 #endif
 
-// A warp-collective operation (a WMMA load, store or product): every lane of the warp registers its
+// A warp-collective operation (a WMMA load, store or product, a shuffle): every lane of the warp registers its
 // own arguments and waits; once all lanes wait at the same place, the scheduler runs `run` once for the
 // whole warp, with the 32 lanes' arguments in lane order, as the hardware does the operation at once.
 struct WarpOp {

@@ -1063,8 +1063,13 @@ __device__ static void load_tile(float *tile, const float *x, size_t ld, const S
             const float4 v = pos >= 0 ? *reinterpret_cast<const float4 *>(x + (size_t)pos * ld + c)
                                       : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             const float part[4] = {v.x * scale, v.y * scale, v.z * scale, v.w * scale};
+            // Transposed, 8 lanes of a row write columns 4 apart, which with the tensor cores' padding of 4
+            // fall in 2 banks; each lane starting at its own one of the 4 keeps them apart.
             #pragma unroll
-            for (int u = 0; u < 4; u++) tile[TRANSPOSED ? (c + u) * S::SROW + row : row * S::ROW + c + u] = part[u];
+            for (int k = 0; k < 4; k++) {
+                const int u = (k + threadIdx.x % LOAD_LANES / 2) % 4;
+                tile[TRANSPOSED ? (c + u) * S::SROW + row : row * S::ROW + c + u] = part[u];
+            }
         }
     }
 }
@@ -1359,16 +1364,26 @@ template <int D, bool TF32> static size_t backward_q_shared_bytes(void) {
     return ((3 + TF32) * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
 }
 
-// The layout asked for, or (B, H, T, D) for every tensor.
-static StLayout layout_or_packed(const StAttention *a, const StLayout *layout) {
+// The layout asked for, or (B, H, T, D) for every tensor. The kernels read rows 16 bytes at a time
+// (load_tile): every tensor must start on a 16-byte boundary and every stride be a multiple of 4 floats.
+static StLayout layout_or_packed(const StAttention *a, const StLayout *layout, std::initializer_list<const float *> tensors) {
     const size_t T = a->n, D = a->D;
     const StHeadLayout packed = {a->H * T * D, T * D, D};
-    return layout ? *layout : StLayout{packed, packed};
+    const StLayout at = layout ? *layout : StLayout{packed, packed};
+    bool aligned = true;
+    for (const float *x : tensors) aligned = aligned && (uintptr_t)x % 16 == 0;
+    for (const StHeadLayout &h : {at.qkv, at.out}) aligned = aligned && h.batch % 4 == 0 && h.head % 4 == 0 && h.row % 4 == 0;
+    if (!aligned) {
+        fprintf(stderr, "st_attention: q, k, v, out and their gradients must start on 16-byte boundaries, and a layout's "
+                        "strides be multiples of 4 floats (the kernels read rows 16 bytes at a time)\n");
+        exit(1);
+    }
+    return at;
 }
 
 void st_attention_forward(StAttention *a, float *out, float *lse, const float *q, const float *k,
                           const float *v, int B, const StLayout *layout) {
-    const StLayout at = layout_or_packed(a, layout);
+    const StLayout at = layout_or_packed(a, layout, {out, q, k, v});
     for (int i = 0; i < a->n_plans; i++) {
         const StepPlan &pl = a->plans[i];
         const dim3 grid(pl.n_qtiles, pl.n_heads, B); // y and z are limited to 65535
@@ -1388,7 +1403,7 @@ static void grow(float **buf, size_t *have, size_t need) {
 void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, const float *dout,
                            const float *out, const float *lse, const float *q, const float *k,
                            const float *v, int B, const StLayout *layout) {
-    const StLayout at = layout_or_packed(a, layout);
+    const StLayout at = layout_or_packed(a, layout, {dq, dk, dv, dout, out, q, k, v});
     const size_t rows = (size_t)B * a->H * a->n;
     grow(&a->delta, &a->delta_rows, rows);
     DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, row_kernel_blocks(rows), BLOCK, 0, a->delta, dout, out, at.out,
@@ -1424,7 +1439,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
 // 7. Model kernels: embeddings, layer norm, GELU, dropout, softmax cross-entropy, AdamW
 //
 // Elementwise kernels, one thread per element, and row kernels, a row's lanes per row (section 1: one
-// thread on the CPU, a warp on a GPU). None has a barrier, so on the CPU they run as plain loops. Sums over many rows (bias and weight gradients of layer norm and
+// thread on the CPU, a warp on a GPU). None has a barrier, so on the CPU they run as plain loops (built
+// with a GPU's warp per row, ROW_THREADS = 32, the row kernels' lanes meet at shuffles instead). Sums over many rows (bias and weight gradients of layer norm and
 // embeddings) are done by threads that each own outputs and loop over rows in a fixed order: no
 // atomics, and the same result on every run, which the bit-identical resume of training relies on.
 // Their columns go in blocks of one warp (columns_grid): 128 columns are then 4 blocks that 4
@@ -1459,7 +1475,7 @@ static unsigned run_columns_grid(int cols) {
     }
     return columns_grid(cols / RUN);
 }
-// The row kernels (bias_rows, GELU both ways, residual_kernel) cover each row with blocks that fit it exactly: the
+// The element-wise passes over rows (bias_rows, GELU both ways, residual_kernel) cover each row with blocks that fit it exactly: the
 // block's width divides the row's (whole warps, at most BLOCK; the model's widths are multiples of 32), so
 // no thread falls past the end and the kernels have no bounds check. On a GPU that is a detail; on a CPU
 // it lets the compiler write whole vectors where a check would make it mask every store (slow on AMD's

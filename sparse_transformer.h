@@ -100,7 +100,8 @@ StAttentionStats st_attention_stats(const StAttention *a);
 // x + b * batch + h * head + t * row, in floats, and holds its D values.
 typedef struct { size_t batch, head, row; } StHeadLayout;
 // q, k, v and their gradients share one layout, out and dout another. NULL means (B, H, T, D) for all of
-// them. The model passes q, k, v where its product wrote them, side by side in rows of 3C ({T 3C, D, 3C}),
+// them. Every tensor starts on a 16-byte boundary and every stride is a multiple of 4 floats (the
+// kernels read rows 16 bytes at a time; cudaMalloc's memory is aligned, D is 32, 64 or 128). The model passes q, k, v where its product wrote them, side by side in rows of 3C ({T 3C, D, 3C}),
 // and the output side by side in rows of C ({T C, D, C}): no pass to split the heads or merge them.
 typedef struct { StHeadLayout qkv, out; } StLayout;
 
