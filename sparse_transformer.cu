@@ -227,7 +227,12 @@ static unsigned blocks_for(size_t n) { return (unsigned)((n + BLOCK - 1) / BLOCK
 static_assert(ROW_THREADS == 1 || ROW_THREADS == 32, "a row is one thread's or a whole warp's (shuffles need every lane)");
 __device__ static inline size_t thread_row(void) { return ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / ROW_THREADS; }
 __device__ static inline int row_lane(void) { return threadIdx.x % ROW_THREADS; }
-static unsigned row_kernel_blocks(size_t rows) { return blocks_for(rows * ROW_THREADS); }
+// Their blocks: BLOCK rows of one thread on the CPU; on a GPU one row, a warp, per block, so that no
+// block holds a row past the end, whose warp would leave while the block's others shuffle (legal on a
+// GPU; but the emulator decides from the block's first thread whether it needs fibers, and with its
+// threads in reverse order, CUDA_EMU_REVERSE, that thread is a leaving one).
+#define ROW_BLOCK (ROW_THREADS == 1 ? BLOCK : ROW_THREADS)
+static unsigned row_kernel_blocks(size_t rows) { return (unsigned)((rows * ROW_THREADS + ROW_BLOCK - 1) / ROW_BLOCK); }
 // The sum, or the max, of v over a row's lanes, in every lane: a butterfly, each lane combining its value
 // with lane ^ offset's, so every lane ends with the same bits.
 __device__ static inline float row_sum(float v) {
@@ -1406,7 +1411,7 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     const StLayout at = layout_or_packed(a, layout, {dq, dk, dv, dout, out, q, k, v});
     const size_t rows = (size_t)B * a->H * a->n;
     grow(&a->delta, &a->delta_rows, rows);
-    DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, row_kernel_blocks(rows), BLOCK, 0, a->delta, dout, out, at.out,
+    DISPATCH_HEAD_SIZE(a->D, LAUNCH(attention_delta_kernel<HS>, row_kernel_blocks(rows), ROW_BLOCK, 0, a->delta, dout, out, at.out,
                                     a->H, a->n, rows));
     // A head's first step writes every row of dq, dk, dv, its second adds, except where a head's first
     // step is a summary step: its keys are the summary cells only, and dk, dv start at 0.
@@ -2128,12 +2133,12 @@ static void matmul_backward(StModel *m, float *dinp, float *dw, float *db, const
 
 static void layernorm_forward(float *y, float *mean, float *rstd, const float *x, const float *w, const float *b,
                               int rows, int C) {
-    LAUNCH(layernorm_forward_kernel, row_kernel_blocks(rows), BLOCK, 0, y, mean, rstd, x, w, b, rows, C);
+    LAUNCH(layernorm_forward_kernel, row_kernel_blocks(rows), ROW_BLOCK, 0, y, mean, rstd, x, w, b, rows, C);
 }
 // Backward of y = LN(x) w + b: dx += ..., dw += ..., db += ...
 static void layernorm_backward(StModel *m, float *dx, float *dw, float *db, const float *dy, const float *x,
                                const float *w, const float *mean, const float *rstd, int rows, int C) {
-    LAUNCH(layernorm_backward_input_kernel, row_kernel_blocks(rows), BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
+    LAUNCH(layernorm_backward_input_kernel, row_kernel_blocks(rows), ROW_BLOCK, 0, dx, dy, x, w, mean, rstd, rows, C);
     const unsigned chunks = (unsigned)chunks_of(m, rows);
     float *partial_w = m->chunk_sums, *partial_b = m->chunk_sums + chunks * C;
     LAUNCH(layernorm_backward_params_kernel, dim3(chunks, run_columns_grid(C)), COLUMNS_BLOCK, 0, partial_w, partial_b,
@@ -2271,7 +2276,7 @@ void st_model_forward(StModel *m, const unsigned char *inputs, const unsigned ch
     matmul_forward(m, m->logits, m->lnf, P(m, m->L, OUTW), NULL, BT, C, VOCAB);
     float *loss = m->partial + LOSS_SLOT;
     if (targets) {
-        LAUNCH(crossentropy_kernel, row_kernel_blocks(BT), BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
+        LAUNCH(crossentropy_kernel, row_kernel_blocks(BT), ROW_BLOCK, 0, m->losses, m->dlogits, m->logits, m->targets, BT, VOCAB);
         LAUNCH(partial_sums_kernel, SUM_GRID, BLOCK, 0, m->partial, m->losses, BT, 0);
         LAUNCH(mean_kernel, 1, THREADS, 0, loss, m->partial, BT);
     } else {
