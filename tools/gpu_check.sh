@@ -14,7 +14,8 @@
 #      FlexAttention and SDPA forward + backward, and the same model trained with FlexAttention, float32
 #      with TF32 allowed, as ours runs
 #   7. compute-sanitizer racecheck (tf32) and memcheck on the kernel tests (a machine that refuses the tool
-#      says so in the table), then ./train in fp32, and racecheck in fp32
+#      says so in the table), synccheck on all of ./test_kernels in fp32 (the barriers, and the row
+#      kernels' warp shuffles and their masks), then ./train in fp32, and racecheck in fp32
 # Each step has a time limit, cut to what is left of BUDGET seconds (default 480: a lent machine's call
 # must end in time for its files to come back); what does not fit is marked skipped, and
 # STEPS="racecheck memcheck ..." runs only the named steps (after the build) in a second call. Each
@@ -69,7 +70,7 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64${cublas:+:$cu
 [ -f /usr/local/cuda/include/nccl.h ] || export NCCL_HOME="${NCCL_HOME:-$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null)}"
 start=$(date +%s)
 deadline=$(( start + ${BUDGET:-480} ))
-wanted=" build ${STEPS:-tests train_tf32 profile nccl ctx1m bench bench_recompute peer_attention peer_train peer_train_bf16 racecheck memcheck train_fp32 racecheck_fp32} "
+wanted=" build ${STEPS:-tests train_tf32 profile nccl ctx1m bench bench_recompute peer_attention peer_train peer_train_bf16 racecheck memcheck synccheck train_fp32 racecheck_fp32} "
 
 # The profile step: where a training step of the GPU default goes, kernel by kernel (./train -profile:
 # CUDA events), then Nsight Systems' per-kernel summary of the same, where nsys is found.
@@ -135,7 +136,7 @@ table() {
     for t in peer_attention peer_train peer_train_bf16; do
         [ -f "$logs/$t.log" ] && { printf '%-10s %s\n' "$t" "$(status $t)"; grep -E '^peer' "$logs/$t.log" | sed 's/^/  /'; }
     done
-    for t in memcheck racecheck racecheck_fp32; do
+    for t in memcheck racecheck synccheck racecheck_fp32; do
         [ -f "$logs/$t.log" ] && printf '%-10s %s: %s\n' "$t" "$(status $t)" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|not found|passed' "$logs/$t.log" | tail -2 | tr '\n' ' ')"
     done
 }
@@ -191,6 +192,7 @@ if [ "$have_binaries" = 1 ]; then
     if command -v compute-sanitizer > /dev/null; then
         step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 9 ./test_kernels -only kernels -precision tf32
         step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 ./test_kernels -only kernels
+        step synccheck 150 compute-sanitizer --tool synccheck --error-exitcode 9 ./test_kernels -precision fp32
     else
         echo "compute-sanitizer not found" > "$logs/memcheck.log"
     fi
