@@ -790,8 +790,8 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     float *scratch_s = w_new_s + TILE;    // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
-    q += head_start(at.qkv, b, h); k += head_start(at.qkv, b, h); v += head_start(at.qkv, b, h);
-    out += head_start(at.out, b, h); lse += ((size_t)b * H + h) * st.n;
+    const size_t in = head_start(at.qkv, b, h);
+    q += in; k += in; v += in; out += head_start(at.out, b, h); lse += ((size_t)b * H + h) * st.n;
     const size_t ld = at.qkv.row;         // the rows of q, k and v
     const TileRange keys = tiles[qt];     // the key tiles of this query tile
     const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>(); // this thread's part of the output
@@ -1417,8 +1417,8 @@ void st_attention_backward(StAttention *a, float *dq, float *dk, float *dv, cons
     // step is a summary step: its keys are the summary cells only, and dk, dv start at 0.
     bool summary_first = false;
     for (int i = 0; i < a->n_plans; i++) summary_first |= a->plans[i].slot == 0 && a->plans[i].st.kind == STEP_SUMMARY;
-    for (float *x : {dk, dv})
-        if (summary_first)
+    if (summary_first)
+        for (float *x : {dk, dv})
             DISPATCH_HEAD_SIZE(a->D, LAUNCH(zero_heads_kernel<HS>, dim3(blocks_for((size_t)a->n * HS), a->H, B), BLOCK, 0,
                                             x, at.qkv, a->n));
     for (int i = 0; i < a->n_plans; i++) {
