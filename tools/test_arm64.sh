@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tree=build/arm64
 rm -rf "$tree" && mkdir -p "$tree" && git ls-files -z | xargs -0 cp --parents -t "$tree" # the tracked files, as they are here
-run() { qemu-aarch64 -L / "$@"; }
+# a hang under qemu fails here, named, instead of running into CI's limit (the whole script takes ~5 min)
+run() { timeout 1200 qemu-aarch64 -L / "$@" || { echo "qemu-aarch64 $1: exit $? (124: still running after 20 min)" >&2; return 1; }; }
 cross=(TARGET=cpu CC=aarch64-linux-gnu-gcc CXX=aarch64-linux-gnu-g++ HAVE_MPI= MARCH=-march=armv8-a)
 
 echo "== 1. GCC for arm64, under qemu-aarch64"
