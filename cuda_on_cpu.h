@@ -401,7 +401,7 @@ inline void start_on_stack(Context *from, Context *, char *stack, size_t bytes, 
 }
 #endif
 
-// A warp-collective operation (a WMMA load, store or product, a shuffle): every lane of the warp registers its
+// A warp-collective operation (a tensor-core product, a shuffle): every lane of the warp registers its
 // own arguments and waits; once all lanes wait at the same place, the scheduler runs `run` once for the
 // whole warp, with the 32 lanes' arguments in lane order, as the hardware does the operation at once.
 struct WarpOp {
@@ -828,39 +828,21 @@ inline float shuffle_xor(const char *file, int line, unsigned mask, float value,
 #define __shfl_xor_sync(mask, value, lane_mask) cuda_emu::shuffle_xor(__FILE__, __LINE__, mask, value, lane_mask)
 
 // ----------------------------------------------------------------------------
-// Tensor cores: the WMMA subset the kernels use (TF32, m16n16k8, float accumulators)
+// Tensor cores: mma.sync m16n8k8 with TF32 operands and float accumulators
 //
-// A fragment is a 16 x 8 (matrix_a), 8 x 16 (matrix_b) or 16 x 16 (accumulator) tile spread over the
-// 32 lanes of a warp, num_elements per lane, as on the GPU. Which lane holds which element is not
-// specified by CUDA; here lane l holds elements l * num_elements ... in row-major order, and kernels
-// must not depend on it. Loads, stores and products are warp-collective (see warp_collective): they run
-// once all 32 lanes have reached them, and abort with file:line if a lane does not. The product uses
-// the top 19 bits of each operand (sign, exponent, 10 mantissa bits) as the hardware does, so operands
-// not rounded by __float_to_tf32 first are truncated, as they would be on the GPU; products are
-// summed in float32 in k order (the GPU's order of accumulation is its own).
+// sparse_transformer.cu issues the instruction through two small wrappers, written in PTX for the GPU
+// (section 5b there, with the lane map): to_tf32(x) rounds an operand to TF32 (cvt.rna.tf32.f32), and
+// mma_tf32(d, a, b) is d += a b for a 16 x 8 slice of A, an 8 x 8 slice of B and a 16 x 8 accumulator,
+// each lane holding 4, 2 and 4 of their elements. Here mma_tf32 is a warp collective (see
+// warp_collective): once all 32 lanes have reached it, the scheduler gathers the three matrices from the
+// lanes by PTX's lane map, multiplies, and hands each lane its 4 elements of the result, so a kernel that
+// puts an element in the wrong lane gets a wrong product, as on the GPU; a lane that misses it aborts
+// the run with file:line. The product reads the top 19 bits of each operand (sign, exponent, 10 mantissa
+// bits) as the hardware does, so an operand not rounded by to_tf32 first is truncated, as it would be on
+// the GPU; each sum starts at the accumulator and adds the products in k order, in float32 (the GPU's
+// order of accumulation is its own).
 
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-namespace precision { struct tf32 {}; }
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K> struct FragmentShape;
-template <int M, int N, int K> struct FragmentShape<matrix_a, M, N, K> { static const int rows = M, cols = K; };
-template <int M, int N, int K> struct FragmentShape<matrix_b, M, N, K> { static const int rows = K, cols = N; };
-template <int M, int N, int K> struct FragmentShape<accumulator, M, N, K> { static const int rows = M, cols = N; };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
-    static const int rows = FragmentShape<Use, M, N, K>::rows, cols = FragmentShape<Use, M, N, K>::cols;
-    static const int num_elements = rows * cols / 32;
-    float x[num_elements];
-};
-
-inline float __float_to_tf32(float f) { return tf32_round(f); }
+namespace cuda_emu {
 inline float tf32_operand(float f) { // what a tensor core reads of a float: its top 19 bits
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -869,103 +851,38 @@ inline float tf32_operand(float f) { // what a tensor core reads of a float: its
     return f;
 }
 
-template <typename Frag> inline void fill_fragment(Frag &frag, float value) {
-    for (int e = 0; e < Frag::num_elements; e++) frag.x[e] = value;
-}
-
-// Element (r, c) of a fragment: lane and slot, in this emulator's layout.
-template <typename Frag> inline float &element(Frag *const *lanes, int r, int c) {
-    const int at = r * Frag::cols + c;
-    return lanes[at / Frag::num_elements]->x[at % Frag::num_elements];
-}
-
-template <typename Frag> struct MemoryOp {
-    Frag *frag;
-    float *memory;
-    unsigned ldm;
-    bool col_major;
+struct MmaOp {
+    float *d;
+    const float *a, *b;
 };
-template <typename Frag, bool Store> inline void move_tile(void *const *lane_args, int lanes) {
-    if (lanes != 32) cuda_emu::fail("a WMMA operation needs all 32 lanes of a warp");
-    Frag *frags[32];
-    for (int l = 0; l < 32; l++) frags[l] = static_cast<MemoryOp<Frag> *>(lane_args[l])->frag;
-    const MemoryOp<Frag> *op = static_cast<MemoryOp<Frag> *>(lane_args[0]);
-    for (int l = 1; l < 32; l++) {
-        const MemoryOp<Frag> *other = static_cast<MemoryOp<Frag> *>(lane_args[l]);
-        if (other->memory != op->memory || other->ldm != op->ldm)
-            cuda_emu::fail("the lanes of a warp passed different pointers or ldm to one WMMA load or store");
+inline void mma_lanes(void *const *lane_args, int lanes) {
+    if (lanes != 32) fail("mma_tf32 needs all 32 lanes of a warp");
+    float A[16][8], B[8][8], C[16][8];
+    for (int l = 0; l < 32; l++) { // PTX's lane map: group g = l / 4 and t = l % 4 within it
+        const MmaOp *op = static_cast<const MmaOp *>(lane_args[l]);
+        const int g = l / 4, t = l % 4;
+        for (int e = 0; e < 4; e++) A[g + 8 * (e % 2)][t + 4 * (e / 2)] = op->a[e];
+        for (int e = 0; e < 2; e++) B[t + 4 * e][g] = op->b[e];
+        for (int e = 0; e < 4; e++) C[g + 8 * (e / 2)][2 * t + e % 2] = op->d[e];
     }
-    for (int r = 0; r < Frag::rows; r++)
-        for (int c = 0; c < Frag::cols; c++) {
-            float &m = op->memory[op->col_major ? r + (size_t)c * op->ldm : (size_t)r * op->ldm + c];
-            if (Store) m = element(frags, r, c);
-            else element(frags, r, c) = m;
-        }
-}
-template <typename Frag> inline void memory_op(const char *file, int line, const char *what, Frag &frag,
-                                              const float *memory, unsigned ldm, bool col_major, bool store) {
-    if ((uintptr_t)memory % 32 || ldm % 4)
-        cuda_emu::fail("a WMMA load or store needs a 32-byte aligned pointer and ldm a multiple of 4 floats");
-    MemoryOp<Frag> op = {&frag, const_cast<float *>(memory), ldm, col_major};
-    cuda_emu::warp_collective(file, line, what, cuda_emu::WarpOp{store ? move_tile<Frag, true> : move_tile<Frag, false>, &op});
-}
-
-template <typename FA, typename FB, typename FC> struct MmaOp {
-    FC *d;
-    const FA *a;
-    const FB *b;
-    const FC *c;
-};
-template <typename FA, typename FB, typename FC> inline void mma_tiles(void *const *lane_args, int lanes) {
-    if (lanes != 32) cuda_emu::fail("a WMMA operation needs all 32 lanes of a warp");
-    FA *a[32];
-    FB *b[32];
-    FC *c[32], *d[32];
     for (int l = 0; l < 32; l++) {
-        const MmaOp<FA, FB, FC> *op = static_cast<MmaOp<FA, FB, FC> *>(lane_args[l]);
-        a[l] = const_cast<FA *>(op->a), b[l] = const_cast<FB *>(op->b), c[l] = const_cast<FC *>(op->c), d[l] = op->d;
-    }
-    float out[FC::rows][FC::cols]; // d may be c: read all of c before writing
-    for (int r = 0; r < FC::rows; r++)
-        for (int col = 0; col < FC::cols; col++) {
-            float sum = element(c, r, col);
-            for (int k = 0; k < FA::cols; k++) sum += tf32_operand(element(a, r, k)) * tf32_operand(element(b, k, col));
-            out[r][col] = sum;
+        const MmaOp *op = static_cast<const MmaOp *>(lane_args[l]);
+        const int g = l / 4, t = l % 4;
+        for (int e = 0; e < 4; e++) {
+            const int r = g + 8 * (e / 2), c = 2 * t + e % 2;
+            float sum = C[r][c];
+            for (int k = 0; k < 8; k++) sum += tf32_operand(A[r][k]) * tf32_operand(B[k][c]);
+            op->d[e] = sum;
         }
-    for (int r = 0; r < FC::rows; r++)
-        for (int col = 0; col < FC::cols; col++) element(d, r, col) = out[r][col];
+    }
 }
-template <typename FA, typename FB, typename FC>
-inline void mma(const char *file, int line, FC &d, const FA &a, const FB &b, const FC &c) {
-    MmaOp<FA, FB, FC> op = {&d, &a, &b, &c};
-    cuda_emu::warp_collective(file, line, "wmma::mma_sync", cuda_emu::WarpOp{mma_tiles<FA, FB, FC>, &op});
+inline void mma_tf32(const char *file, int line, float *d, const float *a, const float *b) {
+    MmaOp op = {d, a, b};
+    warp_collective(file, line, "mma_tf32", WarpOp{mma_lanes, &op});
 }
-} // namespace wmma
-} // namespace nvcuda
-
-// The _sync calls carry the caller's file and line, for the abort message of a lane that misses one.
-#define load_matrix_sync(frag, ...) load_at(__FILE__, __LINE__, frag, __VA_ARGS__)
-#define store_matrix_sync(memory, ...) store_at(__FILE__, __LINE__, memory, __VA_ARGS__)
-#define mma_sync(...) mma(__FILE__, __LINE__, __VA_ARGS__)
-namespace nvcuda {
-namespace wmma {
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_at(const char *file, int line, fragment<Use, M, N, K, T, Layout> &frag, const float *memory, unsigned ldm) {
-    memory_op(file, line, "wmma::load_matrix_sync", frag, memory, ldm, std::is_same<Layout, col_major>::value, false);
-}
-template <int M, int N, int K, typename T>
-inline void load_at(const char *file, int line, fragment<accumulator, M, N, K, T> &frag, const float *memory,
-                    unsigned ldm, layout_t layout) {
-    memory_op(file, line, "wmma::load_matrix_sync", frag, memory, ldm, layout == mem_col_major, false);
-}
-template <int M, int N, int K, typename T>
-inline void store_at(const char *file, int line, float *memory, const fragment<accumulator, M, N, K, T> &frag,
-                     unsigned ldm, layout_t layout) {
-    memory_op(file, line, "wmma::store_matrix_sync", const_cast<fragment<accumulator, M, N, K, T> &>(frag), memory,
-              ldm, layout == mem_col_major, true);
-}
-} // namespace wmma
-} // namespace nvcuda
+} // namespace cuda_emu
+inline float to_tf32(float x) { return tf32_round(x); }
+#define mma_tf32(d, a, b) cuda_emu::mma_tf32(__FILE__, __LINE__, d, a, b)
 
 // kernel<<<grid, block, shared_bytes>>>(args...) spelled as a macro both builds understand.
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \

@@ -36,7 +36,6 @@ exercises: tools/exercise.sh N start blanks it, for you to write again (README: 
 #ifdef __CUDACC__
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
-#include <mma.h> // WMMA: the tensor cores
 #define KERNEL_LAUNCH(kernel, grid, block, shared_bytes, ...) \
     kernel<<<grid, block, shared_bytes>>>(__VA_ARGS__)
 #define BUILT_FOR_GPU 1
@@ -668,7 +667,8 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 // 4b. A tile kernel's block: its threads, its tiles in shared memory, the contracts of its helpers
 
 // Section 5's kernels give each block one tile of output, TILE rows, and its threads split each tile
-// alike: thread t owns row t % TILE and the (t / TILE)-th of WARPS equal parts of the row's columns.
+// alike: thread t owns row t % TILE and the (t / TILE)-th of WARPS equal parts of the row's columns
+// (except, on the tensor cores, the output tile's running sums: OwnedTile below).
 // This part is what they share; a first reading can skip to section 5 and come back.
 // A GPU block has 4 warps: a thread keeps few values in registers, and four warps hide each other's
 // waits on memory. The CPU build has 1 warp, a thread per row: it runs a block's threads one after
@@ -691,7 +691,8 @@ static void key_tile_ranges(const TileRange *q_tiles, int n_qtiles, TileRange *k
 
 // The block's dynamic shared memory (sized at launch); each kernel carves its tiles from it. Rows are
 // padded: by one float for the float32 loops, so that 32 threads reading 32 rows at one column hit 32
-// different banks; by four for the tensor cores, whose loads need rows on 16-byte boundaries.
+// different banks; by four for the tensor cores, whose operand reads (section 5b: lanes 4g + t, g of 8
+// rows and t of 4 columns, or the other way round) then meet at most two to a bank.
 extern __shared__ __align__(32) float smem[];
 template <int D, bool TF32> struct TileShape {
     static const int PAD = TF32 ? 4 : 1;
@@ -700,13 +701,29 @@ template <int D, bool TF32> struct TileShape {
     static const int SROW = TILE + PAD;     // floats per row of a (TILE, TILE) score tile
     static const int SCORES = TILE * SROW;  // floats of a (TILE, TILE) tile
     static const int TMATRIX = D * SROW;    // floats of a (D, TILE) tile: a (TILE, D) one transposed
-    static const int OWN = D / WARPS;       // the columns of a (TILE, D) tile's row that a thread owns
+    static const int OWN = D / WARPS;       // the entries of a (TILE, D) tile that a thread owns
+    static const int RUN = TF32 ? 2 : OWN;  // how many of them in a row lie on one row of the tile
     static_assert(TILE == 32 && D % WARPS == 0, "a tile's rows are a warp's lanes; the warps' parts cover its columns");
+    static_assert(!TF32 || OWN % 4 == 0, "the tensor cores' threads own whole 16 x 8 accumulators, 4 entries each");
 };
 // The part of a (TILE, COLS) tile this thread owns: row own_row(), columns own_col<COLS>() + 0 .. COLS / WARPS - 1.
 __device__ static inline int own_row(void) { return threadIdx.x % TILE; }
 template <int COLS> __device__ static inline int own_col(void) { return threadIdx.x / TILE * (COLS / WARPS); }
-template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN]; // a thread's part of a (TILE, D) tile
+// A thread's part of a (TILE, D) output tile (out, dK, dV, dQ), kept in registers across a kernel's loop:
+// in the float32 body the row and columns above; on the tensor cores the accumulators of 16 x 8 blocks,
+// in their lane map (section 5b). Entry u of it is element (out_row(u), out_col(u)) of the tile.
+template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN];
+// Block number `warp + WARPS j` of the tile's (TILE / 16) x (D / 8) blocks of 16 x 8 holds a thread's
+// entries 4 j .. 4 j + 3: blocks alternate between the top and the bottom half, then move 8 columns on.
+__device__ static inline int mma_block(int u) { return threadIdx.x / 32 + WARPS * (u / 4); }
+template <bool TF32> __device__ static inline int out_row(int u) {
+    const int lane = threadIdx.x % 32;
+    return TF32 ? mma_block(u) % 2 * 16 + lane / 4 + 8 * (u % 4 / 2) : own_row();
+}
+template <int D, bool TF32> __device__ static inline int out_col(int u) {
+    const int lane = threadIdx.x % 32;
+    return TF32 ? mma_block(u) / 2 * 8 + 2 * (lane % 4) + u % 2 : own_col<D>() + u;
+}
 
 // Where the dK/dV kernel keeps each tile pair's dS for the dQ kernel: (TILE, TILE) tiles stored column
 // by column, so that a GPU warp, whose 32 lanes own the tile's 32 rows, writes and reads 32 neighbours.
@@ -746,8 +763,7 @@ __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s,
 // acc += A B (A^T B if TRANSPOSED) for this thread's part of a (TILE, D) tile; A is a (TILE, TILE) score
 // tile, B a (TILE, D) tile.
 template <int D, bool TF32, bool TRANSPOSED>
-__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
-                                          float *scratch_s);
+__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s);
 
 // ----------------------------------------------------------------------------
 // 5. Kernels
@@ -764,10 +780,12 @@ __device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &ac
 // A block owns its output tile: no two blocks write the same row, so there are no atomics, and every
 // sum is taken in the same order on every run. Its TILE_THREADS threads split every tile the same way:
 // thread t owns row t % TILE (a warp's 32 lanes are a tile's 32 rows) and the (t / TILE)-th of WARPS
-// equal parts of its columns. The tiles sit in shared memory (TileShape); the products of tiles are two
-// helpers, tile_scores (S = Q K^T, masked) and accumulate_product (O += P V), each with two bodies:
-// float32 loops, or the tensor cores with TF32 operands (the template parameter TF32). Section 4b set
-// out the block, its shared-memory tiles and the helpers' contracts; the helpers follow the kernels (5b).
+// equal parts of its columns (on the tensor cores the output's running sums are split as the
+// instruction holds them: OwnedTile, out_row, out_col). The tiles sit in shared memory (TileShape);
+// the products of tiles are two helpers, tile_scores (S = Q K^T, masked) and accumulate_product
+// (O += P V), each with two bodies: float32 loops, or the tensor cores with TF32 operands (the template
+// parameter TF32). Section 4b set out the block, its shared-memory tiles and the helpers' contracts;
+// the helpers follow the kernels (5b).
 
 // Forward: out_i = sum_j softmax_j(s_ij) v_j over the keys of this step, s_ij = q_i . k_j / sqrt(D),
 // with FlashAttention's online softmax: a running max m and a running sum per row, so the scores of a
@@ -787,17 +805,16 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
     float *alpha_s = P_s + S::SCORES;     // (TILE) how much each row's running output shrinks
     float *w_old_s = alpha_s + TILE;      // (TILE) merge weights (accumulate)
     float *w_new_s = w_old_s + TILE;      // (TILE)
-    float *scratch_s = w_new_s + TILE;    // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t in = head_start(at.qkv, b, h);
     q += in; k += in; v += in; out += head_start(at.out, b, h); lse += ((size_t)b * H + h) * st.n;
     const size_t ld = at.qkv.row;         // the rows of q, k and v
     const TileRange keys = tiles[qt];     // the key tiles of this query tile
-    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>(); // this thread's part of the output
+    const int p0 = qt * TILE;
 
     load_tile<D, TF32>(Q_s, q, ld, st, p0, false, LOG2E / sqrtf((float)D));
-    float o[S::OWN] = {};                   // this thread's part of the unnormalised output
+    OwnedTile<D, TF32> o = {};              // this thread's part of the unnormalised output
     float m = -INFINITY, row_sum = 0.0f;    // running max and sum of row threadIdx.x (threads < TILE)
 
     for (int kt = keys.first; kt <= keys.last; kt++) {
@@ -833,8 +850,8 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
 
         // Pass 3: O = diag(alpha) O + P V
         #pragma unroll
-        for (int u = 0; u < S::OWN; u++) o[u] *= alpha_s[orow];
-        accumulate_product<D, TF32, false>(o, P_s, V_s, scratch_s);
+        for (int u = 0; u < S::OWN; u++) o[u] *= alpha_s[out_row<TF32>(u)];
+        accumulate_product<D, TF32, false>(o, P_s, V_s);
     }
 
     // Finish each row: its log-sum-exp (natural log), and the weights of the merge with the first step
@@ -852,13 +869,16 @@ attention_forward_kernel(float *out, float *lse, const float *q, const float *k,
         // Exercise 4 ends here.
     }
     __syncthreads();
-    const int i = step_query_position(st, p0 + orow);
-    if (i < 0) return;
     #pragma unroll
-    for (int u = 0; u < S::OWN; u++) {
-        const size_t e = (size_t)i * at.out.row + ocol + u;
-        const float before = accumulate ? out[e] * w_old_s[orow] : 0.0f;
-        out[e] = before + o[u] * w_new_s[orow];
+    for (int u0 = 0; u0 < S::OWN; u0 += S::RUN) { // S::RUN entries at a time, on one row
+        const int row = out_row<TF32>(u0), i = step_query_position(st, p0 + row);
+        if (i < 0) continue;
+        #pragma unroll
+        for (int u = u0; u < u0 + S::RUN; u++) {
+            const size_t e = (size_t)i * at.out.row + out_col<D, TF32>(u);
+            const float before = accumulate ? out[e] * w_old_s[row] : 0.0f;
+            out[e] = before + o[u] * w_new_s[row];
+        }
     }
 }
 
@@ -952,18 +972,17 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE) lse * log2(e)
     float *delta_s = lse2_s + TILE;     // (TILE)
-    float *scratch_s = delta_s + TILE;  // (TILE, D) the tensor cores' product (TF32 only)
 
     const int kt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t in = head_start(at.qkv, b, h), bh = (size_t)b * H + h;
     q += in; k += in; v += in; dk += in; dv += in; dout += head_start(at.out, b, h);
     lse += bh * st.n; delta += bh * st.n;
     const TileRange queries = tiles[kt]; // the query tiles that meet this key tile
-    const int s0 = kt * TILE, orow = own_row(), ocol = own_col<D>();
+    const int s0 = kt * TILE;
 
     load_tile<D, TF32, true>(Kt_s, k, at.qkv.row, st, s0, true, 1.0f);
     load_tile<D, TF32, true>(Vt_s, v, at.qkv.row, st, s0, true, 1.0f);
-    float dk_acc[S::OWN] = {}, dv_acc[S::OWN] = {};
+    OwnedTile<D, TF32> dk_acc = {}, dv_acc = {};
 
     for (int qt = queries.first; qt <= queries.last; qt++) {
         const bool full = queries.first_full <= qt && qt <= queries.last_full;
@@ -974,17 +993,20 @@ attention_backward_kv_kernel(float *dk, float *dv, const float *dout, const floa
         if (saved.ds) save_scores<D, TF32>(saved_tile(saved, qt, kt), dS_s); // for the dQ kernel
         __syncthreads();
         // dV += P^T dO and dK += dS^T Q, for the part of the key tile this thread owns
-        accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s, scratch_s);
-        accumulate_product<D, TF32, true>(dk_acc, dS_s, Q_s, scratch_s);
+        accumulate_product<D, TF32, true>(dv_acc, P_s, dO_s);
+        accumulate_product<D, TF32, true>(dk_acc, dS_s, Q_s);
     }
     // Q_s carries log2(e) / sqrt(D); ln 2 takes the log2(e) back out
-    const int j = step_key_position(st, s0 + orow);
-    if (j < 0) return;
     #pragma unroll
-    for (int u = 0; u < S::OWN; u++) {
-        const size_t e = (size_t)j * at.qkv.row + ocol + u;
-        dk[e] = accumulate ? dk[e] + dk_acc[u] * LN2 : dk_acc[u] * LN2;
-        dv[e] = accumulate ? dv[e] + dv_acc[u] : dv_acc[u];
+    for (int u0 = 0; u0 < S::OWN; u0 += S::RUN) { // S::RUN entries at a time, on one row
+        const int j = step_key_position(st, s0 + out_row<TF32>(u0));
+        if (j < 0) continue;
+        #pragma unroll
+        for (int u = u0; u < u0 + S::RUN; u++) {
+            const size_t e = (size_t)j * at.qkv.row + out_col<D, TF32>(u);
+            dk[e] = accumulate ? dk[e] + dk_acc[u] * LN2 : dk_acc[u] * LN2;
+            dv[e] = accumulate ? dv[e] + dv_acc[u] : dv_acc[u];
+        }
     }
 }
 
@@ -1008,17 +1030,16 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
     float *dS_s = P_s + S::SCORES;      // (TILE, TILE)
     float *lse2_s = dS_s + S::SCORES;   // (TILE)
     float *delta_s = lse2_s + TILE;     // (TILE)
-    float *scratch_s = delta_s + TILE;  // (TILE, D) the tensor cores' product (TF32 only)
 
     const int qt = blockIdx.x, b = blockIdx.z, h = heads[blockIdx.y];
     const size_t in = head_start(at.qkv, b, h), bh = (size_t)b * H + h, ld = at.qkv.row;
     q += in; k += in; v += in; dq += in; dout += head_start(at.out, b, h);
     lse += bh * st.n; delta += bh * st.n;
     const TileRange keys = tiles[qt];   // the key tiles of this query tile
-    const int p0 = qt * TILE, orow = own_row(), ocol = own_col<D>();
+    const int p0 = qt * TILE;
 
     if (!saved.ds) load_query_side<D, TF32>(Q_s, dO_s, lse2_s, delta_s, q, dout, lse, delta, at, st, p0);
-    float dq_acc[S::OWN] = {};
+    OwnedTile<D, TF32> dq_acc = {};
 
     for (int kt = keys.first; kt <= keys.last; kt++) {
         __syncthreads();
@@ -1034,15 +1055,18 @@ attention_backward_q_kernel(float *dq, const float *dout, const float *lse, cons
         }
         __syncthreads();
         // dQ += dS K, for the part of the query tile this thread owns
-        accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s, scratch_s);
+        accumulate_product<D, TF32, false>(dq_acc, dS_s, K_s);
     }
     const float scale = 1.0f / sqrtf((float)D);
-    const int i = step_query_position(st, p0 + orow);
-    if (i < 0) return;
     #pragma unroll
-    for (int u = 0; u < S::OWN; u++) {
-        const size_t e = (size_t)i * ld + ocol + u;
-        dq[e] = accumulate ? dq[e] + dq_acc[u] * scale : dq_acc[u] * scale;
+    for (int u0 = 0; u0 < S::OWN; u0 += S::RUN) { // S::RUN entries at a time, on one row
+        const int i = step_query_position(st, p0 + out_row<TF32>(u0));
+        if (i < 0) continue;
+        #pragma unroll
+        for (int u = u0; u < u0 + S::RUN; u++) {
+            const size_t e = (size_t)i * ld + out_col<D, TF32>(u);
+            dq[e] = accumulate ? dq[e] + dq_acc[u] * scale : dq_acc[u] * scale;
+        }
     }
 }
 
@@ -1096,17 +1120,39 @@ __device__ static void load_row_values(float *dst, const float *x, const Step &s
     }
 }
 
-using namespace nvcuda; // wmma: <mma.h> on the GPU, cuda_on_cpu.h on the CPU
-// Tensor-core operands: a 16 x 8 slice of A, an 8 x 16 slice of B, a 16 x 16 float accumulator.
-template <typename Layout> using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, Layout>;
-template <typename Layout> using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, Layout>;
-typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> FragC;
-
-// Loads an operand and rounds it to TF32 (to nearest, 10 mantissa bits): the tensor core would
-// otherwise just drop the low 13 bits.
-template <typename Frag> __device__ static inline void load_tf32(Frag &frag, const float *tile, int ldm) {
-    wmma::load_matrix_sync(frag, tile, ldm);
-    for (int e = 0; e < frag.num_elements; e++) frag.x[e] = wmma::__float_to_tf32(frag.x[e]);
+// The tensor cores' instruction, mma.sync m16n8k8 with TF32 operands: a warp computes D = A B + D, A a
+// 16 x 8 matrix, B an 8 x 8 one, D 16 x 8 in float32, each lane holding a few elements of each in its
+// registers. Lane l is thread t = l % 4 of group g = l / 4 (PTX's lane map):
+//   A (16 x 8)  a[e] = A(g + 8 (e % 2), t + 4 (e / 2))      e = 0..3      lane 0: A(0,0) A(8,0) A(0,4) A(8,4)
+//   B (8 x 8)   b[e] = B(t + 4 e, g)                         e = 0..1      lane 0: B(0,0) B(4,0)
+//   D (16 x 8)  d[e] = D(g + 8 (e / 2), 2 t + e % 2)         e = 0..3      lane 5: D(1,2) D(1,3) D(9,2) D(9,3)
+// Operands are first rounded to TF32 (to nearest, 10 mantissa bits; the instruction would drop the low
+// 13 bits). cuda_on_cpu.h runs both as the hardware does: the product as a warp collective over this map.
+#if BUILT_FOR_GPU
+__device__ static inline float to_tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return __uint_as_float(r);
+}
+__device__ static inline void mma_tf32(float *d, const float *a, const float *b) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+                   "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+}
+#endif
+// d += A B for the 16 x 8 block at (row0, col0) of a product, k from k0 to k0 + 7: A(r, k) at
+// a[r * ar + k * ac], B(k, c) at b[k * br + c * bc] (strides in floats: either matrix may be read transposed).
+__device__ static __forceinline__ void mma_block_product(float *d, const float *a, int ar, int ac, const float *b,
+                                                         int br, int bc, int row0, int col0, int k0) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    float fa[4], fb[2];
+    #pragma unroll
+    for (int e = 0; e < 4; e++) fa[e] = to_tf32(a[(row0 + g + 8 * (e % 2)) * ar + (k0 + t + 4 * (e / 2)) * ac]);
+    #pragma unroll
+    for (int e = 0; e < 2; e++) fb[e] = to_tf32(b[(k0 + t + 4 * e) * br + (col0 + g) * bc]);
+    mma_tf32(d, fa, fb);
 }
 
 // In a full tile pair every pair is allowed. In another, the keys of this thread's row are one range of
@@ -1118,7 +1164,7 @@ template <typename Frag> __device__ static inline void load_tf32(Frag &frag, con
 // the one before (4 cycles), which would leave the vector unit idle three cycles in four; four parts
 // keep it busy (a training step 7-8% faster). A GPU thread's 8 sums are 8 chains already and other
 // warps hide the wait; registers are what it lacks (four parts made the dK/dV kernel spill at D = 128).
-// The tensor cores compute the whole tile (each warp one or more of its 16 x 16 quarters, then a
+// The tensor cores compute the whole tile (each warp some of its 16 x 8 blocks, into S_s, then a
 // barrier). Each thread then masks the entries it owns, which later passes rely on.
 template <int D, bool TF32>
 __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s, const float *Bt_s, float masked, const Step &st,
@@ -1126,19 +1172,13 @@ __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s,
     typedef TileShape<D, TF32> S;
     const int r = own_row(), c0 = own_col<TILE>(), OWN = TILE / WARPS, PARTS = BUILT_FOR_GPU ? 1 : 4;
     static_assert(D % 4 == 0 && (PARTS == 1 || PARTS == 4), "a sum's parts take every PARTS-th term");
-    if constexpr (TF32) {
-        for (int quarter = threadIdx.x / 32; quarter < 4; quarter += WARPS) {
-            const int row0 = quarter % 2 * 16, col0 = quarter / 2 * 16;
-            FragA<wmma::row_major> a;
-            FragB<wmma::row_major> b;
-            FragC acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int k = 0; k < D; k += 8) {
-                load_tf32(a, A_s + row0 * S::ROW + k, S::ROW);
-                load_tf32(b, Bt_s + k * S::SROW + col0, S::SROW);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(S_s + row0 * S::SROW + col0, acc, S::SROW, wmma::mem_row_major);
+    if constexpr (TF32) { // each warp some of the tile's 2 x 4 blocks of 16 x 8, stored into S_s
+        for (int block = threadIdx.x / 32; block < TILE / 16 * TILE / 8; block += WARPS) {
+            const int row0 = block % 2 * 16, col0 = block / 2 * 8, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+            float d[4] = {};
+            for (int k = 0; k < D; k += 8) mma_block_product(d, A_s, S::ROW, 1, Bt_s, S::SROW, 1, row0, col0, k);
+            #pragma unroll
+            for (int e = 0; e < 4; e++) S_s[(row0 + g + 8 * (e / 2)) * S::SROW + col0 + 2 * t + e % 2] = d[e];
         }
         __syncthreads();
     }
@@ -1171,52 +1211,38 @@ __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s,
         if (c < first || c > last) row[c] = masked;
 }
 
-// The tensor cores compute A B into `scratch_s`, a (TILE, D) tile (each warp some 16 x 16 pieces);
-// after a barrier every thread adds its own entries, and a second barrier frees the scratch tile.
+// On the tensor cores each thread's acc holds accumulators of the product itself (out_row, out_col), which
+// the instruction adds into: no tile in shared memory, no barrier.
 template <int D, bool TF32, bool TRANSPOSED>
-__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s,
-                                          float *scratch_s) {
+__device__ static __forceinline__ void accumulate_product(OwnedTile<D, TF32> &acc, const float *A_s, const float *B_s) {
     typedef TileShape<D, TF32> S;
-    const int row = own_row(), c0 = own_col<D>();
     if constexpr (TF32) {
-        typedef typename std::conditional<TRANSPOSED, wmma::col_major, wmma::row_major>::type LayoutA;
-        const int warp = threadIdx.x / 32;
-        for (int piece = warp; piece < 2 * D / 16; piece += WARPS) {
-            const int row0 = piece % 2 * 16, col0 = piece / 2 * 16;
-            FragA<LayoutA> a;
-            FragB<wmma::row_major> b;
-            FragC product;
-            wmma::fill_fragment(product, 0.0f);
-            for (int k = 0; k < TILE; k += 8) {
-                load_tf32(a, TRANSPOSED ? A_s + k * S::SROW + row0 : A_s + row0 * S::SROW + k, S::SROW);
-                load_tf32(b, B_s + k * S::ROW + col0, S::ROW);
-                wmma::mma_sync(product, a, b, product);
-            }
-            wmma::store_matrix_sync(scratch_s + row0 * S::ROW + col0, product, S::ROW, wmma::mem_row_major);
+        #pragma unroll
+        for (int u = 0; u < S::OWN; u += 4) {
+            const int row0 = mma_block(u) % 2 * 16, col0 = mma_block(u) / 2 * 8;
+            #pragma unroll
+            for (int k = 0; k < TILE; k += 8)
+                mma_block_product(acc + u, A_s, TRANSPOSED ? 1 : S::SROW, TRANSPOSED ? S::SROW : 1, B_s, S::ROW, 1,
+                                  row0, col0, k);
         }
-        __syncthreads();
+        return;
     }
     // The sums of this thread's row and columns c0 + u: each one a dot product summed in c order, all of
     // them advancing together, one c at a time, as in tile_scores.
+    const int row = own_row(), c0 = own_col<D>();
     float sum[S::OWN] = {};
-    if constexpr (TF32) {
+    #pragma unroll 4
+    for (int c = 0; c < TILE; c++) {
+        const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
+        // A 0 weight (a masked pair's probability or dS) adds +-0 (B is finite), which leaves a sum
+        // that starts at +0 as it is: skipped, it changes no bit, and a CPU saves most of a partial
+        // tile's work.
+        if (a == 0.0f) continue;
         #pragma unroll
-        for (int u = 0; u < S::OWN; u++) sum[u] = scratch_s[row * S::ROW + c0 + u];
-    } else {
-        #pragma unroll 4
-        for (int c = 0; c < TILE; c++) {
-            const float a = TRANSPOSED ? A_s[c * S::SROW + row] : A_s[row * S::SROW + c];
-            // A 0 weight (a masked pair's probability or dS) adds +-0 (B is finite), which leaves a sum
-            // that starts at +0 as it is: skipped, it changes no bit, and a CPU saves most of a partial
-            // tile's work.
-            if (a == 0.0f) continue;
-            #pragma unroll
-            for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
-        }
+        for (int u = 0; u < S::OWN; u++) sum[u] += a * B_s[c * S::ROW + c0 + u];
     }
     #pragma unroll
     for (int u = 0; u < S::OWN; u++) acc[u] += sum[u];
-    if constexpr (TF32) __syncthreads();
 }
 
 // ----------------------------------------------------------------------------
@@ -1354,19 +1380,18 @@ StAttentionStats st_attention_stats(const StAttention *a) {
     if (precision == ST_TF32) { const bool TF = true; DISPATCH_HEAD_SIZE(D, __VA_ARGS__) } \
     else { const bool TF = false; DISPATCH_HEAD_SIZE(D, __VA_ARGS__) }
 
-// The kernels' shared memory: (TILE, D) tiles, (D, TILE) ones, score tiles, rows of TILE values, and on
-// the tensor cores one more (TILE, D) tile for the products.
+// The kernels' shared memory: (TILE, D) tiles, (D, TILE) ones, score tiles and rows of TILE values.
 template <int D, bool TF32> static size_t forward_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
-    return ((2 + TF32) * (size_t)S::MATRIX + S::TMATRIX + S::SCORES + 3 * TILE) * sizeof(float);
+    return (2 * (size_t)S::MATRIX + S::TMATRIX + S::SCORES + 3 * TILE) * sizeof(float);
 }
 template <int D, bool TF32> static size_t backward_kv_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
-    return ((2 + TF32) * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
+    return (2 * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
 }
 template <int D, bool TF32> static size_t backward_q_shared_bytes(void) {
     typedef TileShape<D, TF32> S;
-    return ((3 + TF32) * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
+    return (3 * (size_t)S::MATRIX + 2 * S::TMATRIX + 2 * S::SCORES + 2 * TILE) * sizeof(float);
 }
 
 // The layout asked for, or (B, H, T, D) for every tensor. The kernels read rows 16 bytes at a time

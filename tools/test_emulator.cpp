@@ -80,44 +80,38 @@ __global__ void thread5_skips_barrier(int *out) {
     out[threadIdx.x] = 1;
 }
 
-// Tensor cores: each warp of the block computes its own D = A B + C (16 x 8 by 8 x 16, TF32 operands,
-// float accumulators); warp w reads tile w and repeats the product w + 1 times (warps meet at their
-// collective operations independently), then all meet at a barrier.
-using namespace nvcuda;
-__global__ void wmma_products(float *d, const float *a, const float *b, const float *c, int round) {
-    const int w = threadIdx.x / 32;
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
-    wmma::load_matrix_sync(fa, a + w * 16 * 8, 8);
-    wmma::load_matrix_sync(fb, b + w * 16 * 8, 8); // B (8 x 16) stored column by column
-    if (round) {
-        for (int e = 0; e < fa.num_elements; e++) fa.x[e] = wmma::__float_to_tf32(fa.x[e]);
-        for (int e = 0; e < fb.num_elements; e++) fb.x[e] = wmma::__float_to_tf32(fb.x[e]);
-    }
-    wmma::load_matrix_sync(fc, c + w * 256, 16, wmma::mem_row_major);
-    for (int rep = 0; rep <= w; rep++) wmma::mma_sync(fc, fa, fb, fc);
+// Tensor cores: each warp of the block computes its own D = A B + C (16 x 8 by 8 x 8, TF32 operands,
+// float accumulators) with mma_tf32; warp w reads matrices w (row-major) and repeats the product w + 1
+// times (warps meet at their collective operations independently), then all meet at a barrier. The
+// fragments are taken and put back by PTX's lane map, written here from the PTX manual (group g = lane
+// / 4, t = lane % 4), apart from the emulator's own: a product gathered by another map comes out wrong.
+__device__ static int a_at(int e, int lane) { return (lane / 4 + 8 * (e % 2)) * 8 + lane % 4 + 4 * (e / 2); }
+__device__ static int b_at(int e, int lane) { return (lane % 4 + 4 * e) * 8 + lane / 4; }
+__device__ static int d_at(int e, int lane) { return (lane / 4 + 8 * (e / 2)) * 8 + 2 * (lane % 4) + e % 2; }
+__global__ void mma_products(float *d, const float *a, const float *b, const float *c, int round) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    a += w * 128, b += w * 64, c += w * 128, d += w * 128;
+    float fa[4], fb[2], fd[4];
+    for (int e = 0; e < 4; e++) fa[e] = round ? to_tf32(a[a_at(e, lane)]) : a[a_at(e, lane)];
+    for (int e = 0; e < 2; e++) fb[e] = round ? to_tf32(b[b_at(e, lane)]) : b[b_at(e, lane)];
+    for (int e = 0; e < 4; e++) fd[e] = c[d_at(e, lane)];
+    for (int rep = 0; rep <= w; rep++) mma_tf32(fd, fa, fb);
     __syncthreads();
-    wmma::store_matrix_sync(d + w * 256, fc, 16, wmma::mem_row_major);
+    for (int e = 0; e < 4; e++) d[d_at(e, lane)] = fd[e];
 }
 
 // Collective bugs: lane 5 skips the product; lanes split between two products.
 __global__ void lane_skips_mma(float *d) {
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
-    wmma::fill_fragment(fc, 1.0f);
+    float fa[4] = {1, 1, 1, 1}, fb[2] = {1, 1}, fd[4] = {};
     if (threadIdx.x == 5) return;
-    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
-    wmma::fill_fragment(fa, 1.0f);
-    wmma::fill_fragment(fb, 1.0f);
-    wmma::mma_sync(fc, fa, fb, fc);
-    wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+    mma_tf32(fd, fa, fb);
+    d[threadIdx.x] = fd[0];
 }
 __global__ void lanes_split(float *d) {
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> fc;
-    if (threadIdx.x < 16) wmma::load_matrix_sync(fc, d, 16, wmma::mem_row_major);
-    else wmma::load_matrix_sync(fc, d + 256, 16, wmma::mem_row_major);
-    wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+    float fa[4] = {1, 1, 1, 1}, fb[2] = {1, 1}, fd[4] = {};
+    if (threadIdx.x < 16) mma_tf32(fd, fa, fb);
+    else mma_tf32(fd, fa, fb); // the same product, another place
+    d[threadIdx.x] = fd[0];
 }
 
 // Warp shuffles: each lane's value is its lane number plus 100 times its warp; out[t] gets lane t ^ m's.
@@ -196,9 +190,9 @@ static void check_aborts() {
         Buffer tiles(512);
         for (float &x : tiles) x = 1.0f;
         check(aborts_with([&] { KERNEL_LAUNCH(lane_skips_mma, 1, 32, 0, tiles.data()); }, "lane 5 has finished"),
-              "a WMMA product that lane 5 skips aborts, naming the lane and the place");
+              "a tensor-core product that lane 5 skips aborts, naming the lane and the place");
         check(aborts_with([&] { KERNEL_LAUNCH(lanes_split, 1, 32, 0, tiles.data()); }, "every lane of the warp must reach"),
-              "lanes split between two WMMA loads abort with both places named");
+              "lanes split between two tensor-core products abort with both places named");
     }
     {
         Buffer out(32);
@@ -266,20 +260,20 @@ int main() {
     {
         // TF32 rounding: to nearest with 10 explicit mantissa bits, ties away from zero (cvt.rna)
         const float one = 1.0f, ulp = ldexpf(1.0f, -10), half = ldexpf(1.0f, -11);
-        const bool ok = wmma::__float_to_tf32(one + half) == one + ulp &&            // a tie rounds away
-                        wmma::__float_to_tf32(-(one + half)) == -(one + ulp) &&
-                        wmma::__float_to_tf32(one + half - ldexpf(1.0f, -23)) == one && // below the tie: down
-                        wmma::__float_to_tf32(one + 3 * half) == one + 2 * ulp &&      // 1.5 ulp: a tie, away
-                        wmma::__float_to_tf32(bits_to_float(0x3f802000u)) == bits_to_float(0x3f802000u) &&
-                        std::isnan(wmma::__float_to_tf32(NAN)) && wmma::__float_to_tf32(INFINITY) == INFINITY;
-        check(ok, "__float_to_tf32 rounds to nearest, 10 mantissa bits, ties away from zero; NaN and inf stay");
+        const bool ok = to_tf32(one + half) == one + ulp &&            // a tie rounds away
+                        to_tf32(-(one + half)) == -(one + ulp) &&
+                        to_tf32(one + half - ldexpf(1.0f, -23)) == one && // below the tie: down
+                        to_tf32(one + 3 * half) == one + 2 * ulp &&      // 1.5 ulp: a tie, away
+                        to_tf32(bits_to_float(0x3f802000u)) == bits_to_float(0x3f802000u) &&
+                        std::isnan(to_tf32(NAN)) && to_tf32(INFINITY) == INFINITY;
+        check(ok, "to_tf32 rounds to nearest, 10 mantissa bits, ties away from zero; NaN and inf stay");
     }
     {
         // 4 warps, each its own product (a different number of times), against a double reference of
         // the same rounded operands. Rounded operands are exact in float and their products too
         // (11 x 11 bits); the sums of 8 terms err by at most 8 float roundings: 1e-6 relative.
         const int warps = 4;
-        Buffer a(warps * 128), b(warps * 128), c(warps * 256), d(warps * 256); // WMMA wants 32-byte alignment
+        Buffer a(warps * 128), b(warps * 64), c(warps * 128), d(warps * 128);
         unsigned state = 12345;
         auto rnd = [&] { state = state * 1664525u + 1013904223u; return (float)(state >> 8) / 16777216.0f * 2 - 1; };
         for (auto &x : a) x = rnd();
@@ -287,22 +281,22 @@ int main() {
         for (auto &x : c) x = rnd();
         double worst = 0;
         for (int round = 1; round >= 0; round--) {
-            KERNEL_LAUNCH(wmma_products, 1, 32 * warps, 0, d.data(), a.data(), b.data(), c.data(), round);
+            KERNEL_LAUNCH(mma_products, 1, 32 * warps, 0, d.data(), a.data(), b.data(), c.data(), round);
             worst = 0;
             for (int w = 0; w < warps; w++)
                 for (int r = 0; r < 16; r++)
-                    for (int col = 0; col < 16; col++) {
+                    for (int col = 0; col < 8; col++) {
                         double dot = 0;
                         for (int k = 0; k < 8; k++) {
-                            const float x = a[w * 128 + r * 8 + k], y = b[w * 128 + col * 8 + k];
-                            dot += (double)(round ? wmma::__float_to_tf32(x) : wmma::tf32_operand(x)) *
-                                   (round ? wmma::__float_to_tf32(y) : wmma::tf32_operand(y));
+                            const float x = a[w * 128 + r * 8 + k], y = b[w * 64 + k * 8 + col];
+                            dot += (double)(round ? to_tf32(x) : cuda_emu::tf32_operand(x)) *
+                                   (round ? to_tf32(y) : cuda_emu::tf32_operand(y));
                         }
-                        const double want = c[w * 256 + r * 16 + col] + (w + 1) * dot;
-                        worst = fmax(worst, fabs(d[w * 256 + r * 16 + col] - want) / (fabs(want) + 1));
+                        const double want = c[w * 128 + r * 8 + col] + (w + 1) * dot;
+                        worst = fmax(worst, fabs(d[w * 128 + r * 8 + col] - want) / (fabs(want) + 1));
                     }
-            check(worst < 1e-6, round ? "WMMA TF32 products of 4 warps, each at its own pace: exact to float rounding"
-                                      : "WMMA reads unrounded operands' top 19 bits (truncation), as the hardware does");
+            check(worst < 1e-6, round ? "mma_tf32 products of 4 warps, each at its own pace, by PTX's lane map: exact to float rounding"
+                                      : "mma_tf32 reads unrounded operands' top 19 bits (truncation), as the hardware does");
         }
     }
     {
