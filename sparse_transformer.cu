@@ -713,16 +713,18 @@ template <int COLS> __device__ static inline int own_col(void) { return threadId
 // in the float32 body the row and columns above; on the tensor cores the accumulators of 16 x 8 blocks,
 // in their lane map (section 5b). Entry u of it is element (out_row(u), out_col(u)) of the tile.
 template <int D, bool TF32> using OwnedTile = float[TileShape<D, TF32>::OWN];
+// Element e (0..3) of a 16 x 8 accumulator of the tensor cores is, in this lane, at row acc_row(e) and
+// column acc_col(e) of its block (PTX's lane map, section 5b).
+__device__ static inline int acc_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
+__device__ static inline int acc_col(int e) { return 2 * (threadIdx.x % 4) + e % 2; }
 // Block number `warp + WARPS j` of the tile's (TILE / 16) x (D / 8) blocks of 16 x 8 holds a thread's
 // entries 4 j .. 4 j + 3: blocks alternate between the top and the bottom half, then move 8 columns on.
 __device__ static inline int mma_block(int u) { return threadIdx.x / 32 + WARPS * (u / 4); }
 template <bool TF32> __device__ static inline int out_row(int u) {
-    const int lane = threadIdx.x % 32;
-    return TF32 ? mma_block(u) % 2 * 16 + lane / 4 + 8 * (u % 4 / 2) : own_row();
+    return TF32 ? mma_block(u) % 2 * 16 + acc_row(u % 4) : own_row();
 }
 template <int D, bool TF32> __device__ static inline int out_col(int u) {
-    const int lane = threadIdx.x % 32;
-    return TF32 ? mma_block(u) / 2 * 8 + 2 * (lane % 4) + u % 2 : own_col<D>() + u;
+    return TF32 ? mma_block(u) / 2 * 8 + acc_col(u % 4) : own_col<D>() + u;
 }
 
 // Where the dK/dV kernel keeps each tile pair's dS for the dQ kernel: (TILE, TILE) tiles stored column
@@ -1174,11 +1176,11 @@ __device__ static __forceinline__ void tile_scores(float *S_s, const float *A_s,
     static_assert(D % 4 == 0 && (PARTS == 1 || PARTS == 4), "a sum's parts take every PARTS-th term");
     if constexpr (TF32) { // each warp some of the tile's 2 x 4 blocks of 16 x 8, stored into S_s
         for (int block = threadIdx.x / 32; block < TILE / 16 * TILE / 8; block += WARPS) {
-            const int row0 = block % 2 * 16, col0 = block / 2 * 8, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+            const int row0 = block % 2 * 16, col0 = block / 2 * 8;
             float d[4] = {};
             for (int k = 0; k < D; k += 8) mma_block_product(d, A_s, S::ROW, 1, Bt_s, S::SROW, 1, row0, col0, k);
             #pragma unroll
-            for (int e = 0; e < 4; e++) S_s[(row0 + g + 8 * (e / 2)) * S::SROW + col0 + 2 * t + e % 2] = d[e];
+            for (int e = 0; e < 4; e++) S_s[(row0 + acc_row(e)) * S::SROW + col0 + acc_col(e)] = d[e];
         }
         __syncthreads();
     }
